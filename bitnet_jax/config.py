@@ -1,0 +1,204 @@
+"""Base configuration and its start-up validation.
+
+Every experiment config in `configs/` starts from `base_config()` and overrides
+fields. `validate(config)` runs once at start-up and raises `ConfigError` naming
+the offending key, its value and the allowed values.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+QUANTIZATIONS = ("ternary", "none")
+FFN_ACTIVATIONS = ("swiglu", "relu2")
+DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the key and the fix."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Returns the defaults shared by every config (the BitNet b1.58 recipe).
+
+  Sources: Microsoft, "The Era of 1-bit LLMs: Training Tips, Code and FAQ"
+  (microsoft/unilm, bitnet/) for the optimizer; "BitNet b1.58 2B4T Technical
+  Report" (arXiv 2504.12285) for the block layout.
+  """
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # PRNG seed for parameter initialization
+
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 8192  # logits width; must be >= the tokenizer's vocabulary
+  m.d_model = 256  # residual stream width
+  m.n_layers = 6  # transformer blocks
+  m.n_heads = 4  # attention heads; d_model must be divisible by n_heads
+  m.ffn_dim = 768  # hidden width of the gated feed-forward
+  m.ffn_activation = "swiglu"  # "swiglu" (b1.58 paper) | "relu2" (2B4T)
+  m.quantization = "ternary"  # "ternary" (BitLinear) | "none" (fp baseline)
+  m.tie_embeddings = False  # share embed_tokens with lm_head (seeds: copying)
+  m.rope_theta = 10000.0  # RoPE base frequency
+  m.norm_eps = 1e-5  # RMSNorm epsilon
+  m.init_std = 0.02  # stddev of the normal init of every weight
+  m.dtype = "float32"  # compute dtype: "float32" | "bfloat16"; params are f32
+  m.attention_implementation = "auto"  # "auto" (cudnn on GPU+bf16) | "xla" | "cudnn"
+
+  c.data = d = ml_collections.ConfigDict()
+  d.dataset = "stdlib"  # "stdlib" | "tfds:NAME[/CONFIG]" | "files:GLOB"
+  d.data_dir = ""  # cache of corpora, tokenizers, tokens; "" = ~/.cache/bitnet_jax
+  d.text_feature = "text"  # feature holding the text in a TFDS dataset
+  d.train_split = "train"  # TFDS split to train on
+  d.eval_split = "validation"  # TFDS split to evaluate on
+  d.eval_fraction = 0.05  # share of files held out (stdlib, files:), by path hash
+  d.tokenizer_path = ""  # a tokenizer.json; "" = train a byte-level BPE
+  d.shuffle_seed = 0  # seed of the window shuffle (a new order every epoch)
+  d.worker_count = 0  # grain worker processes; 0 = threads in this process
+  d.prefetch_buffer_size = 4  # batches prepared ahead of the train step
+
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 20000  # optimizer steps in the whole run
+  t.batch_size = 256  # global batch, in sequences, across all hosts
+  t.seq_len = 256  # tokens per training sequence (windows hold seq_len + 1)
+  t.label_smoothing = 0.0  # label-smoothing weight in the cross-entropy
+  t.z_loss_weight = 0.0  # weight of the z-loss, logsumexp(logits)**2
+  t.log_every = 50  # steps between metric lines
+  t.eval_every = 1000  # steps between evaluations (and one at the end)
+  t.eval_batches = 8  # batches of fixed validation windows per evaluation
+  t.checkpoint_every = 1000  # steps between checkpoints (and one at the end)
+  t.keep_checkpoints = 3  # checkpoints kept on disk
+
+  c.optimizer = o = ml_collections.ConfigDict()
+  o.learning_rate = 1.5e-3  # stage-1 peak learning rate
+  o.stage2_learning_rate = 1.0e-3  # stage-2 peak (FAQ: 1.5e-3 -> 1e-3 at 700M)
+  o.warmup_steps = 375  # linear warmup from 0 to learning_rate
+  o.stage_boundary = 0.5  # stage 2 starts at this fraction of train.steps
+  o.final_learning_rate_fraction = 0.0  # end of the linear decay, x stage peak
+  o.weight_decay = 0.1  # stage-1 decoupled weight decay
+  o.stage2_weight_decay = 0.0  # stage-2 weight decay (seeds: must be 0.0)
+  o.decay_embeddings = False  # also decay embed_tokens and lm_head
+  o.b1 = 0.9  # Adam beta1
+  o.b2 = 0.95  # Adam beta2
+  o.eps = 1e-8  # Adam epsilon
+  o.grad_clip_norm = 1.0  # global-norm gradient clipping; 0 disables
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # data-parallel axis size; -1 = fill with remaining devices
+  c.mesh.fsdp = 1  # parameter-sharding axis size; -1 = fill
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = False  # call jax.distributed.initialize (multi-host)
+  c.distributed.coordinator_address = ""  # "host:port"; "" = auto-detect
+  c.distributed.num_processes = 0  # 0 = auto-detect
+  c.distributed.process_id = -1  # -1 = auto-detect
+  return c
+
+
+def _fail(key: str, value, allowed: str) -> None:
+  raise ConfigError(f"config.{key}={value!r} is invalid: {allowed}.")
+
+
+def _check_choice(config, key: str, choices) -> None:
+  value = _get(config, key)
+  if value not in choices:
+    _fail(key, value, f"allowed values are {', '.join(map(repr, choices))}")
+
+
+def _check_positive(config, key: str, minimum: float = 1) -> None:
+  value = _get(config, key)
+  if not isinstance(value, (int, float)) or value < minimum:
+    _fail(key, value, f"must be a number >= {minimum}")
+
+
+def _get(config, key: str):
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every field once at start-up.
+
+  Raises:
+    ConfigError: on the first invalid field, naming `config.<key>`, the bad
+      value and the allowed values.
+  """
+  for key in ("model.vocab_size", "model.d_model", "model.n_layers",
+              "model.n_heads", "model.ffn_dim", "train.steps",
+              "train.batch_size", "train.seq_len", "train.log_every",
+              "train.eval_every", "train.eval_batches",
+              "train.checkpoint_every", "train.keep_checkpoints"):
+    _check_positive(config, key)
+  _check_choice(config, "model.quantization", QUANTIZATIONS)
+  _check_choice(config, "model.ffn_activation", FFN_ACTIVATIONS)
+  _check_choice(config, "model.dtype", DTYPES)
+  _check_choice(config, "model.attention_implementation",
+                ATTENTION_IMPLEMENTATIONS)
+  m = config.model
+  if m.d_model % m.n_heads:
+    _fail("model.d_model", m.d_model,
+          f"must be divisible by model.n_heads={m.n_heads}")
+  if (m.d_model // m.n_heads) % 2:
+    _fail("model.n_heads", m.n_heads,
+          "d_model / n_heads must be even for RoPE")
+  for key in ("model.rope_theta", "model.norm_eps", "model.init_std"):
+    _check_positive(config, key, minimum=1e-30)
+
+  d = config.data
+  if not (d.dataset == "stdlib" or d.dataset.startswith(("tfds:", "files:"))
+          and len(d.dataset.split(":", 1)[1]) > 0):
+    _fail("data.dataset", d.dataset,
+          "use 'stdlib', 'tfds:NAME[/CONFIG]' (a prepared TFDS dataset) or "
+          "'files:GLOB' (local text files)")
+  if not 0.0 < d.eval_fraction < 1.0:
+    _fail("data.eval_fraction", d.eval_fraction, "must lie in (0, 1)")
+  for key in ("data.worker_count", "data.shuffle_seed", "seed"):
+    _check_positive(config, key, minimum=0)
+  _check_positive(config, "data.prefetch_buffer_size", minimum=1)
+
+  t, o = config.train, config.optimizer
+  for key in ("train.label_smoothing", "train.z_loss_weight"):
+    _check_positive(config, key, minimum=0)
+  if t.label_smoothing >= 1:
+    _fail("train.label_smoothing", t.label_smoothing, "must lie in [0, 1)")
+  if not 0.0 < o.stage_boundary < 1.0:
+    _fail("optimizer.stage_boundary", o.stage_boundary,
+          "must lie in (0, 1): the fraction of train.steps where stage 2 starts")
+  if not 0 <= o.warmup_steps < o.stage_boundary * t.steps:
+    _fail("optimizer.warmup_steps", o.warmup_steps,
+          f"must be >= 0 and end before the stage boundary at step "
+          f"{int(o.stage_boundary * t.steps)} (stage_boundary x train.steps)")
+  for key in ("optimizer.learning_rate", "optimizer.stage2_learning_rate",
+              "optimizer.weight_decay", "optimizer.stage2_weight_decay",
+              "optimizer.final_learning_rate_fraction", "optimizer.eps",
+              "optimizer.grad_clip_norm"):
+    _check_positive(config, key, minimum=0)
+  if o.final_learning_rate_fraction > 1:
+    _fail("optimizer.final_learning_rate_fraction",
+          o.final_learning_rate_fraction, "must lie in [0, 1]")
+  for key in ("optimizer.b1", "optimizer.b2"):
+    if not 0.0 <= _get(config, key) < 1.0:
+      _fail(key, _get(config, key), "must lie in [0, 1)")
+
+  for key in ("mesh.data", "mesh.fsdp"):
+    value = _get(config, key)
+    if not isinstance(value, int) or value == 0 or value < -1:
+      _fail(key, value, "must be a positive device count or -1 (fill)")
+  if config.mesh.data == -1 and config.mesh.fsdp == -1:
+    _fail("mesh.fsdp", -1, "only one mesh axis may be -1")
+
+
+def check_vocab(config: ml_collections.ConfigDict, tokenizer_vocab_size: int,
+                source: str) -> None:
+  """Checks the model's vocabulary covers a loaded tokenizer's.
+
+  Raises:
+    ConfigError: naming `model.vocab_size` when the tokenizer (read from
+      `source`) has more tokens than the model has logits; token ids past
+      `vocab_size` would otherwise be clamped silently by the embedding gather.
+  """
+  if tokenizer_vocab_size > config.model.vocab_size:
+    _fail("model.vocab_size", config.model.vocab_size,
+          f"the tokenizer {source} has {tokenizer_vocab_size} tokens; set "
+          f"--config.model.vocab_size={tokenizer_vocab_size} (or larger)")

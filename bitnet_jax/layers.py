@@ -1,0 +1,80 @@
+"""Building blocks: BitLinear, RMSNorm and rotary position embeddings.
+
+BitLinear follows Microsoft's "The Era of 1-bit LLMs: Training Tips, Code and
+FAQ": y = activation_quant(x) @ weight_quant(W), no bias. The RMSNorm that
+precedes every BitLinear lives in the caller (the BitNet b1.58 2B4T layout
+shares one norm across q/k/v and across gate/up), see `bitnet_jax.model`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bitnet_jax import quant
+
+
+class BitLinear(nnx.Module):
+  """A bias-free linear layer with ternary weights and int8 activations.
+
+  `quantization="ternary"`: y = activation_quant(x) @ weight_quant(kernel),
+  both fake-quantized with straight-through gradients (`bitnet_jax.quant`).
+  `quantization="none"`: y = x @ kernel, the same parameters in full precision
+  (the baseline every comparison needs).
+
+  Attributes:
+    kernel: `nnx.Param` float32 `[in_features, out_features]`; the latent
+      full-precision weight the optimizer updates.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *,
+               quantization: str, init_std: float, dtype: jnp.dtype,
+               rngs: nnx.Rngs):
+    if quantization not in ("ternary", "none"):
+      raise ValueError(f"quantization={quantization!r}: use 'ternary' or "
+                       "'none' (config key model.quantization)")
+    init = nnx.initializers.normal(stddev=init_std)
+    self.kernel = nnx.Param(
+        init(rngs.params(), (in_features, out_features), jnp.float32))
+    self.quantization = quantization
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Maps `[..., in_features]` to `[..., out_features]` in `self.dtype`."""
+    x = x.astype(self.dtype)
+    kernel = self.kernel[...]
+    if self.quantization == "ternary":
+      x = quant.activation_quant(x)
+      kernel = quant.weight_quant(kernel)
+    return jnp.dot(x, kernel.astype(self.dtype))
+
+
+def rms_norm(features: int, *, eps: float, dtype: jnp.dtype,
+             rngs: nnx.Rngs) -> nnx.RMSNorm:
+  """An RMSNorm over the last axis with a float32 scale initialized to 1."""
+  return nnx.RMSNorm(features, epsilon=eps, dtype=dtype,
+                     param_dtype=jnp.float32, rngs=rngs)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding, rotate-half form (as HF Llama and BitNet).
+
+  Source: Su et al., "RoFormer" (arXiv 2104.09864).
+
+  Args:
+    x: queries or keys `[batch, seq, n_heads, head_dim]`, head_dim even.
+    positions: int32 `[seq]`, the absolute position of each token.
+    theta: base frequency (10000 in RoFormer, 5e5 in BitNet b1.58 2B4T).
+
+  Returns:
+    The rotated `x`, same shape and dtype.
+  """
+  half = x.shape[-1] // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions.astype(jnp.float32)[:, None] * inv_freq  # [seq, half]
+  sin = jnp.sin(angles)[None, :, None, :]
+  cos = jnp.cos(angles)[None, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+  return rotated.astype(x.dtype)

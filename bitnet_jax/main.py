@@ -1,0 +1,54 @@
+r"""Command-line entry point: flags -> `train_and_evaluate(config, workdir)`.
+
+  python -m bitnet_jax.main --config=configs/d20.py:cpu --workdir=runs/d20_cpu \
+      --config.train.steps=500
+
+Running the same command again resumes from the latest checkpoint in workdir.
+"""
+
+import logging
+import os
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from bitnet_jax import sharding, train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "A Python config file with get_config(), e.g. "
+    "configs/d20.py or configs/d20.py:cpu; override fields with "
+    "--config.train.steps=500.", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints and metrics; default "
+    "runs/<config name>[_<variant>].")
+
+
+def default_workdir(config_argument: str) -> str:
+  """runs/d20_cpu for "configs/d20.py:cpu", runs/tiny for "configs/tiny.py"."""
+  path, _, variant = config_argument.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  return os.path.join("runs", f"{name}_{variant}" if variant else name)
+
+
+class _QuietOrbax(logging.Filter):
+  """Drops orbax's per-save INFO lines; its warnings and errors still show."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  absl_logging.get_absl_handler().addFilter(_QuietOrbax())
+  config = _CONFIG.value
+  sharding.initialize_distributed(config)
+  workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize()
+                                              .split("=", 1)[1])
+  train.train_and_evaluate(config, workdir)
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)

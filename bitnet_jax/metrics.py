@@ -1,0 +1,199 @@
+"""Metric writing (JSON lines + TensorBoard, no TensorFlow) and diagnostics.
+
+The collapse diagnostics are the ones the seeds needed and did not have:
+`unique_predictions` fell from 20 to 2 while the loss improved, and argmax
+equal to the input token (`copy_rate`) was the signature of the tied-embedding
+copying model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+# Dense bf16 peak FLOP/s per chip, from vendor spec sheets; used for `mfu`.
+PEAK_FLOPS_PER_DEVICE = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+}
+
+
+def prediction_statistics(logits: jax.Array, inputs: jax.Array,
+                          targets: jax.Array) -> dict[str, jax.Array]:
+  """Sums over one eval batch, to be added across batches on device.
+
+  Args:
+    logits: float `[batch, seq, vocab_size]`.
+    inputs: int32 `[batch, seq]`, the tokens the model saw.
+    targets: int32 `[batch, seq]`, the next tokens.
+
+  Returns:
+    `correct` (argmax == target), `copies` (argmax == input token), `count`
+    (positions) as float32 scalars, and `histogram`, float32 `[vocab_size]`
+    counts of each argmax token.
+  """
+  predictions = jnp.argmax(logits, axis=-1)
+  vocab_size = logits.shape[-1]
+  histogram = jnp.zeros((vocab_size,), jnp.float32).at[
+      predictions.reshape(-1)].add(1.0)
+  return {
+      "correct": jnp.sum(predictions == targets).astype(jnp.float32),
+      "copies": jnp.sum(predictions == inputs).astype(jnp.float32),
+      "count": jnp.asarray(predictions.size, jnp.float32),
+      "histogram": histogram,
+  }
+
+
+def summarize_eval(totals: Mapping[str, Any]) -> dict[str, float]:
+  """Turns summed eval statistics (host numpy) into eval metrics.
+
+  Args:
+    totals: `loss_sum` (nats) and the sums of `prediction_statistics`.
+
+  Returns:
+    eval_loss (nats/token), eval_accuracy, unique_predictions (distinct argmax
+    tokens over the whole eval set), copy_rate (share of positions whose
+    argmax is the current input token), top_token_share (share of positions
+    predicting the single most-predicted token).
+  """
+  count = float(totals["count"])
+  histogram = np.asarray(totals["histogram"])
+  return {
+      "eval_loss": float(totals["loss_sum"]) / count,
+      "eval_accuracy": float(totals["correct"]) / count,
+      "unique_predictions": int(np.count_nonzero(histogram)),
+      "copy_rate": float(totals["copies"]) / count,
+      "top_token_share": float(histogram.max()) / count,
+  }
+
+
+def flops_per_token(n_matmul_params: int, n_layers: int, d_model: int,
+                    seq_len: int) -> float:
+  """Training FLOPs per token: 6N + 12 L d T (PaLM, arXiv 2204.02311, B)."""
+  return 6.0 * n_matmul_params + 12.0 * n_layers * d_model * seq_len
+
+
+def peak_flops(devices: list[jax.Device]) -> float | None:
+  """Summed peak FLOP/s of `devices`, or None where the kind is unknown."""
+  peaks = [PEAK_FLOPS_PER_DEVICE.get(d.device_kind) for d in devices]
+  return None if None in peaks else float(sum(peaks))
+
+
+class MetricWriter:
+  """Appends metrics to `WORKDIR/metrics.jsonl` and TensorBoard event files.
+
+  Only process 0 writes. On resume, lines of steps after the restored step
+  (written after the last checkpoint, and about to be recomputed) are
+  dropped, so every step appears once.
+
+  Args:
+    workdir: the run's directory.
+    resume_step: the step training restarts from (0 for a fresh run).
+  """
+
+  def __init__(self, workdir: str, resume_step: int = 0):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tensorboard = None
+    if not self.enabled:
+      return
+    self._truncate_after(resume_step)
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def _truncate_after(self, step: int) -> None:
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(kept)
+      os.replace(tmp, self.path)
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    """Writes one JSON object `{"step": step, **scalars}` and TB scalars."""
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for name, value in record.items():
+      if name != "step":
+        self._tensorboard.add_scalar(name, value, int(step))
+    self._tensorboard.flush()
+
+  def close(self) -> None:
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+
+
+def _plain(value: Any) -> float | int:
+  value = np.asarray(value).item()
+  return value if isinstance(value, int) else float(value)
+
+
+class Throughput:
+  """Wall-clock rates between log lines: steps/s, tokens/s and the ETA.
+
+  Args:
+    tokens_per_step: global batch x seq_len.
+    total_steps: the run's last step, for the ETA.
+  """
+
+  def __init__(self, tokens_per_step: int, total_steps: int):
+    self.tokens_per_step = tokens_per_step
+    self.total_steps = total_steps
+    self._time, self._step = None, None
+
+  def start(self, step: int) -> None:
+    """Starts timing at `step` (after compilation)."""
+    self._time, self._step = time.perf_counter(), step
+
+  def measure(self, step: int) -> dict[str, float]:
+    """Rates since the last call; `{}` if no step has passed."""
+    now = time.perf_counter()
+    if self._time is None or step <= self._step:
+      return {}
+    seconds = now - self._time
+    steps_per_sec = (step - self._step) / seconds
+    self._time, self._step = now, step
+    return {"steps_per_sec": steps_per_sec,
+            "tokens_per_sec": steps_per_sec * self.tokens_per_step,
+            "eta_seconds": (self.total_steps - step) / steps_per_sec}
+
+
+def log_console(step: int, total_steps: int, scalars: Mapping[str, Any]
+                ) -> None:
+  """One human-readable line: loss, learning rate, steps/s, tokens/s, ETA."""
+  parts = [f"step {step}/{total_steps}"]
+  for name, fmt in (("loss", ".4f"), ("eval_loss", ".4f"),
+                    ("learning_rate", ".2e"), ("weight_decay", ".2f"),
+                    ("grad_norm", ".3f"), ("steps_per_sec", ".2f"),
+                    ("tokens_per_sec", ",.0f"), ("mfu", ".1%"),
+                    ("unique_predictions", "d"), ("copy_rate", ".3f"),
+                    ("top_token_share", ".3f")):
+    if name in scalars:
+      parts.append(f"{name} {format(scalars[name], fmt)}")
+  if "eta_seconds" in scalars:
+    minutes, seconds = divmod(int(scalars["eta_seconds"]), 60)
+    parts.append(f"ETA {minutes}m{seconds:02d}s")
+  logging.info(" | ".join(parts))

@@ -1,0 +1,125 @@
+"""The BitNet b1.58 two-stage optimizer as one optax chain.
+
+Source: Microsoft, "The Era of 1-bit LLMs: Training Tips, Code and FAQ"
+(microsoft/unilm, bitnet/): Adam beta (0.9, 0.95), linear warmup of 375 steps,
+linear decay, and at 50% of training a drop of the peak learning rate
+(1.5e-3 -> 1e-3 at 700M) with weight decay switched from 0.1 to 0.
+
+  lr(step) = stage_peak(step) * decay(step)
+  decay    = step / warmup during warmup, then linear from 1 at the end of
+             warmup to final_learning_rate_fraction at the last step
+  stage_peak = learning_rate before the boundary, stage2_learning_rate after
+
+So the drop at the boundary is stage2_learning_rate / learning_rate, read on
+the same decay line (the FAQ's figure: ~0.51x peak -> ~0.35x peak at 50%).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+from bitnet_jax.model import BITLINEAR_NAMES
+
+
+def stage_boundary_step(config: ml_collections.ConfigDict) -> int:
+  """The first step of stage 2: round(stage_boundary x train.steps)."""
+  return round(config.optimizer.stage_boundary * config.train.steps)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict
+                           ) -> optax.Schedule:
+  """Warmup -> stage-1 linear decay -> drop -> stage-2 linear decay.
+
+  Returns:
+    An optax schedule, step (int) -> learning rate (float32, per step).
+  """
+  o, steps = config.optimizer, config.train.steps
+  warmup, boundary = o.warmup_steps, stage_boundary_step(config)
+  decay_steps = max(steps - 1 - warmup, 1)
+  final = o.final_learning_rate_fraction
+
+  def decay(step: int) -> float:  # the shared line, 1 at warmup's end
+    return 1.0 - (1.0 - final) * min(max(step - warmup, 0) / decay_steps, 1.0)
+
+  stage1 = optax.linear_schedule(
+      o.learning_rate * decay(warmup), o.learning_rate * decay(boundary),
+      transition_steps=boundary - warmup)
+  stage2 = optax.linear_schedule(
+      o.stage2_learning_rate * decay(boundary),
+      o.stage2_learning_rate * decay(steps - 1),
+      transition_steps=max(steps - 1 - boundary, 1))
+  schedules = [stage1, stage2]
+  boundaries = [boundary]
+  if warmup > 0:
+    schedules.insert(0, optax.linear_schedule(0.0, o.learning_rate, warmup))
+    boundaries.insert(0, warmup)
+  return optax.join_schedules(schedules, boundaries)
+
+
+def weight_decay_schedule(config: ml_collections.ConfigDict
+                          ) -> optax.Schedule:
+  """weight_decay until the stage boundary, stage2_weight_decay from it on."""
+  o = config.optimizer
+  return optax.join_schedules(
+      [optax.constant_schedule(o.weight_decay),
+       optax.constant_schedule(o.stage2_weight_decay)],
+      [stage_boundary_step(config)])
+
+
+def _path_names(path) -> list[str]:
+  return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+
+
+def weight_decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
+  """True for the leaves that get weight decay, False elsewhere.
+
+  Decayed: the 2-D `kernel` of every BitLinear (q/k/v/o, gate/up/down), and
+  with `decay_embeddings` also embed_tokens and lm_head. Never norms.
+
+  Args:
+    params: the parameter pytree (a nested dict of arrays, as from
+      `nnx.to_pure_dict`), or its abstract shapes.
+
+  Returns:
+    A pytree of bools with the structure of `params`.
+  """
+
+  def decays(path, leaf) -> bool:
+    names = _path_names(path)
+    if len(leaf.shape) != 2:
+      return False
+    if len(names) >= 2 and names[-2] in BITLINEAR_NAMES:
+      return names[-1] == "kernel"
+    return decay_embeddings and names[0] in ("embed_tokens", "lm_head")
+
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict
+                   ) -> optax.GradientTransformation:
+  """clip_by_global_norm -> AdamW with scheduled learning rate and decay.
+
+  The AdamW hyperparameters are injected (`optax.inject_hyperparams`), so the
+  optimizer state holds the learning rate and weight decay of the latest step
+  under `state[-1].hyperparams` (read by the trainer for its metrics).
+  """
+  o = config.optimizer
+  adamw = optax.inject_hyperparams(optax.adamw, static_args="mask")(
+      learning_rate=learning_rate_schedule(config),
+      b1=o.b1, b2=o.b2, eps=o.eps,
+      weight_decay=weight_decay_schedule(config),
+      mask=lambda params: weight_decay_mask(params, o.decay_embeddings))
+  clip = (optax.clip_by_global_norm(o.grad_clip_norm) if o.grad_clip_norm
+          else optax.identity())
+  return optax.chain(clip, adamw)
+
+
+def current_hyperparams(opt_state: Any) -> dict[str, jax.Array]:
+  """The learning rate and weight decay the latest update applied."""
+  hyperparams = opt_state[-1].hyperparams
+  return {"learning_rate": hyperparams["learning_rate"],
+          "weight_decay": hyperparams["weight_decay"]}

@@ -1,0 +1,122 @@
+"""Device mesh, parameter and batch shardings, multi-host start-up.
+
+The mesh has two axes, both data-parallel for activations:
+  `data`: parameters replicated (pure data parallelism);
+  `fsdp`: parameters and optimizer state sharded (ZeRO-3 / FSDP).
+The batch dimension is sharded over both axes; each parameter of rank >= 2 is
+sharded over `fsdp` along its largest divisible dimension (as nanodo does),
+and everything else is replicated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from bitnet_jax.config import ConfigError
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")
+
+
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """Calls `jax.distributed.initialize` when `distributed.initialize` is set.
+
+  Empty / negative fields are left to JAX's auto-detection (TPU pods, SLURM,
+  Open MPI, Kubernetes). Must run before any other JAX call.
+  """
+  d = config.distributed
+  if not d.initialize:
+    return
+  jax.distributed.initialize(
+      coordinator_address=d.coordinator_address or None,
+      num_processes=d.num_processes or None,
+      process_id=d.process_id if d.process_id >= 0 else None)
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds the (data, fsdp) mesh; one axis may be -1 (= fill).
+
+  Args:
+    mesh_config: `config.mesh` with integer `data` and `fsdp`.
+    devices: the devices to use; all of `jax.devices()` by default.
+
+  Raises:
+    ConfigError: naming `mesh.data` / `mesh.fsdp` when the sizes do not
+      multiply to the device count.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = {"data": mesh_config.data, "fsdp": mesh_config.fsdp}
+  known = int(np.prod([s for s in sizes.values() if s != -1]))
+  for name, size in sizes.items():
+    if size == -1:
+      if len(devices) % known:
+        raise ConfigError(
+            f"config.mesh.{name}=-1 cannot fill {len(devices)} devices when "
+            f"the other axis is {known}; pick sizes that divide the count")
+      sizes[name] = len(devices) // known
+  if sizes["data"] * sizes["fsdp"] != len(devices):
+    raise ConfigError(
+        f"config.mesh.data={sizes['data']} x config.mesh.fsdp="
+        f"{sizes['fsdp']} must equal the {len(devices)} devices; set one "
+        "of them to -1 to fill")
+  return jax.make_mesh((sizes["data"], sizes["fsdp"]), MESH_AXES,
+                       axis_types=(AxisType.Auto, AxisType.Auto),
+                       devices=devices)
+
+
+def parameter_spec(shape: Sequence[int], fsdp_size: int) -> P:
+  """FSDP rule: shard the largest dimension divisible by the fsdp size."""
+  if len(shape) < 2 or fsdp_size == 1:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda i: -shape[i]):
+    if shape[dim] % fsdp_size == 0:
+      spec = [None] * len(shape)
+      spec[dim] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a pytree of arrays or `jax.ShapeDtypeStruct`s."""
+  fsdp_size = mesh.shape["fsdp"]
+  return jax.tree.map(
+      lambda x: NamedSharding(mesh, parameter_spec(x.shape, fsdp_size)),
+      abstract_state)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of a `[batch, ...]` array: batch split over data and fsdp."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """A fully replicated sharding (scalars, metrics)."""
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
+  """Assembles per-process batches `[local_batch, ...]` into a global array.
+
+  Each process passes its own rows; the result is `[local_batch x
+  process_count, ...]`, sharded over the batch axes.
+
+  Raises:
+    ConfigError: naming `train.batch_size` if the global batch does not split
+      evenly over the mesh's data-parallel devices.
+  """
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  global_rows = local_batch.shape[0] * jax.process_count()
+  if global_rows % shards:
+    raise ConfigError(
+        f"config.train.batch_size={global_rows} must be divisible by the "
+        f"{shards} data-parallel devices (mesh.data x mesh.fsdp)")
+  return jax.make_array_from_process_local_data(batch_sharding(mesh),
+                                                local_batch)

@@ -1,0 +1,248 @@
+"""The training loop: sharded state, jitted steps, evaluation, checkpoints.
+
+The train state is a plain pytree `{"step", "params", "opt_state"}` of arrays
+(params as a nested dict from `nnx.to_pure_dict`), created already sharded and
+donated to every step. The model's structure (`graphdef`) is static.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import parameter_overview
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from bitnet_jax import checkpoint, data, metrics, sharding
+from bitnet_jax import config as config_lib
+from bitnet_jax import optimizer as optimizer_lib
+from bitnet_jax.loss import next_token_loss, split_window, token_losses
+from bitnet_jax.model import Transformer
+
+State = dict[str, Any]
+
+
+def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                       tx: optax.GradientTransformation, *,
+                       initialize: bool = True
+                       ) -> tuple[nnx.GraphDef, State, Any]:
+  """Builds the model and optimizer state directly in their shardings.
+
+  `jax.eval_shape` gives the state's shapes, `sharding.state_shardings` their
+  placement, and `jax.jit(init, out_shardings=...)` materializes each shard on
+  its own device: no full copy ever lives on one device.
+
+  Returns:
+    (graphdef, state, shardings). With `initialize=False`, `state` holds
+    `jax.ShapeDtypeStruct`s carrying the shardings (a restore target).
+  """
+  graphdef, _ = nnx.split(nnx.eval_shape(
+      lambda: Transformer(config.model, rngs=nnx.Rngs(0))))
+
+  def init(key: jax.Array) -> State:
+    model = Transformer(config.model, rngs=nnx.Rngs(params=key))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": tx.init(params)}
+
+  key = jax.random.key(config.seed)
+  shapes = jax.eval_shape(init, key)
+  shardings = sharding.state_shardings(shapes, mesh)
+  if not initialize:
+    return graphdef, checkpoint.abstract_with_shardings(shapes, shardings), \
+        shardings
+  state = jax.jit(init, out_shardings=shardings)(key)
+  return graphdef, state, shardings
+
+
+def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+                    tx: optax.GradientTransformation, shardings: Any,
+                    mesh: jax.sharding.Mesh
+                    ) -> Callable[[State, jax.Array], tuple[State, dict]]:
+  """Jits one optimizer step; the state argument is donated.
+
+  The step maps (state, window int32 `[batch, seq_len + 1]`) to (new state,
+  metrics): loss (nats/token), accuracy, grad_norm (before clipping),
+  learning_rate and weight_decay as applied in this step.
+  """
+  t = config.train
+
+  def train_step(state: State, window: jax.Array) -> tuple[State, dict]:
+    def loss_fn(params):
+      return next_token_loss(nnx.merge(graphdef, params), window,
+                             label_smoothing=t.label_smoothing,
+                             z_loss_weight=t.z_loss_weight)
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    step_metrics = {"loss": loss, "accuracy": aux["accuracy"],
+                    "grad_norm": optax.global_norm(grads),
+                    **optimizer_lib.current_hyperparams(opt_state)}
+    new_state = {"step": state["step"] + 1, "params": params,
+                 "opt_state": opt_state}
+    return new_state, step_metrics
+
+  return jax.jit(train_step,
+                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)),
+                 donate_argnums=0)
+
+
+def make_eval_step(graphdef: nnx.GraphDef, param_shardings: Any,
+                   mesh: jax.sharding.Mesh) -> Callable[[Any, jax.Array], dict]:
+  """Jits the per-batch eval statistics (summed, see `metrics`)."""
+
+  def eval_step(params: Any, window: jax.Array) -> dict:
+    inputs, targets = split_window(window)
+    logits = nnx.merge(graphdef, params)(inputs)
+    stats = metrics.prediction_statistics(logits, inputs, targets)
+    stats["loss_sum"] = jnp.sum(token_losses(logits, targets))
+    return stats
+
+  return jax.jit(eval_step,
+                 in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def evaluate(eval_step: Callable, params: Any, windows: np.ndarray,
+             mesh: jax.sharding.Mesh) -> dict[str, float]:
+  """Runs the fixed eval set; sums stay on device until one final read.
+
+  Args:
+    windows: int32 `[eval_batches, local_batch, seq_len + 1]`.
+  """
+  totals = None
+  for window in windows:
+    stats = eval_step(params, sharding.global_batch(window, mesh))
+    totals = stats if totals is None else jax.tree.map(jnp.add, totals, stats)
+  return metrics.summarize_eval(jax.device_get(totals))
+
+
+def _prepare_data(config: ml_collections.ConfigDict) -> data.PreparedData:
+  """Process 0 prepares corpus, tokenizer and tokens first, then the rest."""
+  if jax.process_count() == 1:
+    return data.prepare(config)
+  prepared = data.prepare(config) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("bitnet_jax:data_prepared")
+  return prepared or data.prepare(config)
+
+
+def _matmul_params(config: ml_collections.ConfigDict, params: Any) -> int:
+  """Parameters used in matmuls (all 2-D weights but the embedding gather)."""
+  total = sum(int(np.prod(x.shape)) for path, x in
+              jax.tree_util.tree_leaves_with_path(params)
+              if len(x.shape) == 2 and "embed_tokens" not in str(path[0]))
+  if config.model.tie_embeddings:
+    total += config.model.vocab_size * config.model.d_model
+  return total
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint.
+
+  Writes `workdir/metrics.jsonl`, `workdir/tensorboard/`,
+  `workdir/checkpoints/` and `workdir/config.json`.
+
+  Returns:
+    The last metric record (train and eval scalars of the final step).
+
+  Raises:
+    ConfigError: on an invalid config value (before any work is done).
+  """
+  config_lib.validate(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  t = config.train
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  prepared = _prepare_data(config)
+  mesh = sharding.make_mesh(config.mesh)
+  tx = optimizer_lib.make_optimizer(config)
+  train_iter = data.train_iterator(prepared, config, jax.process_index(),
+                                   jax.process_count())
+  eval_windows = data.eval_batches(prepared, config, jax.process_index(),
+                                   jax.process_count())
+  checkpointer = checkpoint.Checkpointer(
+      os.path.join(workdir, "checkpoints"), save_every=t.checkpoint_every,
+      keep=t.keep_checkpoints)
+  resuming = checkpointer.latest_step() is not None
+  graphdef, state, shardings = create_train_state(
+      config, mesh, tx, initialize=not resuming)
+  if resuming:
+    state = checkpointer.restore(state, train_iter)
+  start_step = int(jax.device_get(state["step"]))
+  logging.info("%s at step %d in %s on %d devices, mesh %s",
+               "resuming" if resuming else "starting", start_step, workdir,
+               jax.device_count(), dict(mesh.shape))
+  logging.info("parameters:\n%s",
+               parameter_overview.get_parameter_overview(state["params"],
+                                                         include_stats=False))
+
+  train_step = make_train_step(config, graphdef, tx, shardings, mesh)
+  eval_step = make_eval_step(graphdef, shardings["params"], mesh)
+  writer = metrics.MetricWriter(workdir, resume_step=start_step)
+  tokens_per_step = t.batch_size * t.seq_len
+  throughput = metrics.Throughput(tokens_per_step, t.steps)
+  flops = metrics.flops_per_token(
+      _matmul_params(config, state["params"]), config.model.n_layers,
+      config.model.d_model, t.seq_len)
+  peak = metrics.peak_flops(jax.devices())
+
+  def write(step: int, step_metrics: dict, extra: dict | None = None) -> dict:
+    record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    record["tokens_seen"] = step * tokens_per_step
+    record.update(throughput.measure(step))
+    if peak and "tokens_per_sec" in record:
+      record["mfu"] = record["tokens_per_sec"] * flops / peak
+    record.update(extra or {})
+    writer.write(step, record)
+    metrics.log_console(step, t.steps, record)
+    return record
+
+  try:
+    last = {}
+    if start_step == 0:  # baseline of the collapse diagnostics
+      last = evaluate(eval_step, state["params"], eval_windows, mesh)
+      writer.write(0, last)
+      metrics.log_console(0, t.steps, last)
+    pending = None  # (step, metrics): read one step late, after the next dispatch
+    for step in range(start_step, t.steps):
+      window = sharding.global_batch(next(train_iter), mesh)
+      state, step_metrics = train_step(state, window)
+      done = step + 1
+      if step == start_step:  # exclude compilation from tokens/s
+        jax.block_until_ready(step_metrics)
+        throughput.start(done)
+      if pending is not None:
+        last = write(*pending)
+        pending = None
+      is_last = done == t.steps
+      if done % t.eval_every == 0 or is_last:
+        evaluation = evaluate(eval_step, state["params"], eval_windows, mesh)
+        last = write(done, step_metrics, evaluation)
+      elif done % t.log_every == 0:
+        pending = (done, step_metrics)
+      if done % t.checkpoint_every == 0 or is_last:
+        checkpointer.save(done, state, train_iter, force=True)
+    if pending is not None:
+      last = write(*pending)
+  finally:  # a crash still completes the pending checkpoint saves
+    checkpointer.close()
+    writer.close()
+  if jax.process_index() == 0:
+    logging.info("final metrics: %s", json.dumps(last))
+  return last

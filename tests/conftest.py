@@ -1,0 +1,44 @@
+"""Shared test setup: 8 simulated CPU devices and one data cache per session."""
+
+import os
+
+# Must be set before jax is imported anywhere: tests may build multi-device
+# meshes; single-device tests simply use the first device.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> str:
+  """A data directory shared by the session: corpora and tokens build once."""
+  return str(tmp_path_factory.mktemp("data"))
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_config(spec: str):
+  """Loads "configs/NAME.py[:variant]" like ml_collections' config_flags."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, variant = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location(
+      "config_under_test", os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
+
+
+@pytest.fixture
+def load_config():
+  """Returns a loader: load_config("configs/d20.py:cpu") -> ConfigDict."""
+  return _load_config
+
+
+@pytest.fixture
+def tiny_config(data_dir):
+  """A fresh configs/tiny.py config reading the session's data cache."""
+  config = _load_config("configs/tiny.py")
+  config.data.data_dir = data_dir
+  return config

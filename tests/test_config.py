@@ -1,0 +1,75 @@
+"""Configs carry the recipe and bad values fail at start-up, naming the key."""
+
+import pytest
+
+from bitnet_jax import config as config_lib
+from bitnet_jax.config import ConfigError
+
+CONFIGS = ["configs/tiny.py", "configs/d20.py", "configs/d20.py:cpu"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_configs_validate(load_config, name):
+  config_lib.validate(load_config(name))
+
+
+def test_d20_is_the_seeds_model_with_the_microsoft_recipe(load_config):
+  c = load_config("configs/d20.py")
+  m, o = c.model, c.optimizer
+  assert (m.d_model, m.n_layers, m.n_heads) == (256, 6, 4), "d20 shape"
+  assert m.tie_embeddings is False, "d20 must be untied (seeds: copying)"
+  assert m.quantization == "ternary"
+  assert (o.learning_rate, o.warmup_steps, o.stage_boundary) == (
+      1.5e-3, 375, 0.5), "Microsoft BitNet b1.58 LR schedule"
+  assert (o.weight_decay, o.stage2_weight_decay) == (0.1, 0.0), (
+      "weight decay must be 0.1 then 0.0 (seeds: 0.05 in stage 2 collapsed)")
+  assert (o.b1, o.b2, o.grad_clip_norm) == (0.9, 0.95, 1.0)
+  assert c.train.steps == 20000
+
+
+def test_d20_cpu_keeps_the_architecture_and_shrinks_the_run(load_config):
+  full, cpu = load_config("configs/d20.py"), load_config("configs/d20.py:cpu")
+  architecture = {k: v for k, v in full.model.items() if k != "dtype"}
+  assert architecture == {k: v for k, v in cpu.model.items() if k != "dtype"}
+  assert cpu.optimizer == full.optimizer, "the recipe must not change"
+  for key in ("batch_size", "seq_len", "steps"):
+    assert cpu.train[key] < full.train[key], f"train.{key} not shrunk"
+
+
+def test_unknown_variant_is_rejected(load_config):
+  with pytest.raises(ValueError, match="d20.py:cpu"):
+    load_config("configs/d20.py:gpu")
+
+
+@pytest.mark.parametrize("key,value,allowed", [
+    ("train.steps", -5, ">= 1"),
+    ("train.steps", 0, ">= 1"),
+    ("optimizer.stage_boundary", 0.0, "(0, 1)"),
+    ("optimizer.stage_boundary", 1.0, "(0, 1)"),
+    ("optimizer.stage_boundary", 1.5, "(0, 1)"),
+    ("model.d_model", 65, "divisible by model.n_heads"),
+    ("model.quantization", "binary", "'ternary', 'none'"),
+    ("model.ffn_activation", "gelu", "'swiglu', 'relu2'"),
+    ("model.dtype", "float16", "'float32', 'bfloat16'"),
+    ("data.dataset", "wikipedia", "'tfds:NAME"),
+    ("data.dataset", "tfds:", "'tfds:NAME"),
+    ("data.eval_fraction", 1.0, "(0, 1)"),
+    ("optimizer.warmup_steps", 40, "before the stage boundary"),
+    ("optimizer.b2", 1.0, "[0, 1)"),
+    ("train.label_smoothing", 1.0, "[0, 1)"),
+    ("mesh.fsdp", 0, "-1 (fill)"),
+])
+def test_bad_value_names_the_key_and_the_allowed_values(tiny_config, key,
+                                                        value, allowed):
+  section, field = key.split(".")
+  tiny_config[section][field] = value
+  with pytest.raises(ConfigError) as error:
+    config_lib.validate(tiny_config)
+  assert f"config.{key}=" in str(error.value), str(error.value)
+  assert allowed in str(error.value), str(error.value)
+
+
+def test_vocab_smaller_than_the_tokenizer_is_rejected(tiny_config):
+  with pytest.raises(ConfigError, match="model.vocab_size=512.*600 tokens"):
+    config_lib.check_vocab(tiny_config, 600, "tokenizer.json")
+  config_lib.check_vocab(tiny_config, 512, "tokenizer.json")  # equal is fine

@@ -1,0 +1,126 @@
+"""The transformer: causality, BitLinear semantics, layout, precision switch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bitnet_jax import quant
+from bitnet_jax.layers import BitLinear
+from bitnet_jax.model import BITLINEAR_NAMES, Transformer
+
+
+def _model(tiny_config, **overrides):
+  config = tiny_config.model
+  config.update(overrides)
+  return Transformer(config, rngs=nnx.Rngs(0))
+
+
+def _param_paths(model) -> dict[str, tuple]:
+  state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf.shape
+          for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
+
+
+def test_logits_shape_and_dtype(tiny_config):
+  model = _model(tiny_config)
+  logits = model(jnp.zeros((3, 10), jnp.int32))
+  assert logits.shape == (3, 10, tiny_config.model.vocab_size), logits.shape
+  assert logits.dtype == jnp.float32, "logits must be float32 for the loss"
+
+
+@pytest.mark.parametrize("quantization", ["ternary", "none"])
+def test_logits_at_position_i_ignore_later_tokens(tiny_config, quantization):
+  model = _model(tiny_config, quantization=quantization)
+  vocab = tiny_config.model.vocab_size
+  tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, vocab)
+  base = model(tokens)
+  for i in (0, 5, 10):
+    changed = tokens.at[:, i + 1:].set((tokens[:, i + 1:] + 7) % vocab)
+    np.testing.assert_allclose(
+        model(changed)[:, :i + 1], base[:, :i + 1], rtol=1e-5, atol=1e-5,
+        err_msg=f"logits at positions <= {i} changed when later tokens did: "
+        "attention is not causal")
+    assert not np.allclose(model(changed)[:, i + 1:], base[:, i + 1:]), (
+        "changing tokens changed no later logits: the test is vacuous")
+
+
+def test_bitlinear_ternary_is_quantized_matmul():
+  layer = BitLinear(16, 8, quantization="ternary", init_std=0.02,
+                    dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (4, 16))
+  expected = quant.activation_quant(x) @ quant.weight_quant(layer.kernel[...])
+  np.testing.assert_allclose(layer(x), expected, rtol=1e-6,
+                             err_msg="BitLinear != actq(x) @ weightq(W)")
+  assert not np.allclose(layer(x), x @ layer.kernel[...], rtol=1e-3), (
+      "ternary BitLinear equals the full-precision matmul: not quantized")
+
+
+def test_bitlinear_none_is_plain_matmul():
+  layer = BitLinear(16, 8, quantization="none", init_std=0.02,
+                    dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (4, 16))
+  np.testing.assert_allclose(layer(x), x @ layer.kernel[...], rtol=1e-6,
+                             err_msg="quantization='none' is not x @ W")
+
+
+def test_full_precision_baseline_has_identical_parameters(tiny_config):
+  ternary = _param_paths(_model(tiny_config, quantization="ternary"))
+  full = _param_paths(_model(tiny_config, quantization="none"))
+  assert ternary == full, "'none' must be the same architecture as 'ternary'"
+
+
+def test_block_layout_uses_2b4t_names(tiny_config):
+  paths = _param_paths(_model(tiny_config))
+  d, f = tiny_config.model.d_model, tiny_config.model.ffn_dim
+  expected = {
+      "self_attn/q_proj/kernel": (d, d), "self_attn/k_proj/kernel": (d, d),
+      "self_attn/v_proj/kernel": (d, d), "self_attn/o_proj/kernel": (d, d),
+      "self_attn/attn_sub_norm/scale": (d,), "mlp/gate_proj/kernel": (d, f),
+      "mlp/up_proj/kernel": (d, f), "mlp/down_proj/kernel": (f, d),
+      "mlp/ffn_sub_norm/scale": (f,), "input_layernorm/scale": (d,),
+      "post_attention_layernorm/scale": (d,)}
+  for layer in range(tiny_config.model.n_layers):
+    for name, shape in expected.items():
+      assert paths.get(f"layers/{layer}/{name}") == shape, (
+          f"layers/{layer}/{name} missing or not {shape}")
+  assert {p for p in paths if not p.startswith("layers/")} == {
+      "embed_tokens/embedding", "norm/scale", "lm_head/kernel"}, paths.keys()
+
+
+def test_only_block_linears_are_bitlinear(tiny_config):
+  model = _model(tiny_config)
+  bitlinear = {path[-1] for path, module in nnx.iter_modules(model)
+               if isinstance(module, BitLinear)}
+  assert bitlinear == set(BITLINEAR_NAMES), (
+      f"BitLinear modules {bitlinear}; embeddings and lm_head must stay fp")
+
+
+def test_untied_by_default_and_tying_shares_the_embedding(tiny_config):
+  assert tiny_config.model.tie_embeddings is False, "default must be untied"
+  tied = _model(tiny_config, tie_embeddings=True)
+  assert "lm_head/kernel" not in _param_paths(tied), "tied model has lm_head"
+  tokens = jnp.arange(8, dtype=jnp.int32)[None]
+  hidden = tied.embed_tokens(tokens).astype(jnp.float32)
+  for block in tied.layers:
+    hidden = block(hidden)
+  expected = tied.norm(hidden) @ tied.embed_tokens.embedding[...].T
+  np.testing.assert_allclose(tied(tokens), expected, rtol=1e-5, atol=1e-6,
+                             err_msg="tied logits are not h @ E^T")
+
+
+def test_relu2_activation_changes_the_ffn(tiny_config):
+  tokens = jnp.arange(8, dtype=jnp.int32)[None]
+  swiglu = _model(tiny_config, ffn_activation="swiglu")(tokens)
+  relu2 = _model(tiny_config, ffn_activation="relu2")(tokens)
+  assert not np.allclose(swiglu, relu2), "ffn_activation has no effect"
+
+
+def test_bfloat16_compute_keeps_float32_params(tiny_config):
+  model = _model(tiny_config, dtype="bfloat16")
+  dtypes = {leaf.dtype for leaf in jax.tree.leaves(
+      nnx.to_pure_dict(nnx.state(model, nnx.Param)))}
+  assert dtypes == {jnp.dtype(jnp.float32)}, f"param dtypes {dtypes}"
+  logits = model(jnp.zeros((1, 4), jnp.int32))
+  assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))

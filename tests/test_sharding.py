@@ -1,0 +1,105 @@
+"""A (data=2, fsdp=4) mesh computes what one device computes, sharded."""
+
+import jax
+import numpy as np
+import pytest
+
+from bitnet_jax import data, optimizer, sharding, train
+from bitnet_jax.config import ConfigError
+
+
+def _setup(config, devices):
+  mesh = sharding.make_mesh(config.mesh, devices)
+  tx = optimizer.make_optimizer(config)
+  graphdef, state, shardings = train.create_train_state(config, mesh, tx)
+  step = train.make_train_step(config, graphdef, tx, shardings, mesh)
+  return mesh, state, shardings, step
+
+
+def _batches(config, count=5):
+  iterator = data.train_iterator(data.prepare(config), config)
+  return [next(iterator) for _ in range(count)]
+
+
+def _trajectory(config, batches, devices):
+  """Losses of consecutive steps, and the per-step metrics and states."""
+  mesh, state, _, step = _setup(config, devices)
+  host_states, step_metrics = [], []
+  for batch in batches:
+    host_states.append(jax.device_get(state))
+    state, out = step(state, sharding.global_batch(batch, mesh))
+    step_metrics.append(jax.device_get(out))
+  return [float(m["loss"]) for m in step_metrics], step_metrics, host_states
+
+
+def _use_mesh(config, data_size, fsdp_size):
+  config.mesh.data, config.mesh.fsdp = data_size, fsdp_size
+  return config
+
+
+def test_eight_device_mesh_matches_one_device_full_precision(tiny_config):
+  """The 5-step trajectory on (data=2, fsdp=4) equals one device's."""
+  assert jax.device_count() == 8, "conftest must simulate 8 CPU devices"
+  tiny_config.model.quantization = "none"
+  batches = _batches(tiny_config)
+  single, _, _ = _trajectory(_use_mesh(tiny_config, 1, 1), batches,
+                             jax.devices()[:1])
+  sharded, _, _ = _trajectory(_use_mesh(tiny_config, 2, 4), batches,
+                              jax.devices())
+  np.testing.assert_allclose(sharded, single, rtol=1e-5, err_msg=(
+      "losses on the (data=2, fsdp=4) mesh differ from one device"))
+  assert single[-1] != single[0], "the losses did not move: vacuous test"
+
+
+def test_eight_device_mesh_matches_one_device_ternary_step_by_step(
+    tiny_config):
+  """From the same state, each sharded ternary step equals one device's.
+
+  Over several steps the two trajectories drift apart by ~1e-5: round() in
+  the ternary quantizer turns float32 reduction-order noise into discrete
+  flips. So each step starts from the one-device state, re-sharded.
+  """
+  batches = _batches(tiny_config)
+  _, single, states = _trajectory(_use_mesh(tiny_config, 1, 1), batches,
+                                  jax.devices()[:1])
+  mesh, _, shardings, step = _setup(_use_mesh(tiny_config, 2, 4),
+                                    jax.devices())
+  for k, (batch, host_state) in enumerate(zip(batches, states)):
+    state = jax.device_put(host_state, shardings)
+    state, out = step(state, sharding.global_batch(batch, mesh))
+    for name in ("loss", "grad_norm"):
+      np.testing.assert_allclose(
+          out[name], single[k][name], rtol=1e-5,
+          err_msg=f"step {k}: sharded {name} differs from one device")
+  kernel = state["params"]["layers"][0]["mlp"]["gate_proj"]["kernel"]
+  assert "fsdp" in kernel.sharding.spec, kernel.sharding
+  shard_shape = kernel.addressable_shards[0].data.shape
+  assert np.prod(shard_shape) * 4 == kernel.size, (
+      f"a device holds {shard_shape} of {kernel.shape}: not sharded 4 ways")
+  adam_mu = state["opt_state"][-1].inner_state[0].mu["embed_tokens"][
+      "embedding"]
+  assert "fsdp" in adam_mu.sharding.spec, "optimizer state not sharded"
+
+
+def test_parameter_spec_shards_the_largest_divisible_dimension():
+  assert sharding.parameter_spec((64, 128), 4) == jax.sharding.PartitionSpec(
+      None, "fsdp")
+  assert sharding.parameter_spec((512, 6), 4) == jax.sharding.PartitionSpec(
+      "fsdp", None)
+  assert sharding.parameter_spec((64,), 4) == jax.sharding.PartitionSpec()
+  assert sharding.parameter_spec((5, 7), 4) == jax.sharding.PartitionSpec()
+
+
+def test_mesh_sizes_must_cover_the_devices(tiny_config):
+  tiny_config.mesh.data, tiny_config.mesh.fsdp = 3, 1
+  with pytest.raises(ConfigError, match="config.mesh.data=3"):
+    sharding.make_mesh(tiny_config.mesh)
+  tiny_config.mesh.data, tiny_config.mesh.fsdp = -1, 4
+  assert dict(sharding.make_mesh(tiny_config.mesh).shape) == {
+      "data": 2, "fsdp": 4}, "-1 must fill the remaining devices"
+
+
+def test_batch_not_divisible_by_the_mesh_is_rejected(tiny_config):
+  mesh = sharding.make_mesh(tiny_config.mesh)  # data=-1 -> 8 devices
+  with pytest.raises(ConfigError, match="config.train.batch_size=6"):
+    sharding.global_batch(np.zeros((6, 33), np.int32), mesh)

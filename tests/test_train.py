@@ -1,0 +1,135 @@
+"""End to end on the tiny config: learning, metrics, checkpoints, resume."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bitnet_jax import train
+
+TRAIN_KEYS = {"step", "loss", "learning_rate", "weight_decay", "grad_norm",
+              "tokens_seen", "tokens_per_sec"}
+EVAL_KEYS = {"eval_loss", "eval_accuracy", "unique_predictions", "copy_rate",
+             "top_token_share"}
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+class Preempted(Exception):
+  pass
+
+
+def _crash_at_step(monkeypatch, crash_step):
+  """Makes the train step raise when asked to run step `crash_step`."""
+  real = train.make_train_step
+
+  def make(*args, **kwargs):
+    step_fn, calls = real(*args, **kwargs), itertools.count()
+
+    def step(state, window):
+      if next(calls) == crash_step:
+        raise Preempted(f"simulated preemption at step {crash_step}")
+      return step_fn(state, window)
+
+    return step
+
+  monkeypatch.setattr(train, "make_train_step", make)
+
+
+def _count_steps(monkeypatch):
+  real, counter = train.make_train_step, {"steps": 0}
+
+  def make(*args, **kwargs):
+    step_fn = real(*args, **kwargs)
+
+    def step(state, window):
+      counter["steps"] += 1
+      return step_fn(state, window)
+
+    return step
+
+  monkeypatch.setattr(train, "make_train_step", make)
+  return counter
+
+
+def test_tiny_run_learns_and_logs_every_required_metric(tiny_config,
+                                                        tmp_path):
+  config = tiny_config  # default mesh: all 8 simulated devices
+  final = train.train_and_evaluate(config, str(tmp_path))
+  records = _records(tmp_path)
+  logged = [r for r in records if "loss" in r]
+  evals = [r for r in records if "eval_loss" in r]
+  assert [r["step"] for r in logged] == list(range(10, 61, 10)), "log_every"
+  assert [r["step"] for r in evals] == [0, 30, 60], "eval_every + baseline"
+  for record in logged:
+    assert TRAIN_KEYS <= record.keys(), f"missing {TRAIN_KEYS - record.keys()}"
+  for record in evals:
+    assert EVAL_KEYS <= record.keys(), f"missing {EVAL_KEYS - record.keys()}"
+  assert logged[-1]["tokens_seen"] == 60 * 8 * 32
+  assert logged[-1]["loss"] < logged[0]["loss"] - 0.3, "loss did not fall"
+  assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.3, (
+      "eval loss did not fall")
+  assert final["eval_loss"] == evals[-1]["eval_loss"]
+  assert os.path.isdir(tmp_path / "checkpoints" / "60"), "no final checkpoint"
+  assert os.listdir(tmp_path / "tensorboard"), "no TensorBoard events"
+
+
+def test_resumed_run_repeats_the_uninterrupted_losses_exactly(
+    tiny_config, tmp_path, monkeypatch):
+  config = tiny_config  # default mesh: all 8 simulated devices
+  config.train.steps, config.train.log_every = 20, 1
+  config.train.checkpoint_every, config.train.eval_every = 10, 10
+  config.optimizer.warmup_steps = 2
+  train.train_and_evaluate(config, str(tmp_path / "straight"))
+
+  with monkeypatch.context() as patch:
+    _crash_at_step(patch, 15)
+    with pytest.raises(Preempted):
+      train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert max(r["step"] for r in _records(tmp_path / "resumed")) >= 14
+  counter = _count_steps(monkeypatch)
+  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+
+  assert counter["steps"] == 10, (
+      f"the second run trained {counter['steps']} steps: it did not resume "
+      "from the step-10 checkpoint")
+  straight = {r["step"]: r["loss"] for r in _records(tmp_path / "straight")
+              if "loss" in r}
+  resumed = [r for r in _records(tmp_path / "resumed") if "loss" in r]
+  assert [r["step"] for r in resumed] == list(range(1, 21)), (
+      "every step must be logged exactly once across the restart")
+  for record in resumed:
+    assert record["loss"] == straight[record["step"]], (
+        f"step {record['step']}: resumed loss {record['loss']} != "
+        f"uninterrupted {straight[record['step']]} (state or data order)")
+
+
+def test_command_line_trains_resumes_and_never_imports_tensorflow(
+    tmp_path, data_dir):
+  workdir = str(tmp_path / "run")
+  args = ["--config=configs/tiny.py", f"--workdir={workdir}",
+          f"--config.data.data_dir={data_dir}", "--config.train.steps=20",
+          "--config.train.eval_every=10", "--config.optimizer.warmup_steps=2"]
+  program = (
+      "import runpy, sys\n"
+      f"sys.argv = ['bitnet_jax.main'] + {args!r}\n"
+      "try:\n"
+      "  runpy.run_module('bitnet_jax.main', run_name='__main__')\n"
+      "except SystemExit as e:\n"
+      "  assert not e.code, f'exit code {e.code}'\n"
+      "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'\n")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for attempt in ("first", "second"):
+    result = subprocess.run([sys.executable, "-c", program], check=False,
+                            cwd=repo,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{attempt} run failed:\n{result.stderr}"
+  assert "resuming at step 20" in result.stderr, (
+      "running the same command again did not resume")
+  assert [r["step"] for r in _records(workdir) if "loss" in r] == [10, 20]
