@@ -202,13 +202,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       config.model.d_model, t.seq_len)
   peak = metrics.peak_flops(jax.devices())
 
-  def write(step: int, step_metrics: dict, extra: dict | None = None) -> dict:
+  def check_finite(step: int, host_metrics: dict) -> None:
+    for name in ("loss", "grad_norm"):
+      if not np.isfinite(host_metrics[name]):
+        raise FloatingPointError(
+            f"{name} is {host_metrics[name]} at step {step}: the run stops "
+            f"and keeps its last good checkpoint (step "
+            f"{checkpointer.latest_step()}). Lower optimizer.learning_rate or "
+            "check the data, then rerun the same command to resume.")
+
+  def read(step: int, step_metrics: dict) -> dict:
+    """Host copy of a step's metrics (blocks until that step is done)."""
     record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    check_finite(step, record)
     record["tokens_seen"] = step * tokens_per_step
     record.update(throughput.measure(step))
     if peak and "tokens_per_sec" in record:
       record["mfu"] = record["tokens_per_sec"] * flops / peak
-    record.update(extra or {})
+    return record
+
+  def emit(step: int, record: dict) -> dict:
     writer.write(step, record)
     metrics.log_console(step, t.steps, record)
     return record
@@ -216,10 +229,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   try:
     last = {}
     if start_step == 0:  # baseline of the collapse diagnostics
-      last = evaluate(eval_step, state["params"], eval_windows, mesh)
-      writer.write(0, last)
-      metrics.log_console(0, t.steps, last)
-    pending = None  # (step, metrics): read one step late, after the next dispatch
+      last = emit(0, evaluate(eval_step, state["params"], eval_windows, mesh))
+    pending = None  # (step, metrics), read after the next step's dispatch
     for step in range(start_step, t.steps):
       window = sharding.global_batch(next(train_iter), mesh)
       state, step_metrics = train_step(state, window)
@@ -228,18 +239,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         jax.block_until_ready(step_metrics)
         throughput.start(done)
       if pending is not None:
-        last = write(*pending)
+        last = emit(pending[0], read(*pending))
         pending = None
       is_last = done == t.steps
       if done % t.eval_every == 0 or is_last:
-        evaluation = evaluate(eval_step, state["params"], eval_windows, mesh)
-        last = write(done, step_metrics, evaluation)
+        record = read(done, step_metrics)
+        record.update(evaluate(eval_step, state["params"], eval_windows, mesh))
+        throughput.start(done)  # evaluation time is not training time
+        last = emit(done, record)
       elif done % t.log_every == 0:
         pending = (done, step_metrics)
       if done % t.checkpoint_every == 0 or is_last:
+        check_finite(done, jax.device_get(step_metrics))  # never save NaNs
         checkpointer.save(done, state, train_iter, force=True)
     if pending is not None:
-      last = write(*pending)
+      last = emit(pending[0], read(*pending))
   finally:  # a crash still completes the pending checkpoint saves
     checkpointer.close()
     writer.close()

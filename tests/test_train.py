@@ -133,3 +133,28 @@ def test_command_line_trains_resumes_and_never_imports_tensorflow(
   assert "resuming at step 20" in result.stderr, (
       "running the same command again did not resume")
   assert [r["step"] for r in _records(workdir) if "loss" in r] == [10, 20]
+
+
+def test_non_finite_loss_stops_the_run_before_a_bad_checkpoint(
+    tiny_config, tmp_path, monkeypatch):
+  config = tiny_config
+  config.train.steps, config.train.log_every = 12, 4
+  config.train.checkpoint_every, config.optimizer.warmup_steps = 4, 2
+  real = train.make_train_step
+
+  def make(*args, **kwargs):
+    step_fn, calls = real(*args, **kwargs), itertools.count()
+
+    def step(state, window):  # the loss turns NaN from step 6 on
+      state, out = step_fn(state, window)
+      if next(calls) >= 5:
+        out = {**out, "loss": out["loss"] * float("nan")}
+      return state, out
+
+    return step
+
+  monkeypatch.setattr(train, "make_train_step", make)
+  with pytest.raises(FloatingPointError, match="loss is nan at step 8"):
+    train.train_and_evaluate(config, str(tmp_path))
+  saved = sorted(os.listdir(tmp_path / "checkpoints"))
+  assert saved == ["4"], f"checkpoints {saved}: a NaN step was saved"

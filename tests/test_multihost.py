@@ -1,0 +1,104 @@
+"""Two processes over loopback (jax.distributed) train like one process.
+
+Each worker has 4 simulated CPU devices; together they form the same 8-device
+(data, fsdp) mesh as the single-process reference in this pytest process.
+The full-precision architecture is used so that the comparison is not blurred
+by ternary rounding flips (see test_sharding.py).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bitnet_jax import data, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = """
+import importlib.util, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+spec = importlib.util.spec_from_file_location("tiny", "configs/tiny.py")
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+config = module.get_config()
+for key, value in {overrides!r}.items():
+  section, field = key.split(".")
+  config[section][field] = value
+config.distributed.initialize = True
+config.distributed.coordinator_address = "127.0.0.1:{port}"
+config.distributed.num_processes = 2
+config.distributed.process_id = int(sys.argv[1])
+from absl import logging
+logging.set_verbosity(logging.INFO)  # as app.run does in bitnet_jax.main
+from bitnet_jax import sharding, train
+sharding.initialize_distributed(config)
+import jax
+assert jax.process_count() == 2 and jax.device_count() == 8
+train.train_and_evaluate(config, {workdir!r})
+"""
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _run_workers(overrides: dict, workdir: str) -> list[str]:
+  program = WORKER.format(overrides=overrides, port=_free_port(),
+                          workdir=workdir)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  workers = [subprocess.Popen([sys.executable, "-c", program, str(i)],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+  logs = []
+  for worker in workers:
+    try:
+      logs.append(worker.communicate(timeout=300)[0])
+    except subprocess.TimeoutExpired:
+      for w in workers:
+        w.kill()
+      pytest.fail("multi-host workers timed out")
+  for i, (worker, log) in enumerate(zip(workers, logs)):
+    assert worker.returncode == 0, f"worker {i} failed:\n{log[-4000:]}"
+  return logs
+
+
+def _losses(workdir: str) -> dict[int, float]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  return {r["step"]: r.get("loss", r.get("eval_loss")) for r in records}
+
+
+def test_two_processes_match_one_process_and_resume(tiny_config, tmp_path):
+  overrides = {"data.data_dir": tiny_config.data.data_dir,
+               "model.quantization": "none", "train.steps": 6,
+               "train.log_every": 1, "train.eval_every": 3,
+               "train.checkpoint_every": 3, "optimizer.warmup_steps": 2}
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    tiny_config[section][field] = value
+  data.prepare(tiny_config)  # the workers then only read the caches
+  train.train_and_evaluate(tiny_config, str(tmp_path / "one_process"))
+
+  workdir = str(tmp_path / "two_processes")
+  _run_workers(overrides, workdir)
+  single, multi = _losses(str(tmp_path / "one_process")), _losses(workdir)
+  assert sorted(multi) == sorted(single), "different steps were logged"
+  np.testing.assert_allclose(
+      [multi[s] for s in sorted(single)], [single[s] for s in sorted(single)],
+      rtol=1e-5, err_msg="2-process losses differ from the 1-process run")
+  iterator_states = [name for name in os.listdir(
+      os.path.join(workdir, "checkpoints", "6", "data"))
+                     if name.endswith(".json")]
+  assert sorted(iterator_states) == ["process_0-of-2.json",
+                                     "process_1-of-2.json"], iterator_states
+
+  logs = _run_workers(overrides, workdir)  # the same command again
+  for i, log in enumerate(logs):
+    assert "resuming at step 6" in log, f"worker {i} did not resume:\n{log}"
