@@ -25,37 +25,18 @@ class Preempted(Exception):
   pass
 
 
-def _crash_at_step(monkeypatch, crash_step):
-  """Makes the train step raise when asked to run step `crash_step`."""
+def _wrap_train_step(monkeypatch, wrapper):
+  """Routes every train step through wrapper(call_index, step, state, window).
+
+  `call_index` counts the steps this run executed, from 0.
+  """
   real = train.make_train_step
 
   def make(*args, **kwargs):
     step_fn, calls = real(*args, **kwargs), itertools.count()
-
-    def step(state, window):
-      if next(calls) == crash_step:
-        raise Preempted(f"simulated preemption at step {crash_step}")
-      return step_fn(state, window)
-
-    return step
+    return lambda state, window: wrapper(next(calls), step_fn, state, window)
 
   monkeypatch.setattr(train, "make_train_step", make)
-
-
-def _count_steps(monkeypatch):
-  real, counter = train.make_train_step, {"steps": 0}
-
-  def make(*args, **kwargs):
-    step_fn = real(*args, **kwargs)
-
-    def step(state, window):
-      counter["steps"] += 1
-      return step_fn(state, window)
-
-    return step
-
-  monkeypatch.setattr(train, "make_train_step", make)
-  return counter
 
 
 def test_tiny_run_learns_and_logs_every_required_metric(tiny_config,
@@ -88,16 +69,27 @@ def test_resumed_run_repeats_the_uninterrupted_losses_exactly(
   config.optimizer.warmup_steps = 2
   train.train_and_evaluate(config, str(tmp_path / "straight"))
 
+  def crash_at_15(index, step, state, window):
+    if index == 15:
+      raise Preempted("simulated preemption at step 15")
+    return step(state, window)
+
   with monkeypatch.context() as patch:
-    _crash_at_step(patch, 15)
+    _wrap_train_step(patch, crash_at_15)
     with pytest.raises(Preempted):
       train.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert max(r["step"] for r in _records(tmp_path / "resumed")) >= 14
-  counter = _count_steps(monkeypatch)
+  executed = []
+
+  def count(index, step, state, window):
+    executed.append(index)
+    return step(state, window)
+
+  _wrap_train_step(monkeypatch, count)
   train.train_and_evaluate(config, str(tmp_path / "resumed"))
 
-  assert counter["steps"] == 10, (
-      f"the second run trained {counter['steps']} steps: it did not resume "
+  assert len(executed) == 10, (
+      f"the second run trained {len(executed)} steps: it did not resume "
       "from the step-10 checkpoint")
   straight = {r["step"]: r["loss"] for r in _records(tmp_path / "straight")
               if "loss" in r}
@@ -140,20 +132,13 @@ def test_non_finite_loss_stops_the_run_before_a_bad_checkpoint(
   config = tiny_config
   config.train.steps, config.train.log_every = 12, 4
   config.train.checkpoint_every, config.optimizer.warmup_steps = 4, 2
-  real = train.make_train_step
+  def nan_from_step_6(index, step, state, window):
+    state, out = step(state, window)
+    if index >= 5:
+      out = {**out, "loss": out["loss"] * float("nan")}
+    return state, out
 
-  def make(*args, **kwargs):
-    step_fn, calls = real(*args, **kwargs), itertools.count()
-
-    def step(state, window):  # the loss turns NaN from step 6 on
-      state, out = step_fn(state, window)
-      if next(calls) >= 5:
-        out = {**out, "loss": out["loss"] * float("nan")}
-      return state, out
-
-    return step
-
-  monkeypatch.setattr(train, "make_train_step", make)
+  _wrap_train_step(monkeypatch, nan_from_step_6)
   with pytest.raises(FloatingPointError, match="loss is nan at step 8"):
     train.train_and_evaluate(config, str(tmp_path))
   saved = sorted(os.listdir(tmp_path / "checkpoints"))
