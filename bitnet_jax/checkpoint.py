@@ -23,35 +23,33 @@ class CheckpointMismatchError(RuntimeError):
 
 
 class Checkpointer:
-  """Saves every `save_every` steps (and when forced), keeps the last `keep`.
+  """Saves when told to (the train loop decides when), keeps the last `keep`.
 
   Args:
     directory: absolute or relative path; created if missing.
-    save_every: steps between periodic saves.
     keep: how many checkpoints stay on disk.
   """
 
-  def __init__(self, directory: str, *, save_every: int, keep: int):
+  def __init__(self, directory: str, *, keep: int):
     self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every, max_to_keep=keep, create=True),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         item_names=("state", "data"))
 
   def latest_step(self) -> int | None:
     """The step of the newest complete checkpoint, or None."""
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator,
-           *, force: bool = False) -> bool:
+  def save(self, step: int, state: Any,
+           data_iterator: grain.DatasetIterator) -> None:
     """Starts saving `state` and the iterator position at `step`.
 
-    The state is written in the background; the iterator state is captured
-    now. Returns whether a save was started (periodic or forced).
+    The arrays are copied to host now and written in the background; the
+    iterator state is captured now.
     """
-    return self.manager.save(
-        step, force=force,
+    self.manager.save(
+        step, force=True,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator)))

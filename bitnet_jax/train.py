@@ -177,8 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   eval_windows = data.eval_batches(prepared, config, jax.process_index(),
                                    jax.process_count())
   checkpointer = checkpoint.Checkpointer(
-      os.path.join(workdir, "checkpoints"), save_every=t.checkpoint_every,
-      keep=t.keep_checkpoints)
+      os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
   resuming = checkpointer.latest_step() is not None
   graphdef, state, shardings = create_train_state(
       config, mesh, tx, initialize=not resuming)
@@ -251,7 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         pending = (done, step_metrics)
       if done % t.checkpoint_every == 0 or is_last:
         check_finite(done, jax.device_get(step_metrics))  # never save NaNs
-        checkpointer.save(done, state, train_iter, force=True)
+        checkpointer.save(done, state, train_iter)
     if pending is not None:
       last = emit(pending[0], read(*pending))
   finally:  # a crash still completes the pending checkpoint saves
