@@ -42,15 +42,15 @@ def base_config() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-5  # RMSNorm epsilon
   m.init_std = 0.02  # stddev of the normal init of every weight
   m.dtype = "float32"  # compute dtype: "float32" | "bfloat16"; params are f32
-  m.attention_implementation = "auto"  # "auto" (cudnn on GPU+bf16) | "xla" | "cudnn"
+  m.attention_implementation = "auto"  # "auto" (cudnn if GPU+bf16), xla, cudnn
 
   c.data = d = ml_collections.ConfigDict()
   d.dataset = "stdlib"  # "stdlib" | "tfds:NAME[/CONFIG]" | "files:GLOB"
-  d.data_dir = ""  # cache of corpora, tokenizers, tokens; "" = ~/.cache/bitnet_jax
+  d.data_dir = ""  # corpora, tokenizers, tokens; "" = ~/.cache/bitnet_jax
   d.text_feature = "text"  # feature holding the text in a TFDS dataset
   d.train_split = "train"  # TFDS split to train on
   d.eval_split = "validation"  # TFDS split to evaluate on
-  d.eval_fraction = 0.05  # share of files held out (stdlib, files:), by path hash
+  d.eval_fraction = 0.05  # files held out by path hash (stdlib, files:)
   d.tokenizer_path = ""  # a tokenizer.json; "" = train a byte-level BPE
   d.shuffle_seed = 0  # seed of the window shuffle (a new order every epoch)
   d.worker_count = 0  # grain worker processes; 0 = threads in this process
@@ -87,7 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1  # parameter-sharding axis size; -1 = fill
 
   c.distributed = ml_collections.ConfigDict()
-  c.distributed.initialize = False  # call jax.distributed.initialize (multi-host)
+  c.distributed.initialize = False  # multi-host: jax.distributed.initialize
   c.distributed.coordinator_address = ""  # "host:port"; "" = auto-detect
   c.distributed.num_processes = 0  # 0 = auto-detect
   c.distributed.process_id = -1  # -1 = auto-detect
@@ -164,7 +164,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("train.label_smoothing", t.label_smoothing, "must lie in [0, 1)")
   if not 0.0 < o.stage_boundary < 1.0:
     _fail("optimizer.stage_boundary", o.stage_boundary,
-          "must lie in (0, 1): the fraction of train.steps where stage 2 starts")
+          "must lie in (0, 1): the fraction of train.steps where stage 2 "
+          "starts")
   if not 0 <= o.warmup_steps < o.stage_boundary * t.steps:
     _fail("optimizer.warmup_steps", o.warmup_steps,
           f"must be >= 0 and end before the stage boundary at step "

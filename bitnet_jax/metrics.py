@@ -114,7 +114,7 @@ class MetricWriter:
     if not self.enabled:
       return
     self._truncate_after(resume_step)
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    from tensorboardX import SummaryWriter  # only process 0 needs it
     self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def _truncate_after(self, step: int) -> None:

@@ -108,7 +108,7 @@ class Block(nnx.Module):
     self.mlp = FeedForward(config, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    """Maps float32 `[batch, seq, d_model]` to float32 `[batch, seq, d_model]`."""
+    """Maps float32 `[batch, seq, d_model]` to the same shape and dtype."""
     x = x + self.self_attn(self.input_layernorm(x)).astype(jnp.float32)
     return x + self.mlp(self.post_attention_layernorm(x)).astype(jnp.float32)
 

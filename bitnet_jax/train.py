@@ -31,7 +31,8 @@ from bitnet_jax.model import Transformer
 State = dict[str, Any]
 
 
-def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+def create_train_state(config: ml_collections.ConfigDict,
+                       mesh: jax.sharding.Mesh,
                        tx: optax.GradientTransformation, *,
                        initialize: bool = True
                        ) -> tuple[nnx.GraphDef, State, Any]:
@@ -115,16 +116,17 @@ def make_eval_step(graphdef: nnx.GraphDef, param_shardings: Any,
                  out_shardings=sharding.replicated(mesh))
 
 
-def evaluate(eval_step: Callable, params: Any, windows: np.ndarray,
-             mesh: jax.sharding.Mesh) -> dict[str, float]:
+def evaluate(eval_step: Callable, params: Any,
+             windows: list[jax.Array]) -> dict[str, float]:
   """Runs the fixed eval set; sums stay on device until one final read.
 
   Args:
-    windows: int32 `[eval_batches, local_batch, seq_len + 1]`.
+    windows: global int32 batches `[batch_size, seq_len + 1]`, already placed
+      on the mesh (they are the same at every evaluation).
   """
   totals = None
   for window in windows:
-    stats = eval_step(params, sharding.global_batch(window, mesh))
+    stats = eval_step(params, window)
     totals = stats if totals is None else jax.tree.map(jnp.add, totals, stats)
   return metrics.summarize_eval(jax.device_get(totals))
 
@@ -174,8 +176,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   tx = optimizer_lib.make_optimizer(config)
   train_iter = data.train_iterator(prepared, config, jax.process_index(),
                                    jax.process_count())
-  eval_windows = data.eval_batches(prepared, config, jax.process_index(),
-                                   jax.process_count())
+  eval_windows = [sharding.global_batch(batch, mesh) for batch in
+                  data.eval_batches(prepared, config, jax.process_index(),
+                                    jax.process_count())]
   checkpointer = checkpoint.Checkpointer(
       os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
   resuming = checkpointer.latest_step() is not None
@@ -228,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   try:
     last = {}
     if start_step == 0:  # baseline of the collapse diagnostics
-      last = emit(0, evaluate(eval_step, state["params"], eval_windows, mesh))
+      last = emit(0, evaluate(eval_step, state["params"], eval_windows))
     pending = None  # (step, metrics), read after the next step's dispatch
     for step in range(start_step, t.steps):
       window = sharding.global_batch(next(train_iter), mesh)
@@ -243,7 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       is_last = done == t.steps
       if done % t.eval_every == 0 or is_last:
         record = read(done, step_metrics)
-        record.update(evaluate(eval_step, state["params"], eval_windows, mesh))
+        record.update(evaluate(eval_step, state["params"], eval_windows))
         throughput.start(done)  # evaluation time is not training time
         last = emit(done, record)
       elif done % t.log_every == 0:

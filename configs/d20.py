@@ -1,4 +1,4 @@
-"""d20: the seeds' reference BitNet b1.58 model (d_model 256, 6 layers, 4 heads).
+"""d20: the seeds' reference BitNet b1.58 model (d_model 256, 6 layers).
 
 Usage:
   python -m bitnet_jax.main --config=configs/d20.py --workdir=runs/d20

@@ -1,4 +1,4 @@
-r"""Times the jitted train step: ternary BitLinear vs the full-precision baseline.
+r"""Times the jitted train step: ternary BitLinear vs full precision.
 
   python experiments/benchmark_step.py --config=configs/d20.py:cpu --steps=20
 
@@ -55,7 +55,8 @@ def main(argv):
     seconds[quantization] = time_steps(config, _STEPS.value)
     print(f"{quantization:8s} {1e3 * seconds[quantization]:8.1f} ms/step "
           f"{tokens / seconds[quantization]:10,.0f} tokens/s")
-  print(f"ternary / none step time: {seconds['ternary'] / seconds['none']:.2f}x")
+  ratio = seconds["ternary"] / seconds["none"]
+  print(f"ternary / none step time: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

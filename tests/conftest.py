@@ -4,8 +4,8 @@ import os
 
 # Must be set before jax is imported anywhere: tests may build multi-device
 # meshes; single-device tests simply use the first device.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8")
 
 import pytest
 

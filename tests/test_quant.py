@@ -1,4 +1,4 @@
-"""Fake quantization matches the FAQ's formulas and passes gradients straight."""
+"""Fake quantization follows the FAQ's formulas with straight-through grads."""
 
 import jax
 import jax.numpy as jnp
