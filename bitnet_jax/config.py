@@ -155,6 +155,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("data.eval_fraction", d.eval_fraction, "must lie in (0, 1)")
   for key in ("data.worker_count", "data.shuffle_seed", "seed"):
     _check_positive(config, key, minimum=0)
+  if d.shuffle_seed >= 2**32:
+    _fail("data.shuffle_seed", d.shuffle_seed, "grain needs a seed < 2**32")
   _check_positive(config, "data.prefetch_buffer_size", minimum=1)
 
   t, o = config.train, config.optimizer

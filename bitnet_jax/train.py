@@ -244,6 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         last = emit(pending[0], read(*pending))
         pending = None
       is_last = done == t.steps
+      record = None
       if done % t.eval_every == 0 or is_last:
         record = read(done, step_metrics)
         record.update(evaluate(eval_step, state["params"], eval_windows))
@@ -252,7 +253,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       elif done % t.log_every == 0:
         pending = (done, step_metrics)
       if done % t.checkpoint_every == 0 or is_last:
-        check_finite(done, jax.device_get(step_metrics))  # never save NaNs
+        if record is None:  # read() checked it already at eval steps
+          check_finite(done, jax.device_get(step_metrics))  # never save NaNs
         checkpointer.save(done, state, train_iter)
     if pending is not None:
       last = emit(pending[0], read(*pending))

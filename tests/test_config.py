@@ -58,6 +58,7 @@ def test_unknown_variant_is_rejected(load_config):
     ("optimizer.b2", 1.0, "[0, 1)"),
     ("train.label_smoothing", 1.0, "[0, 1)"),
     ("mesh.fsdp", 0, "-1 (fill)"),
+    ("data.shuffle_seed", 2**32, "< 2**32"),
 ])
 def test_bad_value_names_the_key_and_the_allowed_values(tiny_config, key,
                                                         value, allowed):

@@ -11,28 +11,18 @@ Usage (the train loop):
 
 from __future__ import annotations
 
-from bitnet_jax.data.corpus import TextSplit, open_splits
 from bitnet_jax.data.pipeline import (
     PreparedData,
     TokenWindows,
-    data_root,
     eval_batches,
     prepare,
-    read_tokens,
     train_iterator,
 )
-from bitnet_jax.data.tokenizer import EOT_TOKEN, MAX_TRAINING_CHARS
 
 __all__ = [
-    "EOT_TOKEN",
-    "MAX_TRAINING_CHARS",
     "PreparedData",
-    "TextSplit",
     "TokenWindows",
-    "data_root",
     "eval_batches",
-    "open_splits",
     "prepare",
-    "read_tokens",
     "train_iterator",
 ]

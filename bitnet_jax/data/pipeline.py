@@ -261,8 +261,7 @@ def train_iterator(prepared: PreparedData, config, process_index: int = 0,
   Raises:
     ConfigError: naming `train.batch_size` when it is not divisible by
       `process_count`, `train.seq_len` / `data.dataset` when the train split
-      has fewer windows than one global batch, `data.shuffle_seed` when it is
-      not in [0, 2**32).
+      has fewer windows than one global batch.
   """
   local_batch = _local_batch_size(config, process_index, process_count)
   windows = TokenWindows(prepared.train_tokens, prepared.train_n_tokens,
@@ -274,9 +273,6 @@ def train_iterator(prepared: PreparedData, config, process_index: int = 0,
         f"{prepared.train_n_tokens} tokens, {len(windows)} windows, fewer "
         f"than one batch of train.batch_size={config.train.batch_size}; use "
         f"a shorter seq_len, a smaller batch or a larger dataset")
-  if not 0 <= config.data.shuffle_seed < 2**32:
-    raise ConfigError(f"config.data.shuffle_seed={config.data.shuffle_seed} "
-                      f"is invalid: grain needs a seed in [0, 2**32)")
   ds = grain.MapDataset.source(windows)
   ds = ds.shuffle(seed=config.data.shuffle_seed).repeat()
   ds = ds[process_index::process_count]
