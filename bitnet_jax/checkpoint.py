@@ -1,93 +1,330 @@
-"""Orbax checkpoints of the train state and the grain iterator position.
+"""Orbax checkpoints of the train state, the grain iterator and run facts.
 
-`WORKDIR/checkpoints/<step>/` holds two items: `state` (params, optimizer
-state, step; sharded arrays, saved asynchronously) and `data` (the grain
-iterator state, one JSON file per process). Orbax writes each checkpoint to a
+`WORKDIR/checkpoints/<step>/` holds three items: `state` (params, optimizer
+state, step; sharded arrays, saved asynchronously), `data` (the grain iterator
+state, one JSON file per process) and `run` (JSON: `tokens_seen`, and
+`eval_loss` when the step was evaluated). Orbax writes each checkpoint to a
 temporary directory and renames it when complete, so a run killed mid-save
-leaves the previous checkpoint intact and resumes from it.
+leaves the previous checkpoint intact; leftover temporary directories are
+removed at the next start.
+
+What this layer adds to orbax, each guarding a way a long run loses work:
+- a save that fails in the background (permissions, a full disk) raises
+  `CheckpointSaveError` in the main thread at the next `check()` (every
+  step), naming the path and the cause; orbax alone logs it and then blocks
+  the next save forever;
+- retention keeps the newest `keep` checkpoints plus the one with the lowest
+  eval loss, so a diverging run can never rotate out every good state;
+- `restore` refuses a checkpoint of another shape with one line per differing
+  array (`CheckpointMismatchError`), and moves a damaged newest checkpoint
+  (missing or truncated files) aside to `WORKDIR/damaged_checkpoints/` with a
+  WARNING, then restores the previous one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
+import time
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
+
+DAMAGED_DIR = "damaged_checkpoints"  # beside checkpoints/, never deleted
+_MAX_MISMATCH_LINES = 40  # differing arrays listed before "... and N more"
 
 
 class CheckpointMismatchError(RuntimeError):
   """The checkpoint on disk does not fit the configured model or optimizer."""
 
 
-class Checkpointer:
-  """Saves when told to (the train loop decides when), keeps the last `keep`.
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written; the message names the path and cause."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """What `Checkpointer.restore` returns.
+
+  Attributes:
+    state: the train state, sharded like the restore target.
+    step: the restored checkpoint's step.
+    run: the checkpoint's `run` item (`tokens_seen`, maybe `eval_loss`).
+  """
+  state: Any
+  step: int
+  run: dict
+
+
+def _path_name(path) -> str:
+  """'params/layers_0/kernel' for a tree path (dict keys, attributes, idx)."""
+  parts = []
+  for entry in path:
+    for attribute in ("key", "name", "idx"):
+      if hasattr(entry, attribute):
+        parts.append(str(getattr(entry, attribute)))
+        break
+  return "/".join(parts)
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  return {_path_name(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def describe_mismatch(saved: Any, expected: Any) -> list[str]:
+  """One line per array that differs between two trees of shaped leaves.
 
   Args:
-    directory: absolute or relative path; created if missing.
-    keep: how many checkpoints stay on disk.
+    saved: the checkpoint's array metadata (anything with .shape, .dtype).
+    expected: the restore target (e.g. `jax.ShapeDtypeStruct`s).
+
+  Returns:
+    Lines such as "params/embed_tokens/embedding: checkpoint (512, 64)
+    float32, config (512, 128) float32", parameters first; empty when shapes
+    and dtypes match.
+  """
+  old, new = _flat_shapes(saved), _flat_shapes(expected)
+  lines = []
+  # parameters first: the optimizer state repeats their shapes
+  for name in sorted(old.keys() | new.keys(),
+                     key=lambda n: (not n.startswith("params/"), n)):
+    if old.get(name) == new.get(name):
+      continue
+    describe = lambda d: "absent" if d is None else f"{d[0]} {d[1]}"
+    lines.append(f"{name}: checkpoint {describe(old.get(name))}, config "
+                 f"{describe(new.get(name))}")
+  return lines
+
+
+def _any_process(flag: bool) -> bool:
+  """True on every process when `flag` is true on at least one."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+class Checkpointer:
+  """Saves when told to (the train loop decides when); see the module doc.
+
+  Args:
+    directory: the checkpoint directory (created if missing).
+    keep: newest checkpoints kept; the best-eval one is kept in addition.
+
+  Raises:
+    CheckpointSaveError: when `directory` cannot be created or written.
   """
 
   def __init__(self, directory: str, *, keep: int):
     self.directory = os.path.abspath(directory)
-    self.manager = ocp.CheckpointManager(
+    self.keep = keep
+    self._pending: int | None = None  # step of a save still in flight
+    self._eval_losses: dict[int, float] = {}  # step -> eval loss, for keeping
+    self._probe_writable()
+    self.manager = self._open()
+    for step in self.manager.all_steps():
+      loss = self._read_run(step).get("eval_loss")
+      if loss is not None:
+        self._eval_losses[step] = loss
+
+  def _open(self) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        item_names=("state", "data"))
+        options=ocp.CheckpointManagerOptions(
+            create=True, cleanup_tmp_directories=True),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler(),
+                       "run": ocp.JsonCheckpointHandler()})
+
+  def _probe_writable(self) -> None:
+    """Writes and removes a small file, so a bad directory fails now."""
+    probe = os.path.join(self.directory,
+                         f".write_probe.{os.getpid()}.{jax.process_index()}")
+    try:
+      os.makedirs(self.directory, exist_ok=True)
+      with open(probe, "wb") as f:
+        f.write(b"\0" * 4096)
+        f.flush()
+        os.fsync(f.fileno())
+      os.remove(probe)
+    except OSError as e:
+      raise CheckpointSaveError(
+          f"cannot write checkpoints to {self.directory}: {e}. Make the "
+          "directory writable (or free disk space), or choose another "
+          "--workdir; the run's previous checkpoints are untouched.") from e
+
+  def _read_run(self, step: int) -> dict:
+    try:
+      restored = self.manager.restore(
+          step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))
+      return dict(restored.run or {})
+    except Exception:  # pylint: disable=broad-except
+      return {}  # an old or damaged checkpoint; restore() decides
 
   def latest_step(self) -> int | None:
     """The step of the newest complete checkpoint, or None."""
     return self.manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    """Steps of the complete checkpoints on disk, ascending."""
+    return sorted(self.manager.all_steps())
+
+  def best_step(self) -> int | None:
+    """The step of the checkpoint with the lowest eval loss, or None."""
+    kept = {s: v for s, v in self._eval_losses.items()
+            if s in self.manager.all_steps()}
+    return min(kept, key=kept.get) if kept else None
+
   def save(self, step: int, state: Any,
-           data_iterator: grain.DatasetIterator) -> None:
-    """Starts saving `state` and the iterator position at `step`.
+           data_iterator: grain.DatasetIterator, *, tokens_seen: int,
+           eval_loss: float | None = None) -> None:
+    """Starts saving `state`, the iterator position and the run facts.
 
     The arrays are copied to host now and written in the background; the
-    iterator state is captured now.
+    iterator state is captured now. A failure of the previous save is raised
+    first.
+
+    Raises:
+      CheckpointSaveError: the previous save failed, or the directory cannot
+        be written now (permissions, a full disk).
     """
+    self.check(block=True)
+    self._probe_writable()
+    run = {"tokens_seen": int(tokens_seen)}
+    if eval_loss is not None:
+      run["eval_loss"] = float(eval_loss)
+      self._eval_losses[step] = float(eval_loss)
     self.manager.save(
         step, force=True,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(data_iterator)))
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            run=ocp.args.JsonSave(run)))
+    self._pending = step
+
+  def check(self, block: bool = False) -> None:
+    """Raises if the save in flight failed; prunes old checkpoints after it.
+
+    Cheap when nothing is in flight or the save is still running (and
+    `block` is False): the train loop calls it every step.
+
+    Raises:
+      CheckpointSaveError: naming the checkpoint path and the cause.
+    """
+    if self._pending is None:
+      return
+    if not block and self.manager.is_saving_in_progress():
+      return
+    step, self._pending = self._pending, None
+    path = os.path.join(self.directory, str(step))
+    try:
+      self.manager.wait_until_finished()
+      if step not in self.manager.all_steps():
+        raise OSError("the checkpoint was not finalized (see orbax's log)")
+    except Exception as e:  # pylint: disable=broad-except
+      self._eval_losses.pop(step, None)
+      raise CheckpointSaveError(
+          f"saving checkpoint {path} failed: {e}. Free disk space or fix the "
+          f"directory's permissions, then rerun the same command: it resumes "
+          f"from checkpoint {self.latest_step()}.") from e
+    self._prune()
+
+  def _prune(self) -> None:
+    """Keeps the newest `keep` checkpoints and the best-eval one."""
+    steps = self.all_steps()
+    keep = set(steps[-self.keep:]) | {self.best_step()}
+    for step in steps:
+      if step not in keep:
+        self.manager.delete(step)
+        self._eval_losses.pop(step, None)
+
+  def wait(self) -> None:
+    """Blocks until the save in flight is on disk; raises if it failed."""
+    self.check(block=True)
 
   def restore(self, abstract_state: Any,
-              data_iterator: grain.DatasetIterator) -> Any:
-    """Restores the newest checkpoint into the given shapes and shardings.
+              data_iterator: grain.DatasetIterator) -> Restored | None:
+    """Restores the newest checkpoint that is intact; None if there is none.
+
+    A checkpoint whose files are missing or unreadable is moved to
+    `WORKDIR/damaged_checkpoints/<step>-<unix time>` with a WARNING, and the
+    previous one is tried, until one restores or none is left.
 
     Args:
       abstract_state: a pytree of `jax.ShapeDtypeStruct` with `.sharding`, the
         structure of the freshly initialized state.
       data_iterator: moved in place to the saved position.
 
-    Returns:
-      The restored state, sharded like `abstract_state`.
-
     Raises:
       CheckpointMismatchError: when the saved arrays do not fit the config
-        (model size or optimizer changed since the checkpoint was written).
+        (model size or optimizer changed since the checkpoint was written),
+        with one line per differing array.
     """
-    step = self.latest_step()
-    try:
-      restored = self.manager.restore(
-          step, args=ocp.args.Composite(
+    while (step := self.latest_step()) is not None:
+      path = os.path.join(self.directory, str(step))
+      problem = None
+      try:
+        saved = self.manager.item_metadata(step)["state"]
+        if saved is None:
+          raise FileNotFoundError(f"{path}/state is missing")
+        mismatch = describe_mismatch(saved.tree, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except
+        problem, mismatch = f"its metadata is unreadable ({e})", []
+      if mismatch:
+        shown = mismatch[:_MAX_MISMATCH_LINES]
+        if len(mismatch) > len(shown):
+          shown.append(f"... and {len(mismatch) - len(shown)} more")
+        raise CheckpointMismatchError(
+            f"checkpoint {path} does not fit the config; differing arrays:\n"
+            + "\n".join("  " + line for line in shown) + "\nResume with the "
+            "config it was written with, or start a new run with another "
+            "--workdir.")
+      if problem is None:
+        try:
+          restored = self.manager.restore(step, args=ocp.args.Composite(
               state=ocp.args.StandardRestore(abstract_state),
               data=grain.checkpoint.CheckpointRestore(data_iterator)))
-    except (ValueError, KeyError, TypeError) as e:
-      raise CheckpointMismatchError(
-          f"checkpoint {self.directory}/{step} does not match the config "
-          f"({e}). Resume with the config it was written with, or start a "
-          "new run with another --workdir.") from e
-    logging.info("restored checkpoint %s/%d", self.directory, step)
-    return restored.state
+        except Exception as e:  # pylint: disable=broad-except
+          problem = f"it cannot be read ({type(e).__name__}: {e})"
+      if not _any_process(problem is not None):
+        logging.info("restored checkpoint %s", path)
+        return Restored(state=restored.state, step=step,
+                        run=self._read_run(step))
+      self._move_aside(step, problem or "another process could not read it")
+    return None
+
+  def _move_aside(self, step: int, problem: str) -> None:
+    path = os.path.join(self.directory, str(step))
+    target = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR,
+                          f"{step}-{int(time.time())}")
+    if jax.process_index() == 0:
+      logging.warning(
+          "checkpoint %s is damaged: %s. Moved it to %s (kept for "
+          "inspection) and trying the previous checkpoint.", path,
+          problem[:500], target)
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(path, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"bitnet_jax:moved_aside_{step}")
+    self.manager.reload()
+    self._eval_losses.pop(step, None)
 
   def close(self) -> None:
-    """Waits for pending saves, then releases the manager."""
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the save in flight, then releases the manager.
+
+    Raises:
+      CheckpointSaveError: when that save failed.
+    """
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def abstract_with_shardings(state_shapes: Any, shardings: Any) -> Any:

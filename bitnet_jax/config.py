@@ -7,6 +7,10 @@ the offending key, its value and the allowed values.
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Iterator, Mapping
+
 import ml_collections
 
 QUANTIZATIONS = ("ternary", "none")
@@ -66,7 +70,11 @@ def base_config() -> ml_collections.ConfigDict:
   t.eval_every = 1000  # steps between evaluations (and one at the end)
   t.eval_batches = 8  # batches of fixed validation windows per evaluation
   t.checkpoint_every = 1000  # steps between checkpoints (and one at the end)
-  t.keep_checkpoints = 3  # checkpoints kept on disk
+  t.keep_checkpoints = 3  # newest checkpoints kept (plus the best eval one)
+  t.allow_config_change = False  # resume despite changed identity keys
+  t.divergence_factor = 3.0  # stop if loss > factor x its running min; 0: off
+  t.divergence_patience = 3  # consecutive losses above that before stopping
+  t.lock_stale_seconds = 600.0  # another host's lock unrefreshed this long
 
   c.optimizer = o = ml_collections.ConfigDict()
   o.learning_rate = 1.5e-3  # stage-1 peak learning rate
@@ -117,13 +125,67 @@ def _get(config, key: str):
   return node
 
 
+def _leaves(node, prefix: str = "") -> Iterator[tuple[str, object]]:
+  """Yields (dotted key, value) for every leaf under `node`.
+
+  ConfigDicts (and mappings) and lists/tuples are descended into; list items
+  are named `key[i]`.
+  """
+  if isinstance(node, (ml_collections.ConfigDict, Mapping)):
+    for key, value in node.items():
+      yield from _leaves(value, f"{prefix}.{key}" if prefix else str(key))
+  elif isinstance(node, (list, tuple)):
+    for i, value in enumerate(node):
+      yield from _leaves(value, f"{prefix}[{i}]")
+  else:
+    yield prefix, node
+
+
+def _check_finite(config) -> None:
+  """Rejects NaN and +/-inf in every float leaf, present and future."""
+  for key, value in _leaves(config):
+    if (isinstance(value, numbers.Real)
+        and not isinstance(value, numbers.Integral)
+        and not math.isfinite(value)):
+      _fail(key, value, "must be a finite number")
+
+
+def _check_train_safety(config) -> None:
+  """Checks the divergence stop, the lock timeout and the resume switch."""
+  t = config.train
+  factor = t.divergence_factor
+  if (not isinstance(factor, numbers.Real) or isinstance(factor, bool)
+      or not (factor == 0 or factor > 1)):
+    _fail("train.divergence_factor", factor,
+          "must be 0 (off) or a number > 1: the run stops when the loss "
+          "exceeds this multiple of its running minimum")
+  patience = t.divergence_patience
+  if not isinstance(patience, int) or isinstance(patience, bool) or (
+      patience < 1):
+    _fail("train.divergence_patience", patience,
+          "must be an integer >= 1 (consecutive losses above the limit "
+          "before the run stops)")
+  stale = t.lock_stale_seconds
+  if (not isinstance(stale, numbers.Real) or isinstance(stale, bool)
+      or not stale > 0):
+    _fail("train.lock_stale_seconds", stale,
+          "must be a number of seconds > 0")
+  if not isinstance(t.allow_config_change, bool):
+    _fail("train.allow_config_change", t.allow_config_change,
+          "must be True or False")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every field once at start-up.
+
+  Every float leaf, including fields added later, must be finite (NaN
+  passes every `<` / `>` comparison check, so it is rejected first).
 
   Raises:
     ConfigError: on the first invalid field, naming `config.<key>`, the bad
       value and the allowed values.
   """
+  _check_finite(config)
   for key in ("model.vocab_size", "model.d_model", "model.n_layers",
               "model.n_heads", "model.ffn_dim", "train.steps",
               "train.batch_size", "train.seq_len", "train.log_every",
@@ -190,6 +252,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _fail(key, value, "must be a positive device count or -1 (fill)")
   if config.mesh.data == -1 and config.mesh.fsdp == -1:
     _fail("mesh.fsdp", -1, "only one mesh axis may be -1")
+  _check_train_safety(config)
 
 
 def check_vocab(config: ml_collections.ConfigDict, tokenizer_vocab_size: int,

@@ -8,12 +8,19 @@ Running the same command again resumes from the latest checkpoint in workdir.
 
 import logging
 import os
+import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from bitnet_jax import sharding, train
+from bitnet_jax import checkpoint, run_lock, sharding, train
+from bitnet_jax.config import ConfigError
+
+# Failures with a message that says what to do: printed without a traceback.
+_EXPLAINED_ERRORS = (ConfigError, run_lock.WorkdirLockedError,
+                     checkpoint.CheckpointMismatchError,
+                     checkpoint.CheckpointSaveError, FloatingPointError)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A Python config file with get_config(), e.g. "
@@ -46,7 +53,11 @@ def main(argv):
   sharding.initialize_distributed(config)
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize()
                                               .split("=", 1)[1])
-  train.train_and_evaluate(config, workdir)
+  try:
+    train.train_and_evaluate(config, workdir)
+  except _EXPLAINED_ERRORS as e:
+    absl_logging.error("%s: %s", type(e).__name__, e)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -95,16 +95,113 @@ def peak_flops(devices: list[jax.Device]) -> float | None:
   return None if None in peaks else float(sum(peaks))
 
 
+_SHOWN_CHARS = 80  # characters of a dropped or corrupt line put in messages
+
+
+def _read_lines(path: str) -> tuple[list[str], list[dict]]:
+  """Reads a metrics.jsonl: returns its complete lines and their records.
+
+  Blank lines are skipped. A last line that is not a JSON object with an
+  integer "step" (a write cut short by a kill) is dropped with a warning
+  naming `path` and its text; the kept lines all end with a newline.
+
+  Raises:
+    ValueError: naming `path`, the line number and the fix when a line other
+      than the last is not such a record (the file was damaged or edited).
+  """
+  with open(path, encoding="utf-8", errors="replace") as f:
+    numbered = [(n, line) for n, line in enumerate(f, start=1)
+                if line.strip()]
+  lines, records = [], []
+  for i, (number, line) in enumerate(numbered):
+    record = _parse_record(line)
+    if record is None:
+      shown = line.rstrip("\n")[:_SHOWN_CHARS]
+      if i == len(numbered) - 1:
+        logging.warning("Dropping the half-written last line %d of %s "
+                        "(cut off by a kill?): %r", number, path, shown)
+        break
+      raise ValueError(
+          f"{path}, line {number}, is not a JSON metrics record: {shown!r}. "
+          f"Only a cut-off last line is repaired automatically; fix or delete"
+          f" line {number}, or move the file aside to start it afresh.")
+    lines.append(line if line.endswith("\n") else line + "\n")
+    records.append(record)
+  return lines, records
+
+
+def _parse_record(line: str) -> dict | None:
+  """The record of one line, or None unless a JSON object with int "step"."""
+  try:
+    record = json.loads(line)
+  except ValueError:
+    return None
+  if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+    return None
+  return record
+
+
+def read_records(workdir: str) -> list[dict]:
+  """Returns the records of `WORKDIR/metrics.jsonl`, in file order.
+
+  Each record is a dict `{"step": int, name: float | int, ...}` as written
+  by `MetricWriter.write`; several records may share a step (train and eval
+  lines). A half-written last line is skipped with a warning.
+
+  Returns:
+    The parsed records; `[]` when the file does not exist.
+
+  Raises:
+    ValueError: naming the file, the line number and the fix when a line
+      other than the last is corrupt.
+  """
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  return _read_lines(path)[1]
+
+
+def final_metrics(workdir: str, step: int) -> dict:
+  """Returns every record of `step` in metrics.jsonl merged into one dict.
+
+  Later records win where names repeat; the dict includes "step". Used to
+  report the results of a finished run that is started again.
+
+  Returns:
+    `{"step": step, name: value, ...}`, or `{}` when no record has `step`.
+
+  Raises:
+    ValueError: as `read_records`.
+  """
+  merged = {}
+  for record in read_records(workdir):
+    if record["step"] == step:
+      merged.update(record)
+  return merged
+
+
 class MetricWriter:
   """Appends metrics to `WORKDIR/metrics.jsonl` and TensorBoard event files.
 
-  Only process 0 writes. On resume, lines of steps after the restored step
-  (written after the last checkpoint, and about to be recomputed) are
-  dropped, so every step appears once.
+  Only process 0 writes. Every step appears once across restarts:
+
+  * resume_step == 0 (no checkpoint): every existing line is dropped, since
+    the run starts over (a run killed before its first checkpoint would
+    otherwise log step 0 twice); TensorBoard purges every earlier point.
+  * resume_step > 0: lines of steps after it (written after the restored
+    checkpoint, about to be recomputed) are dropped, and TensorBoard purges
+    points of steps >= resume_step + 1.
+
+  A half-written last line (the process was killed mid-write) is dropped
+  with a warning.
 
   Args:
     workdir: the run's directory.
     resume_step: the step training restarts from (0 for a fresh run).
+
+  Raises:
+    ValueError: naming the file, the line number and the fix when a line of
+      metrics.jsonl other than the last is corrupt (only when resuming).
   """
 
   def __init__(self, workdir: str, resume_step: int = 0):
@@ -115,19 +212,37 @@ class MetricWriter:
       return
     self._truncate_after(resume_step)
     from tensorboardX import SummaryWriter  # only process 0 needs it
-    self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    # A SessionLog START at purge_step makes TensorBoard drop the points of
+    # earlier event files at steps >= purge_step.
+    purge_step = resume_step + 1 if resume_step > 0 else 0
+    self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                      purge_step=purge_step)
 
   def _truncate_after(self, step: int) -> None:
+    """Keeps the lines of steps <= `step`, none when `step` is 0."""
     if not os.path.exists(self.path):
       return
-    with open(self.path) as f:
-      lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    if len(kept) != len(lines):
-      tmp = self.path + ".tmp"
-      with open(tmp, "w") as f:
-        f.writelines(kept)
-      os.replace(tmp, self.path)
+    with open(self.path, "rb") as f:
+      original = f.read()
+    if step > 0:
+      lines, records = _read_lines(self.path)
+      kept = [line for line, record in zip(lines, records)
+              if record["step"] <= step]
+    else:
+      kept = []
+    text = "".join(kept)
+    if text.encode("utf-8") == original:
+      return
+    if step > 0:
+      logging.info("Resuming at step %d: kept %d lines of %s (steps <= %d)",
+                   step, len(kept), self.path, step)
+    else:
+      logging.info("Starting at step 0 (no checkpoint): cleared the earlier "
+                   "lines of %s", self.path)
+    tmp = self.path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, self.path)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     """Writes one JSON object `{"step": step, **scalars}` and TB scalars."""

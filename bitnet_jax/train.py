@@ -22,7 +22,8 @@ from clu import parameter_overview
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from bitnet_jax import checkpoint, data, metrics, sharding
+from bitnet_jax import (checkpoint, data, guards, metrics, preemption,
+                        run_identity, run_lock, sharding)
 from bitnet_jax import config as config_lib
 from bitnet_jax import optimizer as optimizer_lib
 from bitnet_jax.loss import next_token_loss, split_window, token_losses
@@ -150,45 +151,125 @@ def _matmul_params(config: ml_collections.ConfigDict, params: Any) -> int:
   return total
 
 
+def _on_process_zero(action: Callable[[], Any], what: str) -> Any:
+  """Runs `action` on process 0 only; every process raises if it failed."""
+  result, error = None, None
+  if jax.process_index() == 0:
+    try:
+      result = action()
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+  if jax.process_count() > 1:
+    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if failed and error is None:
+      raise RuntimeError(f"process 0 could not {what}; its log says why")
+  if error is not None:
+    raise error
+  return result
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint.
 
   Writes `workdir/metrics.jsonl`, `workdir/tensorboard/`,
-  `workdir/checkpoints/` and `workdir/config.json`.
+  `workdir/checkpoints/`, `workdir/config.json` (the first start's config),
+  `workdir/config_history.jsonl` (every start) and `workdir/tokenizer.json`,
+  and holds `workdir/run.lock` while it runs (one writer per workdir).
+  SIGTERM or SIGINT ends the run after the step in flight, with a checkpoint
+  of that step; a finished run started again returns its final metrics.
 
   Returns:
-    The last metric record (train and eval scalars of the final step).
+    The last metric record (train and eval scalars of the final step, or of
+    the step a signal stopped the run at).
 
   Raises:
-    ConfigError: on an invalid config value (before any work is done).
+    ConfigError: on an invalid config value (before any work is done);
+      `run_identity.RunIdentityError` when a resume would change the run.
+    WorkdirLockedError: another live process writes to `workdir`.
+    CheckpointMismatchError: the checkpoint's arrays do not fit the config.
+    CheckpointSaveError: a checkpoint cannot be written (path and cause).
+    FloatingPointError: the loss became NaN/inf (or `DivergenceError`:
+      diverged); the newest checkpoint predates it.
   """
   config_lib.validate(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  lock = None
+  if jax.process_index() == 0:  # one lock per run, held by process 0
+    lock = run_lock.WorkdirLock(workdir,
+                                stale_seconds=config.train.lock_stale_seconds)
+  _on_process_zero(lambda: lock.acquire(), "lock the workdir")
+  try:
+    return _run(config, workdir)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _close_all(*closables: Any, failing: bool) -> None:
+  """Closes each; while an error is already propagating, only logs theirs."""
+  for closable in closables:
+    try:
+      closable.close()
+    except Exception:  # pylint: disable=broad-except
+      if not failing:
+        raise
+      logging.exception("while stopping after an error, closing %s failed",
+                        type(closable).__name__)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """`train_and_evaluate` once the workdir is locked."""
   t = config.train
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  checkpointer = checkpoint.Checkpointer(
+      os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
+  latest = checkpointer.latest_step()
+  resuming = latest is not None
+  _on_process_zero(lambda: run_identity.start_run(
+      workdir, config, resuming=resuming, resume_step=latest or 0),
+                   "accept this config for the run")
+  if resuming and latest >= t.steps:
+    checkpointer.close()
+    final = metrics.final_metrics(workdir, latest)
+    logging.info("the run in %s is finished: checkpoint %d, train.steps=%d "
+                 "(raise train.steps to train on). Final metrics: %s",
+                 workdir, latest, t.steps, json.dumps(final))
+    return final
 
   prepared = _prepare_data(config)
+  _on_process_zero(lambda: run_identity.check_tokenizer(
+      workdir, prepared.tokenizer_path, t.allow_config_change,
+      resuming=resuming), "accept the tokenizer")
   mesh = sharding.make_mesh(config.mesh)
   tx = optimizer_lib.make_optimizer(config)
-  train_iter = data.train_iterator(prepared, config, jax.process_index(),
-                                   jax.process_count())
+
+  def new_iterator():
+    return data.train_iterator(prepared, config, jax.process_index(),
+                               jax.process_count())
+
+  train_iter = new_iterator()
   eval_windows = [sharding.global_batch(batch, mesh) for batch in
                   data.eval_batches(prepared, config, jax.process_index(),
                                     jax.process_count())]
-  checkpointer = checkpoint.Checkpointer(
-      os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
-  resuming = checkpointer.latest_step() is not None
+  tokens_per_step = t.batch_size * t.seq_len
   graphdef, state, shardings = create_train_state(
       config, mesh, tx, initialize=not resuming)
+  tokens_at_start = 0
   if resuming:
-    state = checkpointer.restore(state, train_iter)
+    restored = checkpointer.restore(state, train_iter)
+    if restored is None:
+      logging.warning("no checkpoint in %s could be restored: starting the "
+                      "run from step 0", checkpointer.directory)
+      train_iter = new_iterator()
+      graphdef, state, shardings = create_train_state(config, mesh, tx)
+    else:
+      state = restored.state
+      tokens_at_start = restored.run.get("tokens_seen",
+                                         restored.step * tokens_per_step)
   start_step = int(jax.device_get(state["step"]))
   logging.info("%s at step %d in %s on %d devices, mesh %s",
-               "resuming" if resuming else "starting", start_step, workdir,
+               "resuming" if start_step else "starting", start_step, workdir,
                jax.device_count(), dict(mesh.shape))
   logging.info("parameters:\n%s",
                parameter_overview.get_parameter_overview(state["params"],
@@ -197,27 +278,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   train_step = make_train_step(config, graphdef, tx, shardings, mesh)
   eval_step = make_eval_step(graphdef, shardings["params"], mesh)
   writer = metrics.MetricWriter(workdir, resume_step=start_step)
-  tokens_per_step = t.batch_size * t.seq_len
+  guard = guards.DivergenceGuard(t.divergence_factor, t.divergence_patience)
+  for past in metrics.read_records(workdir):  # the minimum survives resumes
+    if "loss" in past:
+      guard.seed(past["step"], past["loss"])
   throughput = metrics.Throughput(tokens_per_step, t.steps)
   flops = metrics.flops_per_token(
       _matmul_params(config, state["params"]), config.model.n_layers,
       config.model.d_model, t.seq_len)
   peak = metrics.peak_flops(jax.devices())
 
-  def check_finite(step: int, host_metrics: dict) -> None:
-    for name in ("loss", "grad_norm"):
-      if not np.isfinite(host_metrics[name]):
-        raise FloatingPointError(
-            f"{name} is {host_metrics[name]} at step {step}: the run stops "
-            f"and keeps its last good checkpoint (step "
-            f"{checkpointer.latest_step()}). Lower optimizer.learning_rate or "
-            "check the data, then rerun the same command to resume.")
+  def tokens_seen(step: int) -> int:
+    return tokens_at_start + (step - start_step) * tokens_per_step
+
+  def kept() -> str:
+    return f"checkpoint {checkpointer.latest_step()} (best eval: " \
+        f"{checkpointer.best_step()})"
 
   def read(step: int, step_metrics: dict) -> dict:
     """Host copy of a step's metrics (blocks until that step is done)."""
     record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-    check_finite(step, record)
-    record["tokens_seen"] = step * tokens_per_step
+    guards.check_finite(step, record, kept())
+    guard.observe(step, record["loss"], kept())
+    record["tokens_seen"] = tokens_seen(step)
     record.update(throughput.measure(step))
     if peak and "tokens_per_sec" in record:
       record["mfu"] = record["tokens_per_sec"] * flops / peak
@@ -228,39 +311,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     metrics.log_console(step, t.steps, record)
     return record
 
-  try:
-    last = {}
-    if start_step == 0:  # baseline of the collapse diagnostics
-      last = emit(0, evaluate(eval_step, state["params"], eval_windows))
-    pending = None  # (step, metrics), read after the next step's dispatch
-    for step in range(start_step, t.steps):
-      window = sharding.global_batch(next(train_iter), mesh)
-      state, step_metrics = train_step(state, window)
-      done = step + 1
-      if step == start_step:  # exclude compilation from tokens/s
-        jax.block_until_ready(step_metrics)
-        throughput.start(done)
-      if pending is not None:
-        last = emit(pending[0], read(*pending))
-        pending = None
-      is_last = done == t.steps
-      record = None
-      if done % t.eval_every == 0 or is_last:
-        record = read(done, step_metrics)
-        record.update(evaluate(eval_step, state["params"], eval_windows))
-        throughput.start(done)  # evaluation time is not training time
-        last = emit(done, record)
-      elif done % t.log_every == 0:
-        pending = (done, step_metrics)
-      if done % t.checkpoint_every == 0 or is_last:
-        if record is None:  # read() checked it already at eval steps
-          check_finite(done, jax.device_get(step_metrics))  # never save NaNs
-        checkpointer.save(done, state, train_iter)
-    if pending is not None:
-      last = emit(pending[0], read(*pending))
-  finally:  # a crash still completes the pending checkpoint saves
-    checkpointer.close()
-    writer.close()
+  def save(step: int, record: dict | None, step_metrics: dict) -> bool:
+    """Checkpoints `step` unless its loss is bad; True if a save started."""
+    values = record or {k: float(v) for k, v in jax.device_get(
+        {"loss": step_metrics["loss"],
+         "grad_norm": step_metrics["grad_norm"]}).items()}
+    guards.check_finite(step, values, kept())  # never save NaNs
+    if guard.is_diverged(values["loss"]):
+      logging.warning("not saving checkpoint %d: loss %.4g lies above %.4g "
+                      "(train.divergence_factor x its running minimum)",
+                      step, values["loss"], guard.threshold())
+      return False
+    checkpointer.save(step, state, train_iter, tokens_seen=tokens_seen(step),
+                      eval_loss=(record or {}).get("eval_loss"))
+    return True
+
+  last, failing = {}, True
+  with preemption.PreemptionWatch() as watch:
+    try:
+      if start_step == 0:  # baseline of the collapse diagnostics
+        last = emit(0, evaluate(eval_step, state["params"], eval_windows))
+      unread = None  # (step, metrics) read after the next step's dispatch
+      for step in range(start_step + 1, t.steps + 1):
+        window = sharding.global_batch(next(train_iter), mesh)
+        state, step_metrics = train_step(state, window)
+        if step == start_step + 1:  # exclude compilation from tokens/s
+          jax.block_until_ready(step_metrics)
+          throughput.start(step)
+        checkpointer.check()  # a failed background save stops the run here
+        if unread is not None:
+          last = emit(unread[0], read(*unread))
+          unread = None
+        preempted = watch.requested(step)
+        is_last = step == t.steps
+        saving = step % t.checkpoint_every == 0 or is_last or preempted
+        record = None
+        if step % t.eval_every == 0 or is_last:
+          record = read(step, step_metrics)
+          record.update(evaluate(eval_step, state["params"], eval_windows))
+          throughput.start(step)  # evaluation time is not training time
+        elif step % t.log_every == 0:
+          if saving:  # the line is on disk before the checkpoint is
+            record = read(step, step_metrics)
+          else:
+            unread = (step, step_metrics)
+        if record is not None:
+          last = emit(step, record)
+        if saving:
+          saved = save(step, record, step_metrics)
+        if preempted:
+          checkpointer.wait()
+          logging.warning(
+              "%s: stopped after step %d; %s. Rerun the same command to "
+              "continue.", watch.signal_name, step,
+              f"saved its checkpoint in {checkpointer.directory}/{step}"
+              if saved else f"not saved (diverged loss), {kept()} kept")
+          break
+      if unread is not None:
+        last = emit(unread[0], read(*unread))
+      failing = False
+    finally:  # a crash still completes the pending checkpoint saves
+      _close_all(checkpointer, writer, failing=failing)
   if jax.process_index() == 0:
     logging.info("final metrics: %s", json.dumps(last))
   return last

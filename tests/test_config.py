@@ -59,6 +59,10 @@ def test_unknown_variant_is_rejected(load_config):
     ("train.label_smoothing", 1.0, "[0, 1)"),
     ("mesh.fsdp", 0, "-1 (fill)"),
     ("data.shuffle_seed", 2**32, "< 2**32"),
+    ("train.divergence_factor", 1.0, "0 (off) or a number > 1"),
+    ("train.divergence_factor", -3.0, "0 (off) or a number > 1"),
+    ("train.divergence_patience", 0, "integer >= 1"),
+    ("train.lock_stale_seconds", 0.0, "> 0"),
 ])
 def test_bad_value_names_the_key_and_the_allowed_values(tiny_config, key,
                                                         value, allowed):
@@ -74,3 +78,37 @@ def test_vocab_smaller_than_the_tokenizer_is_rejected(tiny_config):
   with pytest.raises(ConfigError, match="model.vocab_size=512.*600 tokens"):
     config_lib.check_vocab(tiny_config, 600, "tokenizer.json")
   config_lib.check_vocab(tiny_config, 512, "tokenizer.json")  # equal is fine
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("key", ["model.norm_eps", "optimizer.learning_rate",
+                                 "model.rope_theta", "train.z_loss_weight",
+                                 "train.lock_stale_seconds"])
+def test_non_finite_float_is_rejected_naming_the_key(tiny_config, key, value):
+  section, field = key.split(".")
+  tiny_config[section][field] = value
+  with pytest.raises(ConfigError) as error:
+    config_lib.validate(tiny_config)
+  expected = f"config.{key}={value!r} is invalid: must be a finite number."
+  assert str(error.value) == expected, (
+      f"{key}={value} passed or gave another message: {error.value}")
+
+
+def test_a_float_field_added_later_is_checked_for_nan(tiny_config):
+  tiny_config.train.future_weight = float("nan")
+  with pytest.raises(ConfigError, match=r"config\.train\.future_weight=nan"):
+    config_lib.validate(tiny_config)
+
+
+@pytest.mark.parametrize("key,value,allowed", [
+    ("train.allow_config_change", "yes", "True or False"),
+    ("train.divergence_patience", 1.5, "integer >= 1"),
+])
+def test_wrongly_typed_value_names_the_key(tiny_config, key, value, allowed):
+  section, field = key.split(".")
+  with tiny_config.ignore_type():  # bypass ConfigDict's own type check
+    tiny_config[section][field] = value
+  with pytest.raises(ConfigError) as error:
+    config_lib.validate(tiny_config)
+  assert f"config.{key}={value!r}" in str(error.value), str(error.value)
+  assert allowed in str(error.value), str(error.value)

@@ -9,9 +9,11 @@ import json
 import os
 import pickle
 import random
-import re
+import shlex
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -321,12 +323,31 @@ def test_tfds_source_reads_prepared_dataset_by_name(stdlib):
 
 
 @pytest.mark.parametrize("name", ["mnist", "no_such_dataset_anywhere"])
-def test_missing_tfds_dataset_gives_build_command(tmp_path, name):
+def test_missing_tfds_dataset_message_needs_no_tensorflow_cli(tmp_path, name):
   config = tiny_config(str(tmp_path), dataset=f"tfds:{name}")
-  command = (f"tfds build {name} --file_format=array_record "
-             f"--data_dir={tmp_path}/tfds")
-  with pytest.raises(ConfigError, match=re.escape(command)):
+  with pytest.raises(ConfigError) as error:
     data.prepare(config)
+  message = str(error.value)
+  assert "tfds build" not in message, f"needs TensorFlow: {message}"
+  assert "extra packages" in message and name in message, message
+
+
+def test_prepare_command_in_the_message_builds_without_tensorflow(tmp_path):
+  name = f"python_stdlib/{corpus.stdlib_config(0.05).name}"
+  config = tiny_config(str(tmp_path), dataset=f"tfds:{name}")
+  with pytest.raises(ConfigError, match="is not prepared") as error:
+    data.prepare(config)
+  argv = shlex.split(str(error.value).rpartition("with: ")[2])
+  assert argv[1:2] == ["-c"] and len(argv) == 3, f"not python -c: {argv}"
+  program = ("import bitnet_jax.data.corpus  # registers python_stdlib\n"
+             f"{argv[2]}\n"
+             "import sys\n"
+             "assert 'tensorflow' not in sys.modules, 'imported TensorFlow'\n")
+  result = subprocess.run([argv[0], "-c", program], check=False, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, f"the command failed: {result.stderr[-3000:]}"
+  train, _ = corpus.open_splits(config, str(tmp_path))
+  assert len(train) > 0, "the prepared dataset has no train documents"
 
 
 def test_files_glob_matching_nothing_raises(tmp_path):
@@ -358,3 +379,51 @@ print(sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow"))
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip().splitlines()[-1] == "[]", (
       f"TensorFlow was imported: {result.stdout[-500:]}")
+
+
+def dead_pid() -> int:
+  """The pid of a process that has exited and been reaped."""
+  process = subprocess.Popen([sys.executable, "-c", "pass"])
+  process.wait()
+  with pytest.raises(ProcessLookupError):  # the pid was not reused yet
+    os.kill(process.pid, 0)
+  return process.pid
+
+
+def touch(path: str, age_seconds: float = 0.0) -> str:
+  """Creates `path` (and its directory) with an mtime `age_seconds` ago."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "wb") as f:
+    f.write(b"partial tokens")
+  stamp = time.time() - age_seconds
+  os.utime(path, (stamp, stamp))
+  return path
+
+
+def test_only_a_dead_writers_temporary_file_is_removed(tmp_path):
+  host = socket.gethostname()
+  base = str(tmp_path / "tokens" / "abc" / "tokens.bin")
+  dead = touch(f"{base}.tmp.{host}.{dead_pid()}")
+  live = touch(f"{base}.tmp.{host}.{os.getpid()}")
+  removed = tokenizer.remove_stale_temporaries(str(tmp_path))
+  assert removed == [dead], f"removed {removed}, expected only {dead}"
+  assert not os.path.exists(dead), "the dead writer's file is still there"
+  assert os.path.exists(live), "a live process's temporary file was removed"
+
+
+def test_another_hosts_temporary_file_is_removed_after_a_day(tmp_path):
+  base = str(tmp_path / "tokenizers" / "bpe512.json")
+  old = touch(f"{base}.tmp.node-7.cluster.local.4242", age_seconds=25 * 3600)
+  fresh = touch(f"{base}.tmp.node-8.cluster.local.4242", age_seconds=3600)
+  removed = tokenizer.remove_stale_temporaries(str(tmp_path))
+  assert removed == [old], f"removed {removed}, expected only the 25 h one"
+  assert os.path.exists(fresh), "another host's recent file was removed"
+
+
+def test_prepare_removes_stale_temporaries_under_the_data_root(small):
+  config, _ = small
+  stale = touch(os.path.join(config.data.data_dir, "tokens", "killed",
+                             f"tokens.bin.tmp.{socket.gethostname()}."
+                             f"{dead_pid()}"))
+  data.prepare(config)
+  assert not os.path.exists(stale), "prepare left a killed writer's file"

@@ -1,12 +1,15 @@
 """Collapse diagnostics and metric files."""
 
 import json
+import logging
 import os
+import struct
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tensorboardX.proto import event_pb2
 
 from bitnet_jax import metrics
 
@@ -71,6 +74,100 @@ def test_writer_drops_records_past_the_resume_step(tmp_path):
   with open(tmp_path / "metrics.jsonl") as f:
     steps = [json.loads(x)["step"] for x in f]
   assert steps == [10, 20], "records after the restored step must go"
+
+
+def _write_lines(workdir, *lines):
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    f.write("".join(lines))
+
+
+def _steps(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(x)["step"] for x in f]
+
+
+def _tensorboard_events(workdir):
+  """Every Event in workdir/tensorboard, read from the TFRecord framing."""
+  events = []
+  directory = os.path.join(workdir, "tensorboard")
+  for name in sorted(os.listdir(directory)):
+    with open(os.path.join(directory, name), "rb") as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):  # uint64 length, uint32 crc, data, uint32 crc
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      start = offset + 12
+      events.append(event_pb2.Event.FromString(data[start:start + length]))
+      offset = start + length + 4
+  return events
+
+
+def test_half_written_last_line_is_dropped_with_a_warning(tmp_path, caplog):
+  _write_lines(tmp_path, '{"step": 5, "loss": 2.0}\n',
+               '{"step": 6, "loss": 1.9}\n', '{"step": 7, "lo')
+  with caplog.at_level(logging.WARNING):
+    metrics.MetricWriter(str(tmp_path), resume_step=9).close()
+  assert _steps(tmp_path) == [5, 6], "the cut-off line was not dropped"
+  warnings = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.WARNING]
+  assert any("metrics.jsonl" in w and '{"step": 7, "lo' in w
+             for w in warnings), f"no warning names the file/line: {warnings}"
+
+
+def test_record_after_a_last_line_without_newline_starts_a_new_line(
+    tmp_path):
+  _write_lines(tmp_path, '{"step": 5, "loss": 2.0}')  # killed before "\n"
+  writer = metrics.MetricWriter(str(tmp_path), resume_step=5)
+  writer.write(6, {"loss": 1.9})
+  writer.close()
+  assert _steps(tmp_path) == [5, 6], "the new record was glued to the last"
+
+
+def test_corrupt_line_before_the_last_raises_naming_file_and_line(tmp_path):
+  _write_lines(tmp_path, '{"step": 5, "loss": 2.0}\n', '{"step": 6, "lo\n',
+               '{"step": 7, "loss": 1.8}\n')
+  with pytest.raises(ValueError) as error:
+    metrics.MetricWriter(str(tmp_path), resume_step=9)
+  message = str(error.value)
+  assert str(tmp_path / "metrics.jsonl") in message, message
+  assert "line 2" in message and "delete" in message, message
+
+
+def test_fresh_start_drops_every_earlier_line(tmp_path):
+  _write_lines(tmp_path, '{"step": 0, "eval_loss": 9.0}\n')
+  metrics.MetricWriter(str(tmp_path), resume_step=0).close()
+  assert _steps(tmp_path) == [], "a start without checkpoint kept old lines"
+
+
+@pytest.mark.parametrize("resume_step,purge_step", [(20, 21), (0, 0)])
+def test_tensorboard_purges_points_after_the_resume_step(tmp_path,
+                                                         resume_step,
+                                                         purge_step):
+  metrics.MetricWriter(str(tmp_path), resume_step=resume_step).close()
+  starts = [e.step for e in _tensorboard_events(tmp_path)
+            if e.HasField("session_log")
+            and e.session_log.status == event_pb2.SessionLog.START]
+  assert starts == [purge_step], (
+      f"SessionLog START steps {starts}, want [{purge_step}]: TensorBoard "
+      f"would keep points logged after step {resume_step}")
+
+
+def test_read_records_skips_a_half_written_last_line(tmp_path):
+  _write_lines(tmp_path, '{"step": 5, "loss": 2.0}\n', '{"step": 6, "lo')
+  assert metrics.read_records(str(tmp_path)) == [{"step": 5, "loss": 2.0}], (
+      "read_records did not return the complete lines only")
+
+
+def test_read_records_of_a_run_without_metrics_is_empty(tmp_path):
+  assert metrics.read_records(str(tmp_path)) == [], "missing file not []"
+
+
+def test_final_metrics_merges_every_record_of_the_step(tmp_path):
+  _write_lines(tmp_path, '{"step": 10, "loss": 2.0}\n',
+               '{"step": 20, "loss": 1.5}\n',
+               '{"step": 20, "eval_loss": 1.7}\n')
+  assert metrics.final_metrics(str(tmp_path), 20) == {
+      "step": 20, "loss": 1.5, "eval_loss": 1.7}, "step 20 not merged"
 
 
 def test_throughput_rates_are_consistent():

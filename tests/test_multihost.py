@@ -8,9 +8,12 @@ by ternary rounding flips (see test_sharding.py).
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -38,6 +41,15 @@ from bitnet_jax import sharding, train
 sharding.initialize_distributed(config)
 import jax
 assert jax.process_count() == 2 and jax.device_count() == 8
+import time
+real = train.make_train_step
+def slow(*args, **kwargs):
+  step = real(*args, **kwargs)
+  def run(state, window):
+    time.sleep({sleep})
+    return step(state, window)
+  return run
+train.make_train_step = slow
 train.train_and_evaluate(config, {workdir!r})
 """
 
@@ -48,14 +60,20 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_workers(overrides: dict, workdir: str) -> list[str]:
+def _start_workers(overrides: dict, workdir: str,
+                   sleep: float = 0.0) -> list[subprocess.Popen]:
   program = WORKER.format(overrides=overrides, port=_free_port(),
-                          workdir=workdir)
+                          workdir=workdir, sleep=sleep)
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  workers = [subprocess.Popen([sys.executable, "-c", program, str(i)],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+  return [subprocess.Popen([sys.executable, "-c", program, str(i)],
+                           cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+          for i in range(2)]
+
+
+def _run_workers(overrides: dict, workdir: str,
+                 workers: list | None = None) -> list[str]:
+  workers = workers or _start_workers(overrides, workdir)
   logs = []
   for worker in workers:
     try:
@@ -99,6 +117,33 @@ def test_two_processes_match_one_process_and_resume(tiny_config, tmp_path):
   assert sorted(iterator_states) == ["process_0-of-2.json",
                                      "process_1-of-2.json"], iterator_states
 
-  logs = _run_workers(overrides, workdir)  # the same command again
+  longer = {**overrides, "train.steps": 9}  # the finished run, extended
+  logs = _run_workers(longer, workdir)
   for i, log in enumerate(logs):
     assert "resuming at step 6" in log, f"worker {i} did not resume:\n{log}"
+  assert sorted(_losses(workdir)) == list(range(10)), "steps 7-9 not logged"
+
+
+def test_sigterm_to_one_host_stops_every_host_at_the_same_checkpoint(
+    tiny_config, tmp_path):
+  overrides = {"data.data_dir": tiny_config.data.data_dir,
+               "model.quantization": "none", "train.steps": 400,
+               "train.log_every": 1, "train.eval_every": 400,
+               "train.checkpoint_every": 400, "optimizer.warmup_steps": 2}
+  data.prepare(tiny_config)
+  workdir = str(tmp_path / "run")
+  workers = _start_workers(overrides, workdir, sleep=0.1)
+  deadline = time.monotonic() + 120
+  while not (os.path.exists(os.path.join(workdir, "metrics.jsonl")) and
+             len(_losses(workdir)) > 3):
+    assert time.monotonic() < deadline, "the workers never reached step 3"
+    assert all(w.poll() is None for w in workers), "a worker died early"
+    time.sleep(0.1)
+  workers[1].send_signal(signal.SIGTERM)  # the scheduler preempts one host
+  logs = _run_workers(overrides, workdir, workers)  # both must exit 0
+  steps = [re.findall(r"stopped after step (\d+)", log) for log in logs]
+  assert all(len(s) == 1 for s in steps), f"each host must stop once: {steps}"
+  assert steps[0] == steps[1], f"hosts stopped at different steps: {steps}"
+  saved = os.path.join(workdir, "checkpoints", steps[0][0], "data")
+  assert sorted(n for n in os.listdir(saved) if n.endswith(".json")) == [
+      "process_0-of-2.json", "process_1-of-2.json"], "not both hosts saved"

@@ -102,29 +102,51 @@ def test_resumed_run_repeats_the_uninterrupted_losses_exactly(
         f"uninterrupted {straight[record['step']]} (state or data order)")
 
 
+def _run_main(args: list[str]) -> subprocess.CompletedProcess:
+  """Runs `python -m bitnet_jax.main ARGS`, asserting TF is never imported."""
+  program = (
+      "import runpy, sys\n"
+      f"sys.argv = ['bitnet_jax.main'] + {args!r}\n"
+      "code = 0\n"
+      "try:\n"
+      "  runpy.run_module('bitnet_jax.main', run_name='__main__')\n"
+      "except SystemExit as e:\n"
+      "  code = e.code\n"
+      "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'\n"
+      "sys.exit(code)\n")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run([sys.executable, "-c", program], check=False,
+                        cwd=repo, capture_output=True, text=True, timeout=300)
+
+
 def test_command_line_trains_resumes_and_never_imports_tensorflow(
     tmp_path, data_dir):
   workdir = str(tmp_path / "run")
   args = ["--config=configs/tiny.py", f"--workdir={workdir}",
           f"--config.data.data_dir={data_dir}", "--config.train.steps=20",
           "--config.train.eval_every=10", "--config.optimizer.warmup_steps=2"]
-  program = (
-      "import runpy, sys\n"
-      f"sys.argv = ['bitnet_jax.main'] + {args!r}\n"
-      "try:\n"
-      "  runpy.run_module('bitnet_jax.main', run_name='__main__')\n"
-      "except SystemExit as e:\n"
-      "  assert not e.code, f'exit code {e.code}'\n"
-      "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'\n")
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  for attempt in ("first", "second"):
-    result = subprocess.run([sys.executable, "-c", program], check=False,
-                            cwd=repo,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{attempt} run failed:\n{result.stderr}"
-  assert "resuming at step 20" in result.stderr, (
-      "running the same command again did not resume")
-  assert [r["step"] for r in _records(workdir) if "loss" in r] == [10, 20]
+  first = _run_main(args)
+  assert first.returncode == 0, f"first run failed:\n{first.stderr}"
+  again = _run_main(args)
+  assert again.returncode == 0, f"second run failed:\n{again.stderr}"
+  assert "is finished" in again.stderr and '"eval_loss"' in again.stderr, (
+      "a finished run started again must say so and print its final "
+      f"metrics:\n{again.stderr[-2000:]}")
+  longer = _run_main(args + ["--config.train.steps=30"])
+  assert longer.returncode == 0, f"longer run failed:\n{longer.stderr}"
+  assert "resuming at step 20" in longer.stderr, (
+      "raising train.steps did not resume the finished run")
+  assert "stage boundary" in longer.stderr, "no warning about train.steps"
+  assert [r["step"] for r in _records(workdir) if "loss" in r] == [10, 20, 30]
+
+  wider = _run_main(args + ["--config.train.steps=40",
+                            "--config.model.d_model=128",
+                            "--config.train.allow_config_change=true"])
+  assert wider.returncode == 1, f"exit {wider.returncode}:\n{wider.stderr}"
+  assert "params/embed_tokens/embedding: checkpoint (512, 64)" in (
+      wider.stderr), "the differing arrays are not named"
+  assert "Traceback" not in wider.stderr and "strict" not in wider.stderr, (
+      f"library tracebacks or advice leaked:\n{wider.stderr[-3000:]}")
 
 
 def test_non_finite_loss_stops_the_run_before_a_bad_checkpoint(

@@ -22,7 +22,9 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import json
 import os
+import shlex
 import sys
 import sysconfig
 from collections.abc import Callable, Iterator
@@ -184,19 +186,34 @@ def prepare_stdlib(tfds_dir: str, eval_fraction: float) -> str:
 # --- generic sources ---------------------------------------------------------
 
 
+def prepare_command(name: str, tfds_dir: str) -> str:
+  """Returns a shell command preparing TFDS `name` in `tfds_dir` as ArrayRecord.
+
+  Unlike `tfds build`, it needs no TensorFlow: ArrayRecord files are written
+  by tensorflow_datasets alone (the default TFRecord format needs
+  TensorFlow). The command runs this interpreter (`sys.executable`) and is
+  quoted for a POSIX shell.
+  """
+  code = (f"import tensorflow_datasets as tfds; "
+          f"tfds.builder({json.dumps(name)}, data_dir={json.dumps(tfds_dir)})"
+          f".download_and_prepare(file_format=\"array_record\")")
+  return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"
+
+
 def tfds_split(name: str, split: str, text_feature: str, tfds_dir: str,
                split_key: str) -> TextSplit:
   """Opens a prepared ArrayRecord TFDS split as a `TextSplit`; never downloads.
 
   Raises:
     ConfigError: naming `data.dataset` when the dataset is unknown or not
-      prepared in ArrayRecord format under `tfds_dir` (the message gives the
-      `tfds build` command), `split_key` (`data.train_split` /
-      `data.eval_split`) for an unknown split, `data.text_feature` when the
-      dataset has no such feature.
+      prepared in ArrayRecord format under `tfds_dir` (the message ends with
+      the `prepare_command`, which needs no TensorFlow), `split_key`
+      (`data.train_split` / `data.eval_split`) for an unknown split,
+      `data.text_feature` when the dataset has no such feature.
   """
-  build = (f"prepare it once with: tfds build {name} "
-           f"--file_format=array_record --data_dir={tfds_dir}")
+  build = ("prepare it once (no TensorFlow needed; some builders need extra "
+           "packages, and their error names them) with: "
+           f"{prepare_command(name, tfds_dir)}")
   try:
     builder = tfds.builder(name, data_dir=tfds_dir)
   except tfds.core.registered.DatasetNotFoundError:  # its text lists 1000s

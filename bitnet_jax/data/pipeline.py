@@ -175,15 +175,17 @@ def prepare(config) -> PreparedData:
 
   Idempotent: a second call with the same config reads everything from
   `data.data_dir` without tokenizing again. All files are written atomically,
-  so an interrupted call leaves no partial cache behind. In a multi-host run
-  every process may call it; with a data_dir shared by the hosts, call it on
-  one host first so the BPE is trained once.
+  so an interrupted call leaves no partial cache behind; the temporary files
+  of killed writers are deleted first (`remove_stale_temporaries`). In a
+  multi-host run every process may call it; with a data_dir shared by the
+  hosts, call it on one host first so the BPE is trained once.
 
   Raises:
     ConfigError: naming the offending key for a bad `data.dataset`,
       `data.tokenizer_path`, or a `model.vocab_size` below the tokenizer's.
   """
   root = data_root(config)
+  tokenizer_lib.remove_stale_temporaries(root)
   train, held_out = open_splits(config, root)
   tokenizer, tokenizer_path = tokenizer_lib.get_tokenizer(config, root, train)
   eot_id = tokenizer_lib.end_of_text_id(tokenizer, tokenizer_path)
