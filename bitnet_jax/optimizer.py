@@ -123,3 +123,38 @@ def current_hyperparams(opt_state: Any) -> dict[str, jax.Array]:
   hyperparams = opt_state[-1].hyperparams
   return {"learning_rate": hyperparams["learning_rate"],
           "weight_decay": hyperparams["weight_decay"]}
+
+
+def schedule_change_effect(old: ml_collections.ConfigDict,
+                           new: ml_collections.ConfigDict, step: int) -> str:
+  """Says what changing the run length does to the schedules at `step`.
+
+  Both schedules scale with `train.steps` (the stage boundary sits at
+  `stage_boundary` x steps), so a resumed run with another length jumps to
+  another learning rate and maybe another stage.
+
+  Returns:
+    e.g. "moves the stage boundary from step 20 to 30: the learning rate at
+    step 40 goes from 1.20e-07 to 3.10e-04"; a sentence saying the effect
+    cannot be computed when a config lacks a needed field.
+  """
+  try:
+    boundaries = [stage_boundary_step(c) for c in (old, new)]
+    rates = [float(learning_rate_schedule(c)(step)) for c in (old, new)]
+    decays = [float(weight_decay_schedule(c)(step)) for c in (old, new)]
+  except (AttributeError, KeyError, TypeError, ValueError,
+          ZeroDivisionError) as e:
+    return f"its effect on the learning rate cannot be computed ({e!r})"
+  if boundaries[0] != boundaries[1]:
+    text = (f"moves the stage boundary from step {boundaries[0]} to "
+            f"{boundaries[1]}")
+  else:
+    text = f"keeps the stage boundary at step {boundaries[0]} but changes " \
+        "the decay"
+  text += (f": the learning rate at step {step} goes from {rates[0]:.2e} to "
+           f"{rates[1]:.2e}")
+  if decays[0] != decays[1]:
+    text += f" and the weight decay from {decays[0]:g} to {decays[1]:g}"
+  if step >= new.train.steps:
+    text += f"; the run is already at step {step}: nothing trains"
+  return text

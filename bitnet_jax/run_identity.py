@@ -135,40 +135,6 @@ def _change_line(change: dict[str, Any]) -> str:
           f"{_value(change, 'new')}")
 
 
-def _lr_effect(old: Mapping, new: Mapping, resume_step: int) -> str:
-  """The effect of a train.steps change on the schedules at `resume_step`."""
-  try:
-    old_config = ml_collections.ConfigDict(dict(old))
-    new_config = ml_collections.ConfigDict(dict(new))
-    old_boundary = optimizer_lib.stage_boundary_step(old_config)
-    new_boundary = optimizer_lib.stage_boundary_step(new_config)
-    old_lr = float(optimizer_lib.learning_rate_schedule(old_config)(
-        resume_step))
-    new_lr = float(optimizer_lib.learning_rate_schedule(new_config)(
-        resume_step))
-    old_wd = float(optimizer_lib.weight_decay_schedule(old_config)(
-        resume_step))
-    new_wd = float(optimizer_lib.weight_decay_schedule(new_config)(
-        resume_step))
-    new_steps = int(new_config.train.steps)
-  except (AttributeError, KeyError, TypeError, ValueError,
-          ZeroDivisionError) as e:
-    return f"its effect on the learning rate cannot be computed ({e!r})"
-  if old_boundary != new_boundary:
-    text = (f"moves the stage boundary from step {old_boundary} to "
-            f"{new_boundary}")
-  else:
-    text = (f"keeps the stage boundary at step {old_boundary} but changes "
-            "the decay")
-  text += (f": the learning rate at step {resume_step} goes from "
-           f"{old_lr:.2e} to {new_lr:.2e}")
-  if old_wd != new_wd:
-    text += f" and the weight decay from {old_wd:g} to {new_wd:g}"
-  if resume_step >= new_steps:
-    text += f"; the run is already at step {resume_step}: nothing trains"
-  return text
-
-
 def _schedule_warning(change: dict[str, Any], old: Mapping, new: Mapping,
                       resume_step: int) -> str:
   """One WARNING line stating the effect of a SCHEDULE key change."""
@@ -180,7 +146,9 @@ def _schedule_warning(change: dict[str, Any], old: Mapping, new: Mapping,
   if change.get("absent") == "new":
     return f"{head}: this config has no such key (removed since)"
   if key == "train.steps":
-    return f"{head} {_lr_effect(old, new, resume_step)}"
+    return f"{head} " + optimizer_lib.schedule_change_effect(
+        ml_collections.ConfigDict(dict(old)),
+        ml_collections.ConfigDict(dict(new)), resume_step)
   value, at = change["new"], f"from step {resume_step} on"
   effects = {
       "train.log_every": f"metric lines every {value} steps {at}",

@@ -16,18 +16,7 @@ def data_dir(tmp_path_factory) -> str:
   return str(tmp_path_factory.mktemp("data"))
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_config(spec: str):
-  """Loads "configs/NAME.py[:variant]" like ml_collections' config_flags."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path, _, variant = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location(
-      "config_under_test", os.path.join(REPO, path))
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
+from drivers import load_config as _load_config  # noqa: E402
 
 
 @pytest.fixture

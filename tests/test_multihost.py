@@ -19,18 +19,14 @@ import numpy as np
 import pytest
 
 from bitnet_jax import data, train
+from drivers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = """
-import importlib.util, os, sys
+import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-spec = importlib.util.spec_from_file_location("tiny", "configs/tiny.py")
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-config = module.get_config()
-for key, value in {overrides!r}.items():
-  section, field = key.split(".")
-  config[section][field] = value
+sys.path.insert(0, "tests")
+import drivers
+config = drivers.load_config("configs/tiny.py", {overrides!r})
 config.distributed.initialize = True
 config.distributed.coordinator_address = "127.0.0.1:{port}"
 config.distributed.num_processes = 2
@@ -41,15 +37,7 @@ from bitnet_jax import sharding, train
 sharding.initialize_distributed(config)
 import jax
 assert jax.process_count() == 2 and jax.device_count() == 8
-import time
-real = train.make_train_step
-def slow(*args, **kwargs):
-  step = real(*args, **kwargs)
-  def run(state, window):
-    time.sleep({sleep})
-    return step(state, window)
-  return run
-train.make_train_step = slow
+drivers.slow_train_steps({sleep})
 train.train_and_evaluate(config, {workdir!r})
 """
 

@@ -17,31 +17,19 @@ import time
 import pytest
 
 from bitnet_jax import checkpoint, guards, run_identity, run_lock, train
+from drivers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_KEYS = {"tokens_per_sec", "steps_per_sec", "eta_seconds", "mfu"}
 DRIVER = """
-import importlib.util, resource, signal, sys, time
-spec = importlib.util.spec_from_file_location("tiny", "configs/tiny.py")
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-config = module.get_config()
-for key, value in {overrides!r}.items():
-  section, field = key.split(".")
-  config[section][field] = value
+import resource, signal, sys
+sys.path.insert(0, "tests")
+import drivers
 from absl import logging
 logging.set_verbosity(logging.INFO)
-from bitnet_jax import train
-real = train.make_train_step
-def slow(*args, **kwargs):
-  step = real(*args, **kwargs)
-  def run(state, window):
-    time.sleep({sleep})
-    return step(state, window)
-  return run
-train.make_train_step = slow
+from bitnet_jax import data, train
+config = drivers.load_config("configs/tiny.py", {overrides!r})
+drivers.slow_train_steps({sleep})
 if {file_limit}:
-  from bitnet_jax import data
   data.prepare(config)  # caches exist already; only checkpoints grow
   signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, as a full disk
   resource.setrlimit(resource.RLIMIT_FSIZE, ({file_limit}, {file_limit}))
@@ -288,3 +276,17 @@ def test_a_half_written_metrics_line_does_not_stop_the_restart(
   train.train_and_evaluate(tiny_config, str(tmp_path))
   steps = [r["step"] for r in _records(tmp_path) if "loss" in r]
   assert steps == [2, 4, 6, 8, 10, 12], steps
+
+
+def test_tokens_seen_stays_true_across_a_forced_batch_size_change(
+    tiny_config, tmp_path):
+  train.train_and_evaluate(_short_run(tiny_config), str(tmp_path))
+  tiny_config.train.steps = 12
+  tiny_config.train.batch_size = 16
+  tiny_config.train.allow_config_change = True
+  final = train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert final["tokens_seen"] == 8 * 8 * 32 + 4 * 16 * 32, (
+      f"tokens_seen {final['tokens_seen']}: the tokens of the first 8 steps "
+      "(batch 8) were recounted at the new batch size")
+  history = run_identity.read_history(str(tmp_path))
+  assert history[-1]["overrode_refusal"], "the override was not recorded"
