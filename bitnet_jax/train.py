@@ -197,8 +197,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   os.makedirs(workdir, exist_ok=True)
   lock = None
   if jax.process_index() == 0:  # one lock per run, held by process 0
-    lock = run_lock.WorkdirLock(workdir,
-                                stale_seconds=config.train.lock_stale_seconds)
+    stale = config.train.lock_stale_seconds
+    lock = run_lock.WorkdirLock(workdir, stale_seconds=stale,
+                                heartbeat_seconds=min(30.0, stale / 4))
   _on_process_zero(lambda: lock.acquire(), "lock the workdir")
   try:
     return _run(config, workdir)
