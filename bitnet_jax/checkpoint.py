@@ -2,8 +2,9 @@
 
 `WORKDIR/checkpoints/<step>/` holds three items: `state` (params, optimizer
 state, step; sharded arrays, saved asynchronously), `data` (the grain iterator
-state, one JSON file per process) and `run` (JSON: `tokens_seen`, and
-`eval_loss` when the step was evaluated). Orbax writes each checkpoint to a
+state, one JSON file per process) and `run` (JSON facts of the run at that
+step that the arrays do not hold: `tokens_seen`, the divergence guard's loss
+minimum, and `eval_loss` when the step was evaluated). Orbax writes each checkpoint to a
 temporary directory and renames it when complete, so a run killed mid-save
 leaves the previous checkpoint intact; leftover temporary directories are
 removed at the next start.
@@ -55,7 +56,7 @@ class Restored:
   Attributes:
     state: the train state, sharded like the restore target.
     step: the restored checkpoint's step.
-    run: the checkpoint's `run` item (`tokens_seen`, maybe `eval_loss`).
+    run: the checkpoint's `run` item, as given to `Checkpointer.save`.
   """
   state: Any
   step: int
@@ -125,13 +126,11 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     self.keep = keep
     self._pending: int | None = None  # step of a save still in flight
-    self._eval_losses: dict[int, float] = {}  # step -> eval loss, for keeping
     self._probe_writable()
     self.manager = self._open()
-    for step in self.manager.all_steps():
-      loss = self._read_run(step).get("eval_loss")
-      if loss is not None:
-        self._eval_losses[step] = loss
+    # step -> `run` item, read once: retention ranks by its eval_loss
+    self._runs = {step: self._read_run(step)
+                  for step in self.manager.all_steps()}
 
   def _open(self) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
@@ -177,18 +176,21 @@ class Checkpointer:
 
   def best_step(self) -> int | None:
     """The step of the checkpoint with the lowest eval loss, or None."""
-    kept = {s: v for s, v in self._eval_losses.items()
-            if s in self.manager.all_steps()}
-    return min(kept, key=kept.get) if kept else None
+    losses = {step: run["eval_loss"] for step, run in self._runs.items()
+              if "eval_loss" in run}
+    return min(losses, key=losses.get) if losses else None
 
   def save(self, step: int, state: Any,
-           data_iterator: grain.DatasetIterator, *, tokens_seen: int,
-           eval_loss: float | None = None) -> None:
+           data_iterator: grain.DatasetIterator, run: dict) -> None:
     """Starts saving `state`, the iterator position and the run facts.
 
     The arrays are copied to host now and written in the background; the
     iterator state is captured now. A failure of the previous save is raised
     first.
+
+    Args:
+      run: JSON-able facts of the run at `step`; an `eval_loss` entry ranks
+        the checkpoint for retention.
 
     Raises:
       CheckpointSaveError: the previous save failed, or the directory cannot
@@ -196,16 +198,13 @@ class Checkpointer:
     """
     self.check(block=True)
     self._probe_writable()
-    run = {"tokens_seen": int(tokens_seen)}
-    if eval_loss is not None:
-      run["eval_loss"] = float(eval_loss)
-      self._eval_losses[step] = float(eval_loss)
+    self._runs[step] = dict(run)
     self.manager.save(
         step, force=True,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
-            run=ocp.args.JsonSave(run)))
+            run=ocp.args.JsonSave(self._runs[step])))
     self._pending = step
 
   def check(self, block: bool = False) -> None:
@@ -228,7 +227,7 @@ class Checkpointer:
       if step not in self.manager.all_steps():
         raise OSError("the checkpoint was not finalized (see orbax's log)")
     except Exception as e:  # pylint: disable=broad-except
-      self._eval_losses.pop(step, None)
+      self._runs.pop(step, None)
       raise CheckpointSaveError(
           f"saving checkpoint {path} failed: {e}. Free disk space or fix the "
           f"directory's permissions, then rerun the same command: it resumes "
@@ -242,7 +241,7 @@ class Checkpointer:
     for step in steps:
       if step not in keep:
         self.manager.delete(step)
-        self._eval_losses.pop(step, None)
+        self._runs.pop(step, None)
 
   def wait(self) -> None:
     """Blocks until the save in flight is on disk; raises if it failed."""
@@ -295,7 +294,7 @@ class Checkpointer:
       if not _any_process(problem is not None):
         logging.info("restored checkpoint %s", path)
         return Restored(state=restored.state, step=step,
-                        run=self._read_run(step))
+                        run=self._runs.get(step, {}))
       self._move_aside(step, problem or "another process could not read it")
     return None
 
@@ -313,7 +312,7 @@ class Checkpointer:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"bitnet_jax:moved_aside_{step}")
     self.manager.reload()
-    self._eval_losses.pop(step, None)
+    self._runs.pop(step, None)
 
   def close(self) -> None:
     """Waits for the save in flight, then releases the manager.

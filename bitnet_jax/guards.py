@@ -62,8 +62,18 @@ class DivergenceGuard:
     """True when `loss` lies above the line (without recording it)."""
     return loss > self.threshold()
 
+  def state(self) -> dict:
+    """The running minimum, saved with each checkpoint (see `seed`)."""
+    return {"loss_minimum": self.minimum,
+            "loss_minimum_step": self.minimum_step}
+
+  def restore(self, saved: dict) -> None:
+    """Continues from a checkpoint's `state()` (missing keys: a fresh start)."""
+    if saved.get("loss_minimum") is not None:
+      self.seed(saved["loss_minimum_step"], saved["loss_minimum"])
+
   def seed(self, step: int, loss: float) -> None:
-    """Counts a loss logged before a resume towards the running minimum."""
+    """Counts a loss towards the running minimum."""
     if math.isfinite(loss) and (self.minimum is None or loss < self.minimum):
       self.minimum, self.minimum_step = loss, step
 

@@ -8,6 +8,7 @@ copying model.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -98,8 +99,8 @@ def peak_flops(devices: list[jax.Device]) -> float | None:
 _SHOWN_CHARS = 80  # characters of a dropped or corrupt line put in messages
 
 
-def _read_lines(path: str) -> tuple[list[str], list[dict]]:
-  """Reads a metrics.jsonl: returns its complete lines and their records.
+def _parse_lines(text: str, path: str) -> tuple[list[str], list[dict]]:
+  """Parses metrics.jsonl `text` (read from `path`): lines and records.
 
   Blank lines are skipped. A last line that is not a JSON object with an
   integer "step" (a write cut short by a kill) is dropped with a warning
@@ -109,9 +110,9 @@ def _read_lines(path: str) -> tuple[list[str], list[dict]]:
     ValueError: naming `path`, the line number and the fix when a line other
       than the last is not such a record (the file was damaged or edited).
   """
-  with open(path, encoding="utf-8", errors="replace") as f:
-    numbered = [(n, line) for n, line in enumerate(f, start=1)
-                if line.strip()]
+  numbered = [(n, line) for n, line in
+              enumerate(io.StringIO(text), start=1)
+              if line.strip()]
   lines, records = [], []
   for i, (number, line) in enumerate(numbered):
     record = _parse_record(line)
@@ -158,7 +159,8 @@ def read_records(workdir: str) -> list[dict]:
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
-  return _read_lines(path)[1]
+  with open(path, encoding="utf-8", errors="replace") as f:
+    return _parse_lines(f.read(), path)[1]
 
 
 def final_metrics(workdir: str, step: int) -> dict:
@@ -225,7 +227,8 @@ class MetricWriter:
     with open(self.path, "rb") as f:
       original = f.read()
     if step > 0:
-      lines, records = _read_lines(self.path)
+      lines, records = _parse_lines(
+          original.decode("utf-8", errors="replace"), self.path)
       kept = [line for line, record in zip(lines, records)
               if record["step"] <= step]
     else:

@@ -74,14 +74,14 @@ def _read_proc_stat(pid: int) -> tuple[str, int] | None:
     return None
 
 
-def _pid_exists(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
   """Whether a process `pid` exists on this host (zombies count as gone)."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
-  except PermissionError:
-    pass  # exists, owned by another user
+  except (PermissionError, OverflowError):  # another user's; not a pid_t
+    return True
   stat = _read_proc_stat(pid)
   return stat is None or stat[0] not in ("Z", "X")
 
@@ -235,7 +235,7 @@ class WorkdirLock:
       return None
     if holder.get("host") == socket.gethostname():
       pid = holder["pid"]
-      if not _pid_exists(pid):
+      if not process_exists(pid):
         return f"process {pid} no longer exists on this host"
       recorded, current = holder.get("pid_start_ticks"), \
           process_start_ticks(pid)

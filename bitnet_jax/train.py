@@ -256,7 +256,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   tokens_per_step = t.batch_size * t.seq_len
   graphdef, state, shardings = create_train_state(
       config, mesh, tx, initialize=not resuming)
-  tokens_at_start = 0
+  run_at_start = {"tokens_seen": 0}  # the checkpoint's `run` facts
   if resuming:
     restored = checkpointer.restore(state, train_iter)
     if restored is None:
@@ -265,9 +265,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       train_iter = new_iterator()
       graphdef, state, shardings = create_train_state(config, mesh, tx)
     else:
-      state = restored.state
-      tokens_at_start = restored.run.get("tokens_seen",
-                                         restored.step * tokens_per_step)
+      state, run_at_start = restored.state, restored.run
   start_step = int(jax.device_get(state["step"]))
   logging.info("%s at step %d in %s on %d devices, mesh %s",
                "resuming" if start_step else "starting", start_step, workdir,
@@ -280,9 +278,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   eval_step = make_eval_step(graphdef, shardings["params"], mesh)
   writer = metrics.MetricWriter(workdir, resume_step=start_step)
   guard = guards.DivergenceGuard(t.divergence_factor, t.divergence_patience)
-  for past in metrics.read_records(workdir):  # the minimum survives resumes
-    if "loss" in past:
-      guard.seed(past["step"], past["loss"])
+  guard.restore(run_at_start)  # the minimum survives resumes
   throughput = metrics.Throughput(tokens_per_step, t.steps)
   flops = metrics.flops_per_token(
       _matmul_params(config, state["params"]), config.model.n_layers,
@@ -290,7 +286,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   peak = metrics.peak_flops(jax.devices())
 
   def tokens_seen(step: int) -> int:
-    return tokens_at_start + (step - start_step) * tokens_per_step
+    return run_at_start["tokens_seen"] + (step - start_step) * tokens_per_step
 
   def kept() -> str:
     return f"checkpoint {checkpointer.latest_step()} (best eval: " \
@@ -323,8 +319,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                       "(train.divergence_factor x its running minimum)",
                       step, values["loss"], guard.threshold())
       return False
-    checkpointer.save(step, state, train_iter, tokens_seen=tokens_seen(step),
-                      eval_loss=(record or {}).get("eval_loss"))
+    run = {"tokens_seen": tokens_seen(step), **guard.state()}
+    if record and "eval_loss" in record:
+      run["eval_loss"] = record["eval_loss"]
+    checkpointer.save(step, state, train_iter, run)
     return True
 
   last, failing = {}, True

@@ -31,8 +31,10 @@ def _abstract(state):
 
 def _save_steps(ckpt, losses: dict):
   for step, eval_loss in losses.items():
-    ckpt.save(step, _state(), _iterator(), tokens_seen=step * 10,
-              eval_loss=eval_loss)
+    run = {"tokens_seen": step * 10}
+    if eval_loss is not None:
+      run["eval_loss"] = eval_loss
+    ckpt.save(step, _state(), _iterator(), run)
     ckpt.wait()
 
 
@@ -117,7 +119,7 @@ def test_a_save_into_an_unwritable_directory_raises_naming_the_path(tmp_path):
   try:
     with pytest.raises(checkpoint.CheckpointSaveError,
                        match=str(directory)) as caught:
-      ckpt.save(2, _state(), _iterator(), tokens_seen=20)
+      ckpt.save(2, _state(), _iterator(), {"tokens_seen": 20})
     assert "not permitted" in str(caught.value) or "denied" in str(
         caught.value), f"the cause is missing: {caught.value}"
   finally:

@@ -29,9 +29,11 @@ def test_a_single_spike_does_not_stop_the_run():
   assert guard.minimum == 5.0
 
 
-def test_seeded_minimum_from_before_a_resume_counts():
+def test_the_minimum_saved_before_a_resume_counts():
+  before = guards.DivergenceGuard(factor=3.0, patience=1)
+  before.observe(100, 4.0, "checkpoint 0")
   guard = guards.DivergenceGuard(factor=3.0, patience=1)
-  guard.seed(100, 4.0)
+  guard.restore(before.state())  # as from a checkpoint's run facts
   assert guard.is_diverged(12.5), "the pre-resume minimum was ignored"
   with pytest.raises(guards.DivergenceError):
     guard.observe(101, 12.5, "checkpoint 100")

@@ -185,7 +185,8 @@ def prepare(config) -> PreparedData:
       `data.tokenizer_path`, or a `model.vocab_size` below the tokenizer's.
   """
   root = data_root(config)
-  tokenizer_lib.remove_stale_temporaries(root)
+  for written_here in ("tokens", "tokenizers"):  # not tfds/: TFDS's own
+    tokenizer_lib.remove_stale_temporaries(os.path.join(root, written_here))
   train, held_out = open_splits(config, root)
   tokenizer, tokenizer_path = tokenizer_lib.get_tokenizer(config, root, train)
   eot_id = tokenizer_lib.end_of_text_id(tokenizer, tokenizer_path)

@@ -20,6 +20,7 @@ import tokenizers
 from absl import logging
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from bitnet_jax import run_lock
 from bitnet_jax.config import ConfigError, check_vocab
 from bitnet_jax.data.corpus import TextSplit
 
@@ -40,17 +41,6 @@ _TEMPORARY = re.compile(r".\.tmp\.(?P<host>[^/]+)\.(?P<pid>[0-9]+)$")
 def temporary_path(path: str) -> str:
   """Returns a sibling of `path` unique to this host and process."""
   return f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
-
-
-def _process_exists(pid: int) -> bool:
-  """True unless no process `pid` exists on this host."""
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except (PermissionError, OverflowError):  # another user's; not a pid_t
-    return True
-  return True
 
 
 def remove_stale_temporaries(directory: str,
@@ -87,7 +77,7 @@ def remove_stale_temporaries(directory: str,
       path = os.path.join(parent, name)
       pid = int(match["pid"])
       if name.endswith(f".tmp.{host}.{pid}"):
-        if _process_exists(pid):
+        if run_lock.process_exists(pid):
           continue
         reason = f"its writer, process {pid} on this host, is dead"
       else:
