@@ -38,7 +38,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 DAMAGED_DIR = "damaged_checkpoints"  # beside checkpoints/, never deleted
-_MAX_MISMATCH_LINES = 40  # differing arrays listed before "... and N more"
+MAX_MISMATCH_LINES = 40  # differing arrays listed before "... and N more"
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -207,6 +207,30 @@ class Checkpointer:
             run=ocp.args.JsonSave(self._runs[step])))
     self._pending = step
 
+  def save_weights(self, step: int, params: Any, run: dict) -> None:
+    """Writes a weights-only checkpoint (no optimizer or data state) and waits.
+
+    `convert import-hf` writes one at step 0: a run whose newest checkpoint
+    is weights-only starts at step `step` from these parameters with a fresh
+    optimizer and data order (`is_weights_only`).
+
+    Args:
+      params: the parameter pytree (as `state["params"]`).
+      run: JSON-able facts; `weights_only: True` is added.
+    """
+    self.check(block=True)
+    self._probe_writable()
+    self._runs[step] = {**run, "weights_only": True}
+    self.manager.save(step, force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"params": params}),
+        run=ocp.args.JsonSave(self._runs[step])))
+    self._pending = step
+    self.wait()
+
+  def is_weights_only(self, step: int) -> bool:
+    """Whether checkpoint `step` holds parameters only (`save_weights`)."""
+    return bool(self._runs.get(step, {}).get("weights_only"))
+
   def check(self, block: bool = False) -> None:
     """Raises if the save in flight failed; prunes old checkpoints after it.
 
@@ -260,12 +284,17 @@ class Checkpointer:
         structure of the freshly initialized state.
       data_iterator: moved in place to the saved position.
 
+    Returns None as well when the newest intact checkpoint is weights-only
+    (`save_weights`): the caller then starts from its parameters.
+
     Raises:
       CheckpointMismatchError: when the saved arrays do not fit the config
         (model size or optimizer changed since the checkpoint was written),
         with one line per differing array.
     """
     while (step := self.latest_step()) is not None:
+      if self.is_weights_only(step):
+        return None  # the caller starts a new run from its weights
       path = os.path.join(self.directory, str(step))
       problem = None
       try:
@@ -276,7 +305,7 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         problem, mismatch = f"its metadata is unreadable ({e})", []
       if mismatch:
-        shown = mismatch[:_MAX_MISMATCH_LINES]
+        shown = mismatch[:MAX_MISMATCH_LINES]
         if len(mismatch) > len(shown):
           shown.append(f"... and {len(mismatch) - len(shown)} more")
         raise CheckpointMismatchError(

@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.d_model = 256  # residual stream width
   m.n_layers = 6  # transformer blocks
   m.n_heads = 4  # attention heads; d_model must be divisible by n_heads
+  m.n_kv_heads = 0  # key/value heads (GQA); 0 = n_heads; divides n_heads
   m.ffn_dim = 768  # hidden width of the gated feed-forward
   m.ffn_activation = "swiglu"  # "swiglu" (b1.58 paper) | "relu2" (2B4T)
   m.quantization = "ternary"  # "ternary" (BitLinear) | "none" (fp baseline)
@@ -75,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.divergence_factor = 3.0  # stop if loss > factor x its running min; 0: off
   t.divergence_patience = 3  # consecutive losses above that before stopping
   t.lock_stale_seconds = 600.0  # another host's lock unrefreshed this long
+  t.init_from = ""  # run dir or checkpoint whose params start a new run
 
   c.optimizer = o = ml_collections.ConfigDict()
   o.learning_rate = 1.5e-3  # stage-1 peak learning rate
@@ -100,6 +102,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.num_processes = 0  # 0 = auto-detect
   c.distributed.process_id = -1  # -1 = auto-detect
   return c
+
+
+def apply_fine_tuning(c: ml_collections.ConfigDict) -> None:
+  """Sets the optimizer for fine-tuning a pretrained ternary model.
+
+  A pretrained model needs neither the pretraining recipe's two stages nor
+  its weight decay: one linear decay from a small peak (1/10 of the 700M
+  pretraining peak), no weight decay, so the ternary assignment the model
+  learned is moved gently.
+  """
+  o = c.optimizer
+  o.learning_rate = 1.5e-4  # peak; the FAQ pretrains at 1.5e-3
+  o.stage2_learning_rate = 1.5e-4  # no stage-boundary drop
+  o.warmup_steps = 50  # short warmup
+  o.final_learning_rate_fraction = 0.1  # decay to 1.5e-5
+  o.weight_decay = 0.0  # keep the pretrained weights' scale
+  o.stage2_weight_decay = 0.0
 
 
 def _fail(key: str, value, allowed: str) -> None:
@@ -201,6 +220,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.d_model % m.n_heads:
     _fail("model.d_model", m.d_model,
           f"must be divisible by model.n_heads={m.n_heads}")
+  if not isinstance(m.n_kv_heads, int) or m.n_kv_heads < 0 or (
+      m.n_kv_heads and m.n_heads % m.n_kv_heads):
+    _fail("model.n_kv_heads", m.n_kv_heads,
+          f"must be 0 (= n_heads) or divide model.n_heads={m.n_heads} "
+          "(grouped-query attention)")
   if (m.d_model // m.n_heads) % 2:
     _fail("model.n_heads", m.n_heads,
           "d_model / n_heads must be even for RoPE")

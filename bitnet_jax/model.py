@@ -34,20 +34,32 @@ def attention_implementation(requested: str, dtype: jnp.dtype) -> str:
   return "cudnn" if on_gpu and dtype == jnp.bfloat16 else "xla"
 
 
+def kv_heads(config: ml_collections.ConfigDict) -> int:
+  """Key/value heads of `config.model`: `n_kv_heads`, or n_heads when 0."""
+  return config.n_kv_heads or config.n_heads
+
+
 class Attention(nnx.Module):
-  """Causal multi-head self-attention with RoPE and a sub-norm before o_proj."""
+  """Causal self-attention with RoPE and a sub-norm before o_proj.
+
+  Grouped-query attention (Ainslie et al., "GQA", arXiv 2305.13245) when
+  `n_kv_heads < n_heads`: k_proj and v_proj map d_model to
+  n_kv_heads x head_dim, and query head h attends with key/value head
+  h // (n_heads / n_kv_heads), the grouping of HF's `repeat_kv`.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     d, dtype = config.d_model, jnp.dtype(config.dtype)
     linear = {"quantization": config.quantization,
               "init_std": config.init_std, "dtype": dtype, "rngs": rngs}
+    self.n_heads, self.n_kv_heads = config.n_heads, kv_heads(config)
+    kv_width = self.n_kv_heads * (d // self.n_heads)
     self.q_proj = BitLinear(d, d, **linear)
-    self.k_proj = BitLinear(d, d, **linear)
-    self.v_proj = BitLinear(d, d, **linear)
+    self.k_proj = BitLinear(d, kv_width, **linear)
+    self.v_proj = BitLinear(d, kv_width, **linear)
     self.attn_sub_norm = rms_norm(d, eps=config.norm_eps, dtype=dtype,
                                   rngs=rngs)
     self.o_proj = BitLinear(d, d, **linear)
-    self.n_heads = config.n_heads
     self.rope_theta = config.rope_theta
     self.implementation = attention_implementation(
         config.attention_implementation, dtype)
@@ -55,11 +67,15 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """Maps normalized `[batch, seq, d_model]` to `[batch, seq, d_model]`."""
     batch, seq, d_model = x.shape
-    heads = (batch, seq, self.n_heads, d_model // self.n_heads)
+    head_dim = d_model // self.n_heads
+    q_heads = (batch, seq, self.n_heads, head_dim)
+    kv_shape = (batch, seq, self.n_kv_heads, head_dim)
     positions = jnp.arange(seq, dtype=jnp.int32)
-    q = apply_rope(self.q_proj(x).reshape(heads), positions, self.rope_theta)
-    k = apply_rope(self.k_proj(x).reshape(heads), positions, self.rope_theta)
-    v = self.v_proj(x).reshape(heads)
+    q = apply_rope(self.q_proj(x).reshape(q_heads), positions,
+                   self.rope_theta)
+    k = apply_rope(self.k_proj(x).reshape(kv_shape), positions,
+                   self.rope_theta)
+    v = self.v_proj(x).reshape(kv_shape)
     out = jax.nn.dot_product_attention(
         q, k, v, is_causal=True, implementation=self.implementation)
     return self.o_proj(self.attn_sub_norm(out.reshape(batch, seq, d_model)))

@@ -41,7 +41,7 @@ import ml_collections
 from absl import logging
 
 from bitnet_jax import optimizer as optimizer_lib
-from bitnet_jax.config import ConfigError
+from bitnet_jax.config import ConfigError, base_config
 from bitnet_jax.data.tokenizer import write_atomically
 
 CONFIG_NAME = "config.json"
@@ -53,7 +53,8 @@ RUNTIME_PREFIXES = ("mesh.", "distributed.")
 RUNTIME_KEYS = frozenset({
     "data.data_dir", "data.prefetch_buffer_size",
     "model.attention_implementation", "train.allow_config_change",
-    "train.lock_stale_seconds"})
+    "train.lock_stale_seconds",
+    "train.init_from"})  # read only when a run starts at step 0
 SCHEDULE_KEYS = frozenset({
     "train.steps", "train.log_every", "train.eval_every",
     "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
@@ -296,6 +297,11 @@ def start_run(workdir: str, config: ml_collections.ConfigDict,
       saved = new
       write_atomically(config_path, _config_bytes(new))
     changes = config_changes(saved, new)
+    defaults = flatten(config_dict(base_config()))
+    for change in changes:  # a key added since, at its default: no change
+      if change.get("absent") == "old" and _same(
+          change["new"], defaults.get(change["key"], _ABSENT)):
+        change["class"] = RUNTIME
     identity = [c for c in changes if c["class"] == IDENTITY]
     if identity and not allow:
       lines = "\n".join("  " + _change_line(c) for c in identity)
@@ -347,7 +353,7 @@ def _keep_replaced_config(workdir: str, saved: dict) -> str:
   return path
 
 
-def _same_tokenizer(a: bytes, b: bytes) -> bool:
+def same_tokenizer(a: bytes, b: bytes) -> bool:
   """Equal JSON content (formatting aside), else equal bytes."""
   if a == b:
     return True
@@ -395,7 +401,7 @@ def check_tokenizer(workdir: str, tokenizer_json: str, allow_change: bool,
       os.makedirs(os.path.dirname(saved_path), exist_ok=True)
       write_atomically(saved_path, current)
     return warnings
-  if _same_tokenizer(saved, current):
+  if same_tokenizer(saved, current):
     return warnings
   if not resuming:
     warnings.append(f"{saved_path} differs from this start's tokenizer "

@@ -23,7 +23,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from bitnet_jax import (checkpoint, data, guards, metrics, preemption,
-                        run_identity, run_lock, sharding)
+                        run_identity, run_lock, runs, sharding)
 from bitnet_jax import config as config_lib
 from bitnet_jax import optimizer as optimizer_lib
 from bitnet_jax.loss import next_token_loss, split_window, token_losses
@@ -64,6 +64,35 @@ def create_train_state(config: ml_collections.ConfigDict,
         shardings
   state = jax.jit(init, out_shardings=shardings)(key)
   return graphdef, state, shardings
+
+
+def initial_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                  tx: optax.GradientTransformation, abstract_state: State,
+                  init_from: str) -> State:
+  """The step-0 state: random parameters, or those of checkpoint `init_from`.
+
+  Args:
+    abstract_state: `create_train_state(..., initialize=False)`'s state.
+    init_from: "" (random init from `config.seed`) or a run directory or
+      checkpoint (`runs.resolve_checkpoint`): its parameters, with a
+      fresh optimizer state and step 0 (fine-tuning, imported weights).
+      Its parameters are read alone (`runs.load_params`).
+
+  Raises:
+    ConfigError: naming `train.init_from` when no checkpoint is there.
+    CheckpointMismatchError: its parameters do not fit `config.model`.
+  """
+  if not init_from:
+    return create_train_state(config, mesh, tx)[1]
+  shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+  params, step = runs.load_params(init_from, abstract_state["params"])
+  logging.info("initialized the parameters from %s (checkpoint %d)",
+               init_from, step)
+  zero = jax.jit(lambda: jnp.zeros((), jnp.int32),  # also multi-host
+                 out_shardings=shardings["step"])
+  return {"step": zero(), "params": params,
+          "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(
+              params)}
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
@@ -226,7 +255,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   checkpointer = checkpoint.Checkpointer(
       os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
   latest = checkpointer.latest_step()
-  resuming = latest is not None
+  # a weights-only checkpoint (`convert import-hf`) starts a new run from it
+  from_weights = latest is not None and checkpointer.is_weights_only(latest)
+  resuming = latest is not None and not from_weights
+  if not resuming and t.init_from:  # a wrong path fails before data prep
+    runs.resolve_checkpoint(t.init_from)
   _on_process_zero(lambda: run_identity.start_run(
       workdir, config, resuming=resuming, resume_step=latest or 0),
                    "accept this config for the run")
@@ -239,9 +272,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     return final
 
   prepared = _prepare_data(config)
-  _on_process_zero(lambda: run_identity.check_tokenizer(
+  _on_process_zero(lambda: run_identity.check_tokenizer(  # weights keep it
       workdir, prepared.tokenizer_path, t.allow_config_change,
-      resuming=resuming), "accept the tokenizer")
+      resuming=resuming or from_weights), "accept the tokenizer")
+  if not resuming and not from_weights and t.init_from:
+    _on_process_zero(lambda: runs.check_init_tokenizer(
+        t.init_from, prepared.tokenizer_path, t.allow_config_change),
+                     "accept the tokenizer of train.init_from")
   mesh = sharding.make_mesh(config.mesh)
   tx = optimizer_lib.make_optimizer(config)
 
@@ -255,17 +292,20 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                     jax.process_count())]
   tokens_per_step = t.batch_size * t.seq_len
   graphdef, state, shardings = create_train_state(
-      config, mesh, tx, initialize=not resuming)
+      config, mesh, tx, initialize=False)
   run_at_start = {"tokens_seen": 0}  # the checkpoint's `run` facts
-  if resuming:
-    restored = checkpointer.restore(state, train_iter)
-    if restored is None:
+  restored = checkpointer.restore(state, train_iter) if resuming else None
+  if restored is not None:
+    state, run_at_start = restored.state, restored.run
+  else:
+    if resuming:
       logging.warning("no checkpoint in %s could be restored: starting the "
                       "run from step 0", checkpointer.directory)
       train_iter = new_iterator()
-      graphdef, state, shardings = create_train_state(config, mesh, tx)
-    else:
-      state, run_at_start = restored.state, restored.run
+    from_weights = checkpointer.latest_step() is not None and (
+        checkpointer.is_weights_only(checkpointer.latest_step()))
+    state = initial_state(config, mesh, tx, state,
+                          workdir if from_weights else t.init_from)
   start_step = int(jax.device_get(state["step"]))
   logging.info("%s at step %d in %s on %d devices, mesh %s",
                "resuming" if start_step else "starting", start_step, workdir,

@@ -5,7 +5,8 @@ import pytest
 from bitnet_jax import config as config_lib
 from bitnet_jax.config import ConfigError
 
-CONFIGS = ["configs/tiny.py", "configs/d20.py", "configs/d20.py:cpu"]
+CONFIGS = ["configs/tiny.py", "configs/d20.py", "configs/d20.py:cpu",
+           "configs/bitnet_2b4t.py"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -48,6 +49,8 @@ def test_unknown_variant_is_rejected(load_config):
     ("optimizer.stage_boundary", 1.0, "(0, 1)"),
     ("optimizer.stage_boundary", 1.5, "(0, 1)"),
     ("model.d_model", 65, "divisible by model.n_heads"),
+    ("model.n_kv_heads", 3, "divide model.n_heads=2"),
+    ("model.n_kv_heads", -1, "divide model.n_heads=2"),
     ("model.quantization", "binary", "'ternary', 'none'"),
     ("model.ffn_activation", "gelu", "'swiglu', 'relu2'"),
     ("model.dtype", "float16", "'float32', 'bfloat16'"),

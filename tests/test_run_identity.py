@@ -153,6 +153,22 @@ def test_a_key_present_on_one_side_only_is_refused(tiny_config, tmp_path):
     start_run(str(tmp_path), resumed, resuming=True, resume_step=30)
 
 
+def test_a_key_added_since_at_its_default_is_no_change(tiny_config,
+                                                        tmp_path):
+  """A run started before `model.n_kv_heads` existed resumes unchanged."""
+  _first_start(tmp_path, tiny_config)
+  path = tmp_path / run_identity.CONFIG_NAME
+  old = json.loads(_read(path))
+  del old["model"]["n_kv_heads"]  # as written before the key existed
+  path.write_text(json.dumps(old))
+  assert start_run(str(tmp_path), tiny_config, resuming=True,
+                   resume_step=30) == []
+  changed = tiny_config.copy_and_resolve_references()
+  changed.model.n_kv_heads = 1  # not the default: a different model
+  with pytest.raises(RunIdentityError, match=r"model\.n_kv_heads"):
+    start_run(str(tmp_path), changed, resuming=True, resume_step=30)
+
+
 def test_a_new_run_overwrites_config_json_with_a_warning(tiny_config,
                                                          tmp_path):
   _first_start(tmp_path, tiny_config)

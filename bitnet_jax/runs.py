@@ -1,0 +1,228 @@
+"""Reading a run directory: its config, tokenizer and parameters.
+
+A run directory is self-sufficient: `config.json` (written at the first
+training start) or `config.py` (written by `convert import-hf` before any
+training), `tokenizer.json`, and `checkpoints/<step>/`. Export and generation
+read runs through this module; they need no data and no optimizer state.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+
+from bitnet_jax import checkpoint, run_identity
+from bitnet_jax.config import ConfigError
+from bitnet_jax.model import Transformer
+
+CONFIG_JSON = "config.json"  # run_identity.CONFIG_NAME
+CONFIG_PY = "config.py"  # written by `convert import-hf`
+TOKENIZER_JSON = "tokenizer.json"
+
+
+def load_config_file(path: str, key: str = "--config"
+                     ) -> ml_collections.ConfigDict:
+  """Loads a Python config file's `get_config()`.
+
+  Raises:
+    ConfigError: naming `key` when the file is missing or has no get_config.
+  """
+  spec = importlib.util.spec_from_file_location("_run_config", path)
+  if spec is None or not os.path.isfile(path):
+    raise ConfigError(f"{key}={path!r}: no such config file")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{key}={path!r} defines no get_config()")
+  return module.get_config()
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run's config: `config.json`, else `config.py`.
+
+  Raises:
+    ConfigError: naming `--workdir` when neither exists (not a run).
+  """
+  json_path = os.path.join(workdir, CONFIG_JSON)
+  if os.path.isfile(json_path):
+    with open(json_path, encoding="utf-8") as f:
+      return ml_collections.ConfigDict(json.load(f))
+  py_path = os.path.join(workdir, CONFIG_PY)
+  if os.path.isfile(py_path):
+    return load_config_file(py_path, "--workdir")
+  raise ConfigError(f"--workdir={workdir!r} is not a run directory: it has "
+                    f"neither {CONFIG_JSON} nor {CONFIG_PY}")
+
+
+def resolve_checkpoint(source: str, key: str = "train.init_from"
+                       ) -> tuple[str, int]:
+  """Finds the checkpoint a path names: (checkpoints directory, step).
+
+  Args:
+    source: a run directory (its newest checkpoint), its `checkpoints/`
+      directory, or one step's directory `RUN/checkpoints/<step>`.
+    key: the config key or flag that gave `source`, for the error message.
+
+  Raises:
+    ConfigError: naming `key` and `source` when no checkpoint is there.
+  """
+  path = os.path.abspath(os.path.expanduser(source))
+  base = os.path.basename(path.rstrip("/"))
+  if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
+    return os.path.dirname(path), int(base)
+  for directory in (os.path.join(path, "checkpoints"), path):
+    steps = sorted(int(name) for name in (
+        os.listdir(directory) if os.path.isdir(directory) else [])
+                   if name.isdigit() and os.path.isdir(
+                       os.path.join(directory, name, "state")))
+    if steps:
+      return directory, steps[-1]
+  raise ConfigError(
+      f"{key}={source!r}: no checkpoint there; give a run directory (with "
+      "checkpoints/<step>/state), its checkpoints/ directory or one "
+      "checkpoints/<step> directory")
+
+
+def load_params(source: str, abstract_params: Any,
+                key: str = "train.init_from") -> tuple[Any, int]:
+  """Restores only the parameters of a checkpoint, in the target shardings.
+
+  Works on full train-state checkpoints and weights-only ones alike (the
+  optimizer state is never read), so a 2B-parameter model's Adam moments are
+  not loaded to fine-tune or export it.
+
+  Args:
+    source: see `resolve_checkpoint`.
+    abstract_params: `jax.ShapeDtypeStruct`s (with `.sharding`) of the
+      parameters the config builds.
+    key: the config key or flag that gave `source` (for messages).
+
+  Returns:
+    (params, step of the checkpoint read).
+
+  Raises:
+    ConfigError: no checkpoint at `source`.
+    CheckpointMismatchError: its parameters differ in shape or dtype from
+      the config's, one line per array.
+  """
+  directory, step = resolve_checkpoint(source, key)
+  path = os.path.join(directory, str(step), "state")
+  target = {"params": abstract_params}
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    saved = checkpointer.metadata(path).item_metadata.tree
+    mismatch = checkpoint.describe_mismatch(
+        {"params": saved.get("params", {})}, target)
+    if mismatch:
+      raise checkpoint.CheckpointMismatchError(
+          f"{key}: the parameters in {path} do not fit the config:\n"
+          + "\n".join("  " + line for line in
+                      mismatch[:checkpoint.MAX_MISMATCH_LINES])
+          + "\nUse the config the checkpoint was written with (its run's "
+          "config.json).")
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        target, partial_restore=True,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+  logging.info("loaded the parameters of checkpoint %s", path)
+  return restored["params"], step
+
+
+def abstract_params(model_config: ml_collections.ConfigDict,
+                    device: jax.Device | None = None) -> Any:
+  """The parameter tree's `jax.ShapeDtypeStruct`s, placed on one device."""
+  sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+  model = nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0)))
+  shapes = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      shapes)
+
+
+def build_model(model_config: ml_collections.ConfigDict,
+                params: Any) -> Transformer:
+  """The `Transformer` of `model_config` holding `params` (a pure dict)."""
+  graphdef, _ = nnx.split(nnx.eval_shape(
+      lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
+  return nnx.merge(graphdef, params)
+
+
+def load_run(workdir: str, step: int | None = None
+             ) -> tuple[ml_collections.ConfigDict, Any, int]:
+  """(config, parameters on one device, step) of a run's checkpoint.
+
+  Args:
+    workdir: the run directory.
+    step: a checkpoint step; None = the newest.
+
+  Raises:
+    ConfigError: not a run, or no checkpoint `step` (names `--step`).
+    CheckpointMismatchError: the checkpoint does not fit the run's config.
+  """
+  workdir = os.path.abspath(workdir)
+  config = load_run_config(workdir)
+  source = workdir
+  if step is not None:
+    source = os.path.join(workdir, "checkpoints", str(step))
+    if not os.path.isdir(source):
+      raise ConfigError(f"--step={step}: {source} does not exist; steps "
+                        f"there: {_steps(workdir)}")
+  params, found = load_params(
+      source, abstract_params(config.model), key="--workdir")
+  return config, params, found
+
+
+def _steps(workdir: str) -> list[int]:
+  directory = os.path.join(workdir, "checkpoints")
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  return sorted(int(n) for n in names if n.isdigit())
+
+
+def check_init_tokenizer(init_from: str, tokenizer_json: str,
+                         allow_change: bool) -> None:
+  """Refuses to fine-tune `init_from`'s weights with another tokenizer.
+
+  Args:
+    init_from: `train.init_from` (a run, its checkpoints/ or one step).
+    tokenizer_json: the tokenizer this start loaded or trained.
+    allow_change: `train.allow_config_change`: log a WARNING instead.
+
+  Raises:
+    RunIdentityError: the run of `init_from` saved a tokenizer.json that
+      differs, and `allow_change` is false (its embeddings would read other
+      token ids). A checkpoint outside a run directory is not checked.
+  """
+  directory, _ = resolve_checkpoint(init_from)
+  saved = os.path.join(os.path.dirname(directory), TOKENIZER_JSON)
+  if os.path.basename(directory) != "checkpoints" or not os.path.isfile(saved):
+    return
+  with open(saved, "rb") as f, open(tokenizer_json, "rb") as g:
+    if run_identity.same_tokenizer(f.read(), g.read()):
+      return
+  message = (f"train.init_from={init_from!r} was trained with the tokenizer "
+             f"{saved}, but this run loads {tokenizer_json}: its embeddings "
+             "would read other token ids. Set data.tokenizer_path to "
+             f"{saved}")
+  if not allow_change:
+    raise run_identity.RunIdentityError(
+        message + " (or train.allow_config_change=true to go on anyway).")
+  logging.warning("train.allow_config_change=true: %s", message)
+
+
+def tokenizer_path(workdir: str) -> str:
+  """`WORKDIR/tokenizer.json`.
+
+  Raises:
+    ConfigError: naming `--workdir` when the run has no tokenizer.json.
+  """
+  path = os.path.join(workdir, TOKENIZER_JSON)
+  if not os.path.isfile(path):
+    raise ConfigError(f"--workdir={workdir!r} has no {TOKENIZER_JSON}; "
+                      "training writes it at its first start")
+  return path
