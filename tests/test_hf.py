@@ -21,7 +21,8 @@ import tokenizers
 import torch
 from safetensors.numpy import load_file
 from safetensors.torch import save_file as torch_save_file
-from transformers import AutoModelForCausalLM, BitNetConfig, BitNetForCausalLM
+from transformers import (AutoModelForCausalLM, AutoTokenizer, BitNetConfig,
+                          BitNetForCausalLM)
 from transformers.integrations.bitnet import pack_weights, unpack_weights
 
 from bitnet_jax import convert, gguf_export, hf, quant, runs, train
@@ -458,3 +459,17 @@ def test_a_corrupt_or_missing_weight_file_is_named(hf_latent, tmp_path):
     convert.import_hf(str(folder), str(tmp_path / "run2"))
   assert not os.path.exists(tmp_path / "run2" / "checkpoints"), (
       "a failed import left a checkpoint behind")
+
+
+def test_exported_tokenizer_loads_with_auto_tokenizer(trained_run, tmp_path):
+  out = convert.export_hf(trained_run, str(tmp_path / "out"), "packed")
+  theirs = AutoTokenizer.from_pretrained(out)
+  ours = tokenizers.Tokenizer.from_file(runs.tokenizer_path(trained_run))
+  text = "def main(argv):\n    return 0  # done\n"
+  assert theirs(text)["input_ids"] == ours.encode(text).ids, (
+      "AutoTokenizer encodes differently from the run's tokenizer")
+  assert theirs.decode(ours.encode(text).ids) == text, "decode differs"
+  with open(os.path.join(out, "config.json")) as f:
+    config = json.load(f)
+  assert theirs.eos_token_id == config["eos_token_id"], (
+      f"eos {theirs.eos_token_id} != config.json's {config['eos_token_id']}")
