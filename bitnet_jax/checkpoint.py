@@ -210,9 +210,10 @@ class Checkpointer:
   def save_weights(self, step: int, params: Any, run: dict) -> None:
     """Writes a weights-only checkpoint (no optimizer or data state) and waits.
 
-    `convert import-hf` writes one at step 0: a run whose newest checkpoint
-    is weights-only starts at step `step` from these parameters with a fresh
-    optimizer and data order (`is_weights_only`).
+    `convert import-hf` writes one at step 0: a run whose newest intact
+    checkpoint is weights-only starts at step 0 from these parameters with a
+    fresh optimizer and data order (`is_weights_only`). Retention never
+    deletes it.
 
     Args:
       params: the parameter pytree (as `state["params"]`).
@@ -259,9 +260,11 @@ class Checkpointer:
     self._prune()
 
   def _prune(self) -> None:
-    """Keeps the newest `keep` checkpoints and the best-eval one."""
+    """Keeps the newest `keep` checkpoints, the best-eval one and every
+    weights-only one (an imported model is the run's fallback start)."""
     steps = self.all_steps()
-    keep = set(steps[-self.keep:]) | {self.best_step()}
+    keep = set(steps[-self.keep:]) | {self.best_step()} | {
+        step for step in steps if self.is_weights_only(step)}
     for step in steps:
       if step not in keep:
         self.manager.delete(step)

@@ -31,14 +31,14 @@ from absl import logging as absl_logging
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from bitnet_jax import checkpoint, gguf_export, hf, runs
+from bitnet_jax import checkpoint, gguf_export, hf, run_identity, runs
 from bitnet_jax import config as config_lib
 from bitnet_jax.data.tokenizer import end_of_text_id, load_tokenizer
+from bitnet_jax.model import kv_heads
 
 HF_SOURCE = "hf_source"  # RUN/hf_source: the imported folder's small files
 _HF_FILES = ("config.json", "generation_config.json", "tokenizer.json",
              "tokenizer_config.json", "special_tokens_map.json")
-
 
 
 def _read_json(path: str) -> dict:
@@ -91,8 +91,11 @@ def latent_tensors(tensors: dict[str, np.ndarray], hf_config: dict,
       if scale_name not in tensors:
         raise hf.ConversionError(f"{source}: packed {name} has no "
                                  f"{scale_name}")
-      gamma = hf.gamma_from_scale(tensors[scale_name], linear_class)
-      out[name] = hf.latent_from_codes(hf.unpack_ternary(array), gamma)
+      try:
+        gamma = hf.gamma_from_scale(tensors[scale_name], linear_class)
+        out[name] = hf.latent_from_codes(hf.unpack_ternary(array), gamma)
+      except hf.ConversionError as e:
+        raise hf.ConversionError(f"{source}: {name}: {e}") from e
     else:
       out[name] = np.asarray(array, dtype=np.float32)
   return out
@@ -103,8 +106,9 @@ def _run_config(fields: dict, config_path: str, workdir: str
   """The fine-tuning config: --config (checked) or the defaults + model."""
   if config_path:
     config = runs.load_config_file(config_path)
+    ours = {**config.model, "n_kv_heads": kv_heads(config.model)}
     for key, value in fields.items():
-      if config.model[key] != value:
+      if ours[key] != value:
         raise hf.ConversionError(
             f"config.model.{key}={config.model[key]!r} in {config_path}, "
             f"but the HF model has {value!r}; fix the config or leave "
@@ -120,28 +124,22 @@ def _run_config(fields: dict, config_path: str, workdir: str
 
 def _config_py(config: ml_collections.ConfigDict, hf_dir: str) -> str:
   """Python source of a config file reproducing `config`."""
-  base = run_flat(config_lib.base_config())
+  base = _flat(config_lib.base_config())
   lines = [f'"""Fine-tuning config written by `bitnet_jax.convert import-hf`'
            f"\n\nfrom {hf_dir} on {datetime.date.today()}. Set data.dataset "
            'to your data; edit freely.\n"""', "",
            "from bitnet_jax.config import base_config", "", "",
            "def get_config():", '  """The imported model\'s config."""',
            "  c = base_config()"]
-  for key, value in run_flat(config).items():
+  for key, value in _flat(config).items():
     if base.get(key, object()) != value:
       lines.append(f"  c.{key} = {value!r}")
   return "\n".join(lines + ["  return c", ""])
 
 
-def run_flat(config: ml_collections.ConfigDict) -> dict:
-  """{"model.d_model": 256, ...} of a ConfigDict."""
-  flat = {}
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      flat.update({f"{key}.{k}": v for k, v in run_flat(value).items()})
-    else:
-      flat[key] = value
-  return flat
+def _flat(config: ml_collections.ConfigDict) -> dict:
+  """{"model.d_model": 256, ...}: the config as config.json stores it."""
+  return run_identity.flatten(run_identity.config_dict(config))
 
 
 def import_hf(hf_dir: str, workdir: str, config_path: str = "") -> str:
@@ -152,15 +150,15 @@ def import_hf(hf_dir: str, workdir: str, config_path: str = "") -> str:
 
   Raises:
     ConversionError: unsupported HF config keys, missing or misshapen
-      tensors, a missing tokenizer.json, or a workdir with checkpoints.
+      tensors, a missing tokenizer.json, or a non-empty workdir.
   """
   hf_dir, workdir = os.path.abspath(hf_dir), os.path.abspath(workdir)
   hf_config = _read_json(os.path.join(hf_dir, "config.json"))
   fields = hf.model_fields(hf_config, hf_dir)
-  if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(
-      os.path.join(workdir, "checkpoints")):
-    raise hf.ConversionError(f"--workdir={workdir!r} already has "
-                             "checkpoints; import into a new directory")
+  if os.path.isdir(workdir) and os.listdir(workdir):
+    raise hf.ConversionError(f"--workdir={workdir!r} is not empty (a run's "
+                             "files would mix with the import's); import "
+                             "into a new directory")
   tokenizer_json = os.path.join(hf_dir, "tokenizer.json")
   if not os.path.isfile(tokenizer_json):
     raise hf.ConversionError(f"{tokenizer_json} is missing: import needs the "
@@ -188,81 +186,69 @@ def import_hf(hf_dir: str, workdir: str, config_path: str = "") -> str:
   return config_py
 
 
-def _special_ids(workdir: str, tokenizer) -> tuple[int, int | list[int]]:
-  source = os.path.join(workdir, HF_SOURCE, "config.json")
-  if os.path.isfile(source):
-    saved = _read_json(source)
-    if saved.get("eos_token_id") is not None:
-      return saved.get("bos_token_id"), saved["eos_token_id"]
+def _source_config(workdir: str) -> dict:
+  """The imported folder's config.json (RUN/hf_source), or {}."""
+  path = os.path.join(workdir, HF_SOURCE, "config.json")
+  return _read_json(path) if os.path.isfile(path) else {}
+
+
+def _special_ids(workdir: str, tokenizer, source: dict
+                 ) -> tuple[int, int | list[int]]:
+  """(bos, eos) ids: the imported model's, else the document separator."""
+  if source.get("eos_token_id") not in (None, []):
+    return source.get("bos_token_id"), source["eos_token_id"]
   eos = end_of_text_id(tokenizer, os.path.join(workdir, runs.TOKENIZER_JSON))
   return eos, eos
 
 
-def _write_tokenizer(workdir: str, out: str, tokenizer, eos_id: int,
-                     max_length: int) -> None:
-  """tokenizer.json plus the imported or a generated tokenizer_config."""
+def _write_side_files(workdir: str, out: str, tokenizer, hf_cfg: dict
+                      ) -> None:
+  """config.json, generation_config.json and the tokenizer files.
+
+  The imported folder's generation_config / tokenizer_config /
+  special_tokens_map are reused when RUN/hf_source has them.
+  """
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(hf_cfg, f, indent=2)
   shutil.copyfile(runs.tokenizer_path(workdir),
                   os.path.join(out, "tokenizer.json"))
-  for name in ("tokenizer_config.json", "special_tokens_map.json"):
+  for name in ("generation_config.json", "tokenizer_config.json",
+               "special_tokens_map.json"):
     source = os.path.join(workdir, HF_SOURCE, name)
     if os.path.isfile(source):
       shutil.copyfile(source, os.path.join(out, name))
+  eos = hf_cfg["eos_token_id"]
+  eos = eos[0] if isinstance(eos, list) else eos
+  if not os.path.isfile(os.path.join(out, "generation_config.json")):
+    with open(os.path.join(out, "generation_config.json"), "w") as f:
+      json.dump({"bos_token_id": hf_cfg["bos_token_id"],
+                 "eos_token_id": hf_cfg["eos_token_id"]}, f, indent=2)
   if not os.path.isfile(os.path.join(out, "tokenizer_config.json")):
-    eos = tokenizer.id_to_token(eos_id)
+    token = tokenizer.id_to_token(eos)
     with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
       json.dump({"tokenizer_class": "PreTrainedTokenizerFast",
-                 "bos_token": eos, "eos_token": eos,
-                 "model_max_length": max_length,
+                 "bos_token": token, "eos_token": token,
+                 "model_max_length": hf_cfg["max_position_embeddings"],
                  "clean_up_tokenization_spaces": False}, f, indent=2)
 
 
-def export_hf(workdir: str, out: str, fmt: str, *, step: int | None = None,
-              dtype: str = "bfloat16", linear_class: str = "",
-              ternary_type: str = "TQ2_0") -> str:
-  """Writes a run's checkpoint for transformers (bf16 / packed) or GGUF.
-
-  Returns:
-    The written folder (bf16, packed) or GGUF file.
-
-  Raises:
-    ConversionError: a non-empty `out`, a full-precision model, a packed
-      weight whose output dimension is not a multiple of 4.
-    ConfigError: `workdir` is not a run or lacks checkpoint `step`.
-  """
-  workdir, out = os.path.abspath(workdir), os.path.abspath(out)
-  if os.path.isdir(out) and os.listdir(out):
-    raise hf.ConversionError(f"--out={out!r} is not empty; choose a new "
-                             "folder")
-  config, params, found = runs.load_run(workdir, step)
-  tokenizer = load_tokenizer(runs.tokenizer_path(workdir))
-  bos, eos = _special_ids(workdir, tokenizer)
-  source_quant = {}
-  if os.path.isfile(os.path.join(workdir, HF_SOURCE, "config.json")):
-    source_quant = _read_json(os.path.join(workdir, HF_SOURCE, "config.json")
-                              ).get("quantization_config") or {}
-  linear_class = linear_class or source_quant.get("linear_class",
-                                                  "bitlinear")
-  tensors = hf.to_hf_tensors(params)
-  os.makedirs(out, exist_ok=True)
-  max_length = int(config.train.seq_len)
+def _write_weights(out: str, fmt: str, tensors: dict[str, np.ndarray],
+                   hf_cfg: dict, dtype: str, linear_class: str,
+                   ternary_type: str, workdir: str) -> str:
+  """The weight file(s) of one format in `out`; returns what to report."""
   if fmt == "gguf":
-    ternary = {n: hf.ternary_codes(t) for n, t in tensors.items()
-               if hf.is_bitlinear(n)}
     path = os.path.join(out, f"model-{ternary_type}.gguf")
     gguf_export.write_gguf(
-        path, hf_config=hf.hf_config(
-            config.model, max_position_embeddings=max_length,
-            bos_token_id=bos, eos_token_id=eos, torch_dtype=dtype,
-            quantization=None),
+        path, hf_config=hf_cfg, ternary_type=ternary_type,
         tensors={n: t for n, t in tensors.items() if not hf.is_bitlinear(n)},
-        ternary=ternary, tokenizer_json=runs.tokenizer_path(workdir),
-        ternary_type=ternary_type)
+        ternary={n: hf.ternary_codes(t) for n, t in tensors.items()
+                 if hf.is_bitlinear(n)},
+        tokenizer_json=runs.tokenizer_path(workdir))
     return path
-  packed = fmt == "packed"
   store = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
   written = {}
   for name, tensor in tensors.items():
-    if packed and hf.is_bitlinear(name):
+    if fmt == "packed" and hf.is_bitlinear(name):
       codes, gamma = hf.ternary_codes(tensor)
       written[name] = hf.pack_ternary(codes)
       written[name[:-len("weight")] + "weight_scale"] = np.array(
@@ -271,19 +257,73 @@ def export_hf(workdir: str, out: str, fmt: str, *, step: int | None = None,
       written[name] = tensor.astype(store)
   save_file(written, os.path.join(out, "model.safetensors"),
             metadata={"format": "pt"})
-  hf_cfg = hf.hf_config(config.model, max_position_embeddings=max_length,
-                        bos_token_id=bos, eos_token_id=eos, torch_dtype=dtype,
-                        quantization=hf.quantization_config(packed,
-                                                            linear_class))
-  with open(os.path.join(out, "config.json"), "w") as f:
-    json.dump(hf_cfg, f, indent=2)
-  with open(os.path.join(out, "generation_config.json"), "w") as f:
-    json.dump({"bos_token_id": bos, "eos_token_id": eos}, f, indent=2)
-  _write_tokenizer(workdir, out, tokenizer, eos if isinstance(eos, int)
-                   else eos[0], max_length)
+  return out
+
+
+def export_hf(workdir: str, out: str, fmt: str, *, step: int | None = None,
+              dtype: str = "bfloat16", linear_class: str | None = None,
+              ternary_type: str = "TQ2_0") -> str:
+  """Writes a run's checkpoint for transformers (bf16 / packed) or GGUF.
+
+  Everything is checked before anything is written, and the files go to
+  `out`.partial first, renamed to `out` when complete: a failed export
+  leaves no half-written folder.
+
+  Args:
+    fmt: "bf16" (latent weights, online quantization), "packed" (2-bit
+      codes + weight_scale) or "gguf".
+    dtype: "bfloat16" or "float32", of the tensors that are not packed.
+    linear_class: packed only: "bitlinear" (weight_scale = 1/gamma) or
+      "autobitlinear" (gamma); None = that of an imported packed model,
+      else "bitlinear" (transformers' default class).
+    ternary_type: gguf only: "TQ2_0" or "TQ1_0".
+
+  Returns:
+    The written folder (bf16, packed) or GGUF file.
+
+  Raises:
+    ConversionError: an existing `out`, a full-precision model, a packed
+      weight whose output dimension is not a multiple of 4, a bad option.
+    ConfigError: `workdir` is not a run or lacks checkpoint `step`.
+  """
+  workdir, out = os.path.abspath(workdir), os.path.abspath(out)
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise hf.ConversionError(f"--out={out!r} exists and is not an empty "
+                             "folder; choose a new one")
+  source = _source_config(workdir)
+  source_quant = source.get("quantization_config") or {}
+  if linear_class is None:
+    linear_class = (source_quant.get("linear_class", "bitlinear")
+                    if source_quant.get("quantization_mode") == "offline"
+                    else "bitlinear")
+  config = runs.load_run_config(workdir)
+  tokenizer = load_tokenizer(runs.tokenizer_path(workdir))
+  bos, eos = _special_ids(workdir, tokenizer, source)
+  hf_cfg = hf.hf_config(
+      config.model, bos_token_id=bos, eos_token_id=eos, torch_dtype=dtype,
+      max_position_embeddings=source.get("max_position_embeddings",
+                                         int(config.train.seq_len)),
+      quantization=None if fmt == "gguf" else hf.quantization_config(
+          fmt == "packed", linear_class))
+  _, params, found = runs.load_run(workdir, step)
+  tensors = hf.to_hf_tensors(params)
+  partial = out + ".partial"
+  shutil.rmtree(partial, ignore_errors=True)
+  os.makedirs(partial)
+  try:
+    result = _write_weights(partial, fmt, tensors, hf_cfg, dtype,
+                            linear_class, ternary_type, workdir)
+    if fmt != "gguf":
+      _write_side_files(workdir, partial, tokenizer, hf_cfg)
+  except BaseException:
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
+  if os.path.isdir(out):
+    os.rmdir(out)  # empty, checked above
+  os.replace(partial, out)
   absl_logging.info("exported checkpoint %d of %s to %s (%s)", found,
                     workdir, out, fmt)
-  return out
+  return result.replace(partial, out)
 
 
 FLAGS = flags.FLAGS
@@ -310,7 +350,8 @@ def main(argv):
                       step=FLAGS.step, dtype=FLAGS.dtype,
                       linear_class=FLAGS.linear_class,
                       ternary_type=FLAGS.ternary_type))
-  except (config_lib.ConfigError, checkpoint.CheckpointMismatchError) as e:
+  except (config_lib.ConfigError, checkpoint.CheckpointMismatchError,
+          ValueError, OSError) as e:  # OSError: paths, permissions, disk
     absl_logging.error("%s: %s", type(e).__name__, e)
     sys.exit(1)
 
@@ -324,10 +365,10 @@ def _define_flags() -> None:
                     "export-hf: latent weights, packed 2-bit, GGUF.")
   flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
                     "export-hf: dtype of the non-packed tensors.")
-  flags.DEFINE_string(
-      "linear_class", "", "export-hf --format=packed: 'bitlinear' "
-      "(weight_scale = 1/gamma) or 'autobitlinear' (gamma); default: the "
-      "imported model's, else bitlinear.")
+  flags.DEFINE_enum(
+      "linear_class", None, list(hf.LINEAR_CLASSES), "export-hf "
+      "--format=packed: weight_scale = 1/gamma (bitlinear) or gamma "
+      "(autobitlinear); default: an imported packed model's, else bitlinear.")
   flags.DEFINE_enum("ternary_type", "TQ2_0",
                     ["TQ2_0", "TQ1_0"], "GGUF ternary type.")
   flags.DEFINE_integer("step", None, "export-hf: checkpoint step.")

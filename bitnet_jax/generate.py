@@ -26,7 +26,6 @@ from bitnet_jax.data.tokenizer import load_tokenizer
 from bitnet_jax.model import Transformer
 
 
-
 def greedy(model: Transformer, prompt: np.ndarray, max_new_tokens: int
            ) -> np.ndarray:
   """Greedy decoding: each new token is the argmax of the next-token logits.
@@ -75,7 +74,9 @@ def main(argv):
     config, params, step = runs.load_run(FLAGS.workdir, FLAGS.step)
     tokenizer = load_tokenizer(runs.tokenizer_path(FLAGS.workdir))
     model = runs.build_model(config.model, params)
-    prompt = tokenizer.encode(FLAGS.prompt).ids or [0]
+    prompt = tokenizer.encode(FLAGS.prompt).ids
+    if not prompt:
+      raise ValueError("--prompt is empty: give text to continue")
     out = greedy(model, np.array([prompt]), FLAGS.max_new_tokens)
   except (ConfigError, checkpoint.CheckpointMismatchError, ValueError) as e:
     absl_logging.error("%s: %s", type(e).__name__, e)

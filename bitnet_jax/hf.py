@@ -126,34 +126,42 @@ def latent_from_codes(codes: np.ndarray, gamma: float) -> np.ndarray:
   """A float32 latent weight that `ternary_codes` maps back to (codes, gamma).
 
   The latent is codes x c with c = gamma / (share of non-zero codes), except
-  for the first non-zero element, whose magnitude is nudged by float32 ulps
-  until the absmean scale equals float32(gamma) exactly (a uniform c alone
-  cannot always hit it): so an imported packed model trains from exactly its
-  ternary weights, and exporting it again reproduces codes and scale.
+  for a set of non-zero elements whose common magnitude absorbs the float32
+  rounding of c, nudged by ulps until the absmean scale (float64 mean,
+  rounded once) equals float32(gamma) exactly. So exporting an
+  imported packed model reproduces its codes and scale bit for bit; the
+  training quantizer's float32 mean on device agrees to ~1e-6.
 
   Raises:
-    ConversionError: when gamma is not a positive finite number.
+    ConversionError: gamma not finite, or below the quantizer's clamp 1e-5
+      (the codes could not be reproduced), or no float32 latent hits it.
   """
   codes = np.asarray(codes, dtype=np.int8)
   target = np.float32(gamma)
-  nonzero = int(np.count_nonzero(codes))
-  if not np.isfinite(target) or target <= 0:
-    raise ConversionError(f"weight scale {gamma!r} is not a positive number")
+  if not np.isfinite(target) or target <= SCALE_EPS:
+    raise ConversionError(f"weight scale gamma={gamma!r} is not a finite "
+                          f"number above {SCALE_EPS} (the absmean clamp)")
+  nonzero = np.flatnonzero(codes)
   latent = codes.astype(np.float32)
-  if nonzero == 0:
+  if nonzero.size == 0:
     return latent * 0
-  c = np.float32(float(target) * codes.size / nonzero)
+  c = np.float32(float(target) * codes.size / nonzero.size)
   latent *= c
-  first = np.flatnonzero(codes)[0]
-  magnitude = np.float32(float(target) * codes.size - (nonzero - 1) * float(c))
-  for _ in range(256):
-    latent.flat[first] = codes.flat[first] * magnitude
+  # enough elements to absorb c's rounding, few enough that one ulp of
+  # theirs moves the mean by at most half an ulp of gamma
+  per_ulp = codes.size * np.spacing(target) / (2 * np.spacing(c))
+  adjusted = nonzero[:max(1, min(nonzero.size, int(per_ulp)))]
+  rest = float(c) * (nonzero.size - adjusted.size)
+  magnitude = np.float32((float(target) * codes.size - rest) / adjusted.size)
+  for _ in range(64):
+    latent.flat[adjusted] = codes.flat[adjusted] * magnitude
     _, got = ternary_codes(latent)
-    if got == target or target <= SCALE_EPS:
-      break
+    if got == target:
+      return latent
     magnitude = np.nextafter(magnitude,
                              np.float32(np.inf if got < target else 0.0))
-  return latent
+  raise ConversionError(f"no float32 latent weight reproduces the scale "
+                        f"{gamma!r} exactly")
 
 
 def pack_ternary(codes: np.ndarray) -> np.ndarray:
@@ -191,8 +199,14 @@ def unpack_ternary(packed: np.ndarray) -> np.ndarray:
 
 
 def gamma_from_scale(weight_scale: float, linear_class: str) -> float:
-  """gamma from a stored `weight_scale` (1/gamma for `bitlinear`)."""
+  """gamma from a stored `weight_scale` (1/gamma for `bitlinear`).
+
+  Raises:
+    ConversionError: a scale that is not a positive finite number.
+  """
   scale = float(np.asarray(weight_scale, np.float64).reshape(-1)[0])
+  if not np.isfinite(scale) or scale <= 0:
+    raise ConversionError(f"weight_scale={scale!r} is not a positive number")
   return scale if linear_class == "autobitlinear" else 1.0 / scale
 
 
@@ -220,6 +234,10 @@ def rope_theta(hf_config: Mapping) -> float:
   """RoPE base of an HF config (`rope_parameters` or legacy `rope_theta`)."""
   rope = hf_config.get("rope_parameters") or {}
   theta = rope.get("rope_theta", hf_config.get("rope_theta", 500000.0))
+  if hf_config.get("rope_scaling"):
+    raise ConversionError(f"rope_scaling={hf_config['rope_scaling']} is not "
+                          "supported: bitnet_jax implements the default "
+                          "RoPE only")
   if rope.get("rope_type", "default") != "default":
     raise ConversionError(f"rope_parameters.rope_type="
                           f"{rope['rope_type']!r} is not supported: "

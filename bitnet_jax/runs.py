@@ -20,7 +20,7 @@ from absl import logging
 from flax import nnx
 
 from bitnet_jax import checkpoint, run_identity
-from bitnet_jax.config import ConfigError
+from bitnet_jax.config import ConfigError, base_config
 from bitnet_jax.model import Transformer
 
 CONFIG_JSON = "config.json"  # run_identity.CONFIG_NAME
@@ -46,7 +46,7 @@ def load_config_file(path: str, key: str = "--config"
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The run's config: `config.json`, else `config.py`.
+  """The run's config: `config.json` (over today's defaults), else `config.py`.
 
   Raises:
     ConfigError: naming `--workdir` when neither exists (not a run).
@@ -54,7 +54,10 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   json_path = os.path.join(workdir, CONFIG_JSON)
   if os.path.isfile(json_path):
     with open(json_path, encoding="utf-8") as f:
-      return ml_collections.ConfigDict(json.load(f))
+      saved = json.load(f)
+    config = base_config()  # keys added since the run started: defaults
+    config.update(saved)
+    return config
   py_path = os.path.join(workdir, CONFIG_PY)
   if os.path.isfile(py_path):
     return load_config_file(py_path, "--workdir")
@@ -109,7 +112,7 @@ def load_params(source: str, abstract_params: Any,
     (params, step of the checkpoint read).
 
   Raises:
-    ConfigError: no checkpoint at `source`.
+    ConfigError: no checkpoint at `source`, or it cannot be read.
     CheckpointMismatchError: its parameters differ in shape or dtype from
       the config's, one line per array.
   """
@@ -117,7 +120,11 @@ def load_params(source: str, abstract_params: Any,
   path = os.path.join(directory, str(step), "state")
   target = {"params": abstract_params}
   with ocp.PyTreeCheckpointer() as checkpointer:
-    saved = checkpointer.metadata(path).item_metadata.tree
+    try:
+      saved = checkpointer.metadata(path).item_metadata.tree
+    except Exception as e:  # a damaged or partial checkpoint
+      raise ConfigError(f"{key}: {path} is not a readable checkpoint ({e})"
+                        ) from e
     mismatch = checkpoint.describe_mismatch(
         {"params": saved.get("params", {})}, target)
     if mismatch:
@@ -127,9 +134,14 @@ def load_params(source: str, abstract_params: Any,
                       mismatch[:checkpoint.MAX_MISMATCH_LINES])
           + "\nUse the config the checkpoint was written with (its run's "
           "config.json).")
-    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-        target, partial_restore=True,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+    try:
+      restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+          target, partial_restore=True,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+    except Exception as e:  # orbax/tensorstore raise many types
+      raise ConfigError(
+          f"{key}: cannot read {path} ({type(e).__name__}: {e}); point at "
+          "another checkpoint (`--step=N`, or .../checkpoints/<step>)") from e
   logging.info("loaded the parameters of checkpoint %s", path)
   return restored["params"], step
 

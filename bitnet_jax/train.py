@@ -1,8 +1,8 @@
 """The training loop: sharded state, jitted steps, evaluation, checkpoints.
 
-The train state is a plain pytree `{"step", "params", "opt_state"}` of arrays
-(params as a nested dict from `nnx.to_pure_dict`), created already sharded and
-donated to every step. The model's structure (`graphdef`) is static.
+The train state (`bitnet_jax.train_state`) is a plain pytree `{"step",
+"params", "opt_state"}` of arrays, created already sharded and donated to
+every step. The model's structure (`graphdef`) is static.
 """
 
 from __future__ import annotations
@@ -23,76 +23,12 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from bitnet_jax import (checkpoint, data, guards, metrics, preemption,
-                        run_identity, run_lock, runs, sharding)
+                        run_identity, run_lock, runs, sharding, train_state)
 from bitnet_jax import config as config_lib
 from bitnet_jax import optimizer as optimizer_lib
 from bitnet_jax.loss import next_token_loss, split_window, token_losses
-from bitnet_jax.model import Transformer
 
-State = dict[str, Any]
-
-
-def create_train_state(config: ml_collections.ConfigDict,
-                       mesh: jax.sharding.Mesh,
-                       tx: optax.GradientTransformation, *,
-                       initialize: bool = True
-                       ) -> tuple[nnx.GraphDef, State, Any]:
-  """Builds the model and optimizer state directly in their shardings.
-
-  `jax.eval_shape` gives the state's shapes, `sharding.state_shardings` their
-  placement, and `jax.jit(init, out_shardings=...)` materializes each shard on
-  its own device: no full copy ever lives on one device.
-
-  Returns:
-    (graphdef, state, shardings). With `initialize=False`, `state` holds
-    `jax.ShapeDtypeStruct`s carrying the shardings (a restore target).
-  """
-  graphdef, _ = nnx.split(nnx.eval_shape(
-      lambda: Transformer(config.model, rngs=nnx.Rngs(0))))
-
-  def init(key: jax.Array) -> State:
-    model = Transformer(config.model, rngs=nnx.Rngs(params=key))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": tx.init(params)}
-
-  key = jax.random.key(config.seed)
-  shapes = jax.eval_shape(init, key)
-  shardings = sharding.state_shardings(shapes, mesh)
-  if not initialize:
-    return graphdef, checkpoint.abstract_with_shardings(shapes, shardings), \
-        shardings
-  state = jax.jit(init, out_shardings=shardings)(key)
-  return graphdef, state, shardings
-
-
-def initial_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                  tx: optax.GradientTransformation, abstract_state: State,
-                  init_from: str) -> State:
-  """The step-0 state: random parameters, or those of checkpoint `init_from`.
-
-  Args:
-    abstract_state: `create_train_state(..., initialize=False)`'s state.
-    init_from: "" (random init from `config.seed`) or a run directory or
-      checkpoint (`runs.resolve_checkpoint`): its parameters, with a
-      fresh optimizer state and step 0 (fine-tuning, imported weights).
-      Its parameters are read alone (`runs.load_params`).
-
-  Raises:
-    ConfigError: naming `train.init_from` when no checkpoint is there.
-    CheckpointMismatchError: its parameters do not fit `config.model`.
-  """
-  if not init_from:
-    return create_train_state(config, mesh, tx)[1]
-  shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
-  params, step = runs.load_params(init_from, abstract_state["params"])
-  logging.info("initialized the parameters from %s (checkpoint %d)",
-               init_from, step)
-  zero = jax.jit(lambda: jnp.zeros((), jnp.int32),  # also multi-host
-                 out_shardings=shardings["step"])
-  return {"step": zero(), "params": params,
-          "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(
-              params)}
+State = train_state.State
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
@@ -258,7 +194,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   # a weights-only checkpoint (`convert import-hf`) starts a new run from it
   from_weights = latest is not None and checkpointer.is_weights_only(latest)
   resuming = latest is not None and not from_weights
-  if not resuming and t.init_from:  # a wrong path fails before data prep
+  if from_weights and t.init_from:
+    logging.warning("train.init_from=%r is ignored: %s holds imported "
+                    "weights (checkpoint %d), which the run starts from",
+                    t.init_from, workdir, latest)
+  elif not resuming and t.init_from:  # a wrong path fails before data prep
     runs.resolve_checkpoint(t.init_from)
   _on_process_zero(lambda: run_identity.start_run(
       workdir, config, resuming=resuming, resume_step=latest or 0),
@@ -291,7 +231,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                   data.eval_batches(prepared, config, jax.process_index(),
                                     jax.process_count())]
   tokens_per_step = t.batch_size * t.seq_len
-  graphdef, state, shardings = create_train_state(
+  graphdef, state, shardings = train_state.create_train_state(
       config, mesh, tx, initialize=False)
   run_at_start = {"tokens_seen": 0}  # the checkpoint's `run` facts
   restored = checkpointer.restore(state, train_iter) if resuming else None
@@ -304,8 +244,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       train_iter = new_iterator()
     from_weights = checkpointer.latest_step() is not None and (
         checkpointer.is_weights_only(checkpointer.latest_step()))
-    state = initial_state(config, mesh, tx, state,
-                          workdir if from_weights else t.init_from)
+    if from_weights:
+      state = train_state.initial_state(config, mesh, tx, state, workdir,
+                            "the imported checkpoint of --workdir")
+    else:
+      state = train_state.initial_state(config, mesh, tx, state, t.init_from)
   start_step = int(jax.device_get(state["step"]))
   logging.info("%s at step %d in %s on %d devices, mesh %s",
                "resuming" if start_step else "starting", start_step, workdir,

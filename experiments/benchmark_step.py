@@ -16,7 +16,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from bitnet_jax import config as config_lib
-from bitnet_jax import optimizer, sharding, train
+from bitnet_jax import optimizer, sharding, train, train_state
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/d20.py:cpu",
                                           "Config to benchmark.")
@@ -27,7 +27,7 @@ def time_steps(config, steps: int) -> float:
   """Seconds per train step, after one compile-and-warm-up step."""
   mesh = sharding.make_mesh(config.mesh)
   tx = optimizer.make_optimizer(config)
-  graphdef, state, shardings = train.create_train_state(config, mesh, tx)
+  graphdef, state, shardings = train_state.create_train_state(config, mesh, tx)
   step = train.make_train_step(config, graphdef, tx, shardings, mesh)
   rng = np.random.default_rng(0)
   shape = (config.train.batch_size, config.train.seq_len + 1)

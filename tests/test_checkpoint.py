@@ -53,6 +53,21 @@ def test_retention_keeps_the_newest_and_the_best_eval_checkpoint(tmp_path):
   reopened.close()
 
 
+def test_weights_only_checkpoints_are_never_pruned_nor_restored_as_state(
+    tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1)
+  ckpt.save_weights(0, _state()["params"], {"tokens_seen": 0})
+  assert ckpt.restore(_abstract(_state()), _iterator()) is None, (
+      "a weights-only checkpoint was restored as a train state")
+  _save_steps(ckpt, {1: None, 2: None, 3: None})
+  assert ckpt.all_steps() == [0, 3], (
+      f"kept {ckpt.all_steps()}: the imported weights (0) must stay")
+  ckpt.close()
+  reopened = checkpoint.Checkpointer(str(tmp_path), keep=1)
+  assert reopened.is_weights_only(0) and not reopened.is_weights_only(3)
+  reopened.close()
+
+
 def test_run_facts_are_restored_with_the_state(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2)
   _save_steps(ckpt, {3: 4.5})

@@ -8,6 +8,7 @@ exported again and compared tensor by tensor.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -91,6 +92,15 @@ def tokens(trained_run):
   return np.random.default_rng(0).integers(0, vocab, (8, 16), np.int32)
 
 
+def test_unrepresentable_scales_are_refused():
+  codes = np.ones((4, 4), np.int8)
+  for bad in (3e-6, 0.0, float("nan")):  # below the 1e-5 clamp, or no number
+    with pytest.raises(hf.ConversionError, match="gamma"):
+      hf.latent_from_codes(codes, bad)
+  with pytest.raises(hf.ConversionError, match="weight_scale"):
+    hf.gamma_from_scale(np.zeros(1), "bitlinear")
+
+
 def test_pack_and_unpack_match_transformers_bit_for_bit():
   codes = np.random.default_rng(1).integers(-1, 2, (64, 24)).astype(np.int8)
   theirs = pack_weights(torch.tensor(codes, dtype=torch.int8).clone())
@@ -102,7 +112,8 @@ def test_pack_and_unpack_match_transformers_bit_for_bit():
       "unpacking HF's bytes gives other codes than HF's unpack_weights")
 
 
-@pytest.mark.parametrize("shape", [(64, 32), (5, 7), (256, 96)])
+@pytest.mark.parametrize("shape", [(64, 32), (5, 7), (256, 96),
+                                   (6912, 2560)])  # 2B-4T's FFN
 def test_latent_from_codes_requantizes_to_the_same_codes_and_scale(shape):
   rng = np.random.default_rng(sum(shape))
   codes = rng.integers(-1, 2, shape).astype(np.int8)
@@ -473,3 +484,44 @@ def test_exported_tokenizer_loads_with_auto_tokenizer(trained_run, tmp_path):
     config = json.load(f)
   assert theirs.eos_token_id == config["eos_token_id"], (
       f"eos {theirs.eos_token_id} != config.json's {config['eos_token_id']}")
+
+
+def test_a_failed_export_leaves_no_folder_and_a_used_one_is_refused(
+    trained_run, tmp_path):
+  out = tmp_path / "out"
+  with pytest.raises(hf.ConversionError, match="linear_class"):
+    convert.export_hf(trained_run, str(out), "packed", linear_class="bitnet")
+  assert not out.exists() and not (tmp_path / "out.partial").exists(), (
+      "a failed export left files behind")
+  out.mkdir()
+  (out / "keep.txt").write_text("user data")
+  with pytest.raises(hf.ConversionError, match="--out"):
+    convert.export_hf(trained_run, str(out), "bf16")
+  assert (out / "keep.txt").read_text() == "user data"
+
+
+def test_import_refuses_a_used_workdir(hf_latent, tmp_path):
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "config.json").write_text("{}")
+  with pytest.raises(hf.ConversionError, match="not empty"):
+    convert.import_hf(hf_latent, str(tmp_path / "run"))
+
+
+def test_a_config_with_n_kv_heads_0_matches_an_hf_model_without_gqa(
+    tmp_path):
+  fields = {"n_heads": 2, "n_kv_heads": 2}  # HF: num_key_value_heads = heads
+  config = convert._run_config(fields, "configs/tiny.py", str(tmp_path))
+  assert config.model.n_kv_heads == 0, "the config's own value was replaced"
+
+
+def test_a_run_started_before_n_kv_heads_existed_still_exports(
+    trained_run, tmp_path):
+  old = tmp_path / "old_run"
+  shutil.copytree(trained_run, old)
+  saved = json.loads((old / "config.json").read_text())
+  del saved["model"]["n_kv_heads"]  # as config.json was written before
+  saved["model"]["n_heads"] = 2  # (its model then had plain attention)
+  (old / "config.json").write_text(json.dumps(saved))
+  config = runs.load_run_config(str(old))
+  assert config.model.n_kv_heads == 0 and config.model.n_heads == 2, (
+      "a missing key must take today's default")

@@ -4,14 +4,14 @@ import jax
 import numpy as np
 import pytest
 
-from bitnet_jax import data, optimizer, sharding, train
+from bitnet_jax import data, optimizer, sharding, train, train_state
 from bitnet_jax.config import ConfigError
 
 
 def _setup(config, devices):
   mesh = sharding.make_mesh(config.mesh, devices)
   tx = optimizer.make_optimizer(config)
-  graphdef, state, shardings = train.create_train_state(config, mesh, tx)
+  graphdef, state, shardings = train_state.create_train_state(config, mesh, tx)
   step = train.make_train_step(config, graphdef, tx, shardings, mesh)
   return mesh, state, shardings, step
 

@@ -1,0 +1,86 @@
+"""The train state: created already sharded, or from a checkpoint's weights.
+
+The state is a plain pytree `{"step", "params", "opt_state"}` of arrays
+(params as a nested dict from `nnx.to_pure_dict`); the model's structure
+(`graphdef`) is static.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+from flax import nnx
+
+from bitnet_jax import checkpoint, runs, sharding
+from bitnet_jax.model import Transformer
+
+State = dict[str, Any]
+
+
+def create_train_state(config: ml_collections.ConfigDict,
+                       mesh: jax.sharding.Mesh,
+                       tx: optax.GradientTransformation, *,
+                       initialize: bool = True
+                       ) -> tuple[nnx.GraphDef, State, Any]:
+  """Builds the model and optimizer state directly in their shardings.
+
+  `jax.eval_shape` gives the state's shapes, `sharding.state_shardings` their
+  placement, and `jax.jit(init, out_shardings=...)` materializes each shard on
+  its own device: no full copy ever lives on one device.
+
+  Returns:
+    (graphdef, state, shardings). With `initialize=False`, `state` holds
+    `jax.ShapeDtypeStruct`s carrying the shardings (a restore target).
+  """
+  graphdef, _ = nnx.split(nnx.eval_shape(
+      lambda: Transformer(config.model, rngs=nnx.Rngs(0))))
+
+  def init(key: jax.Array) -> State:
+    model = Transformer(config.model, rngs=nnx.Rngs(params=key))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": tx.init(params)}
+
+  key = jax.random.key(config.seed)
+  shapes = jax.eval_shape(init, key)
+  shardings = sharding.state_shardings(shapes, mesh)
+  if not initialize:
+    return graphdef, checkpoint.abstract_with_shardings(shapes, shardings), \
+        shardings
+  state = jax.jit(init, out_shardings=shardings)(key)
+  return graphdef, state, shardings
+
+
+def initial_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                  tx: optax.GradientTransformation, abstract_state: State,
+                  init_from: str, key: str = "train.init_from") -> State:
+  """The step-0 state: random parameters, or those of checkpoint `init_from`.
+
+  Args:
+    abstract_state: `create_train_state(..., initialize=False)`'s state.
+    init_from: "" (random init from `config.seed`) or a run directory or
+      checkpoint (`runs.resolve_checkpoint`): its parameters, with a
+      fresh optimizer state and step 0 (fine-tuning, imported weights).
+      Its parameters are read alone (`runs.load_params`).
+    key: what gave `init_from`, for error messages.
+
+  Raises:
+    ConfigError: naming `train.init_from` when no checkpoint is there.
+    CheckpointMismatchError: its parameters do not fit `config.model`.
+  """
+  if not init_from:
+    return create_train_state(config, mesh, tx)[1]
+  shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+  params, step = runs.load_params(init_from, abstract_state["params"], key)
+  logging.info("initialized the parameters from %s (checkpoint %d)",
+               init_from, step)
+  zero = jax.jit(lambda: jnp.zeros((), jnp.int32),  # also multi-host
+                 out_shardings=shardings["step"])
+  return {"step": zero(), "params": params,
+          "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(
+              params)}
