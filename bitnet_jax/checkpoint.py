@@ -4,10 +4,10 @@
 state, step; sharded arrays, saved asynchronously), `data` (the grain iterator
 state, one JSON file per process) and `run` (JSON facts of the run at that
 step that the arrays do not hold: `tokens_seen`, the divergence guard's loss
-minimum, and `eval_loss` when the step was evaluated). Orbax writes each checkpoint to a
-temporary directory and renames it when complete, so a run killed mid-save
-leaves the previous checkpoint intact; leftover temporary directories are
-removed at the next start.
+minimum, and `eval_loss` when the step was evaluated). Orbax writes each
+checkpoint to a temporary directory and renames it when complete, so a run
+killed mid-save leaves the previous checkpoint intact; leftover temporary
+directories are removed at the next start.
 
 What this layer adds to orbax, each guarding a way a long run loses work:
 - a save that fails in the background (permissions, a full disk) raises
@@ -63,7 +63,7 @@ class Restored:
   run: dict
 
 
-def _path_name(path) -> str:
+def path_name(path) -> str:
   """'params/layers_0/kernel' for a tree path (dict keys, attributes, idx)."""
   parts = []
   for entry in path:
@@ -75,7 +75,7 @@ def _path_name(path) -> str:
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-  return {_path_name(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+  return {path_name(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
@@ -231,6 +231,11 @@ class Checkpointer:
   def is_weights_only(self, step: int) -> bool:
     """Whether checkpoint `step` holds parameters only (`save_weights`)."""
     return bool(self._runs.get(step, {}).get("weights_only"))
+
+  def newest_is_weights_only(self) -> bool:
+    """Whether the newest checkpoint is weights-only (an imported model)."""
+    latest = self.latest_step()
+    return latest is not None and self.is_weights_only(latest)
 
   def check(self, block: bool = False) -> None:
     """Raises if the save in flight failed; prunes old checkpoints after it.

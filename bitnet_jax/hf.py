@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from bitnet_jax import checkpoint
 from bitnet_jax.config import ConfigError
 
 VALUES_PER_BYTE = 4  # ternary codes per packed uint8
@@ -55,16 +56,11 @@ def is_bitlinear(name: str) -> bool:
   return name.startswith("model.layers.") and name.endswith("_proj.weight")
 
 
-def _path_keys(path) -> tuple:
-  return tuple(getattr(entry, "key", getattr(entry, "idx", None))
-               for entry in path)
-
-
 def to_hf_tensors(params: Any) -> dict[str, np.ndarray]:
   """Our parameters as HF-named float32 arrays in HF's `[out, in]` layout."""
   tensors = {}
   for path, value in jax.tree_util.tree_leaves_with_path(params):
-    name, transpose = hf_name(_path_keys(path))
+    name, transpose = hf_name(checkpoint.path_name(path).split("/"))
     array = np.asarray(jax.device_get(value), dtype=np.float32)
     tensors[name] = np.ascontiguousarray(array.T if transpose else array)
   return tensors
@@ -86,7 +82,7 @@ def from_hf_tensors(tensors: Mapping[str, np.ndarray],
   problems = []
 
   def convert(path, abstract):
-    name, transpose = hf_name(_path_keys(path))
+    name, transpose = hf_name(checkpoint.path_name(path).split("/"))
     if name not in tensors:
       problems.append(f"{name}: missing")
       return None

@@ -22,6 +22,7 @@ import jax
 import ml_collections
 import optax
 
+from bitnet_jax import checkpoint
 from bitnet_jax.model import BITLINEAR_NAMES
 
 
@@ -70,10 +71,6 @@ def weight_decay_schedule(config: ml_collections.ConfigDict
       [stage_boundary_step(config)])
 
 
-def _path_names(path) -> list[str]:
-  return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-
-
 def weight_decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
   """True for the leaves that get weight decay, False elsewhere.
 
@@ -89,7 +86,7 @@ def weight_decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
   """
 
   def decays(path, leaf) -> bool:
-    names = _path_names(path)
+    names = checkpoint.path_name(path).split("/")
     if len(leaf.shape) != 2:
       return False
     if len(names) >= 2 and names[-2] in BITLINEAR_NAMES:

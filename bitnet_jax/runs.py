@@ -23,9 +23,9 @@ from bitnet_jax import checkpoint, run_identity
 from bitnet_jax.config import ConfigError, base_config
 from bitnet_jax.model import Transformer
 
-CONFIG_JSON = "config.json"  # run_identity.CONFIG_NAME
+CONFIG_JSON = run_identity.CONFIG_NAME  # written at the first start
 CONFIG_PY = "config.py"  # written by `convert import-hf`
-TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_JSON = run_identity.TOKENIZER_NAME
 
 
 def load_config_file(path: str, key: str = "--config"

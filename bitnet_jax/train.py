@@ -192,7 +192,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
   latest = checkpointer.latest_step()
   # a weights-only checkpoint (`convert import-hf`) starts a new run from it
-  from_weights = latest is not None and checkpointer.is_weights_only(latest)
+  from_weights = checkpointer.newest_is_weights_only()
   resuming = latest is not None and not from_weights
   if from_weights and t.init_from:
     logging.warning("train.init_from=%r is ignored: %s holds imported "
@@ -242,13 +242,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       logging.warning("no checkpoint in %s could be restored: starting the "
                       "run from step 0", checkpointer.directory)
       train_iter = new_iterator()
-    from_weights = checkpointer.latest_step() is not None and (
-        checkpointer.is_weights_only(checkpointer.latest_step()))
-    if from_weights:
-      state = train_state.initial_state(config, mesh, tx, state, workdir,
-                            "the imported checkpoint of --workdir")
+    if checkpointer.newest_is_weights_only():  # (also after damaged ones)
+      state = train_state.initial_state(
+          config, tx, state, workdir, "the imported checkpoint of --workdir")
     else:
-      state = train_state.initial_state(config, mesh, tx, state, t.init_from)
+      state = train_state.initial_state(config, tx, state, t.init_from)
   start_step = int(jax.device_get(state["step"]))
   logging.info("%s at step %d in %s on %d devices, mesh %s",
                "resuming" if start_step else "starting", start_step, workdir,

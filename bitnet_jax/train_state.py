@@ -39,14 +39,7 @@ def create_train_state(config: ml_collections.ConfigDict,
   """
   graphdef, _ = nnx.split(nnx.eval_shape(
       lambda: Transformer(config.model, rngs=nnx.Rngs(0))))
-
-  def init(key: jax.Array) -> State:
-    model = Transformer(config.model, rngs=nnx.Rngs(params=key))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": tx.init(params)}
-
-  key = jax.random.key(config.seed)
+  init, key = _init_function(config, tx), jax.random.key(config.seed)
   shapes = jax.eval_shape(init, key)
   shardings = sharding.state_shardings(shapes, mesh)
   if not initialize:
@@ -56,7 +49,20 @@ def create_train_state(config: ml_collections.ConfigDict,
   return graphdef, state, shardings
 
 
-def initial_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+def _init_function(config: ml_collections.ConfigDict,
+                   tx: optax.GradientTransformation):
+  """key -> a freshly initialized train state (traced inside `jax.jit`)."""
+
+  def init(key: jax.Array) -> State:
+    model = Transformer(config.model, rngs=nnx.Rngs(params=key))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": tx.init(params)}
+
+  return init
+
+
+def initial_state(config: ml_collections.ConfigDict,
                   tx: optax.GradientTransformation, abstract_state: State,
                   init_from: str, key: str = "train.init_from") -> State:
   """The step-0 state: random parameters, or those of checkpoint `init_from`.
@@ -73,9 +79,10 @@ def initial_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     ConfigError: naming `train.init_from` when no checkpoint is there.
     CheckpointMismatchError: its parameters do not fit `config.model`.
   """
-  if not init_from:
-    return create_train_state(config, mesh, tx)[1]
   shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+  if not init_from:  # the shardings are known: no second eval_shape
+    return jax.jit(_init_function(config, tx), out_shardings=shardings)(
+        jax.random.key(config.seed))
   params, step = runs.load_params(init_from, abstract_state["params"], key)
   logging.info("initialized the parameters from %s (checkpoint %d)",
                init_from, step)
