@@ -17,6 +17,12 @@ QUANTIZATIONS = ("ternary", "none")
 FFN_ACTIVATIONS = ("swiglu", "relu2")
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+# data.dataset schemes: random-access sources, and sharded file sources that
+# can stream (see bitnet_jax.data.sources).
+DATASET_SCHEMES = ("tfds", "files")
+STREAM_SCHEMES = ("parquet", "jsonl", "arrayrecord")
+DATA_MODES = ("auto", "stream", "prepared")
+PACKINGS = ("concat", "document")
 
 
 class ConfigError(ValueError):
@@ -50,16 +56,21 @@ def base_config() -> ml_collections.ConfigDict:
   m.attention_implementation = "auto"  # "auto" (cudnn if GPU+bf16), xla, cudnn
 
   c.data = d = ml_collections.ConfigDict()
-  d.dataset = "stdlib"  # "stdlib" | "tfds:NAME[/CONFIG]" | "files:GLOB"
+  d.dataset = "stdlib"  # "stdlib", "tfds:NAME", "SCHEME:GLOB" (see README)
+  d.eval_dataset = ""  # "SCHEME:GLOB" of eval files; "" = held out by hash
+  d.mode = "auto"  # "stream" | "prepared" (token cache); auto: stream for globs
+  d.packing = "concat"  # "concat" | "document" (no attention across documents)
   d.data_dir = ""  # corpora, tokenizers, tokens; "" = ~/.cache/bitnet_jax
-  d.text_feature = "text"  # feature holding the text in a TFDS dataset
+  d.text_feature = "text"  # text column / field / feature (tfds, parquet, ...)
   d.train_split = "train"  # TFDS split to train on
   d.eval_split = "validation"  # TFDS split to evaluate on
-  d.eval_fraction = 0.05  # files held out by path hash (stdlib, files:)
+  d.eval_fraction = 0.05  # files held out by path hash (all but tfds:)
   d.tokenizer_path = ""  # a tokenizer.json; "" = train a byte-level BPE
   d.shuffle_seed = 0  # seed of the window shuffle (a new order every epoch)
   d.worker_count = 0  # grain worker processes; 0 = threads in this process
   d.prefetch_buffer_size = 4  # batches prepared ahead of the train step
+  d.shuffle_buffer_size = 1024  # stream: documents shuffled together
+  d.read_concurrency = 4  # stream: files read at once per worker (interleave)
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 20000  # optimizer steps in the whole run
@@ -194,6 +205,18 @@ def _check_train_safety(config) -> None:
           "must be True or False")
 
 
+def _check_dataset(key: str, spec: str, stdlib: bool = True) -> None:
+  """Checks a `data.dataset`-style spec: "stdlib" or "SCHEME:REST"."""
+  scheme, _, rest = spec.partition(":")
+  if not ((stdlib and spec == "stdlib") or (
+      scheme in DATASET_SCHEMES + STREAM_SCHEMES and rest)):
+    _fail(key, spec,
+          "use 'stdlib', 'tfds:NAME[/CONFIG]' (a prepared TFDS dataset), "
+          "'files:GLOB' (text files, one document each), 'parquet:GLOB', "
+          "'jsonl:GLOB' (.jsonl, .jsonl.gz, .jsonl.zst) or 'arrayrecord:GLOB'"
+          "; GLOB may be a gs:// or s3:// URL")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every field once at start-up.
 
@@ -232,11 +255,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_positive(config, key, minimum=1e-30)
 
   d = config.data
-  if not (d.dataset == "stdlib" or d.dataset.startswith(("tfds:", "files:"))
-          and len(d.dataset.split(":", 1)[1]) > 0):
-    _fail("data.dataset", d.dataset,
-          "use 'stdlib', 'tfds:NAME[/CONFIG]' (a prepared TFDS dataset) or "
-          "'files:GLOB' (local text files)")
+  _check_dataset("data.dataset", d.dataset)
+  if d.eval_dataset:
+    _check_dataset("data.eval_dataset", d.eval_dataset, stdlib=False)
+    scheme = d.dataset.partition(":")[0]
+    if scheme not in STREAM_SCHEMES or (
+        d.eval_dataset.partition(":")[0] != scheme):
+      _fail("data.eval_dataset", d.eval_dataset,
+            f"must be a glob of the same scheme as data.dataset={d.dataset!r}"
+            f" ({', '.join(STREAM_SCHEMES)}); the other datasets choose eval "
+            "data with data.eval_fraction / data.eval_split")
+  _check_choice(config, "data.mode", DATA_MODES)
+  _check_choice(config, "data.packing", PACKINGS)
+  if d.mode == "stream" and d.dataset.split(":")[0] not in STREAM_SCHEMES:
+    _fail("data.mode", d.mode, f"streaming reads {', '.join(STREAM_SCHEMES)}"
+          f" globs; data.dataset={d.dataset!r} needs data.mode='prepared' or "
+          "'auto'")
+  for key in ("data.shuffle_buffer_size", "data.read_concurrency"):
+    _check_positive(config, key)
   if not 0.0 < d.eval_fraction < 1.0:
     _fail("data.eval_fraction", d.eval_fraction, "must lie in (0, 1)")
   for key in ("data.worker_count", "data.shuffle_seed", "seed"):

@@ -64,7 +64,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
   Args:
     x: queries or keys `[batch, seq, n_heads, head_dim]`, head_dim even.
-    positions: int32 `[seq]`, the absolute position of each token.
+    positions: int32 `[seq]` or `[batch, seq]`, each token's position (its
+      index in its document when documents are packed).
     theta: base frequency (10000 in RoFormer, 5e5 in BitNet b1.58 2B4T).
 
   Returns:
@@ -72,9 +73,10 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """
   half = x.shape[-1] // 2
   inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles = positions.astype(jnp.float32)[:, None] * inv_freq  # [seq, half]
-  sin = jnp.sin(angles)[None, :, None, :]
-  cos = jnp.cos(angles)[None, :, None, :]
+  positions = jnp.broadcast_to(positions, x.shape[:2])  # [batch, seq]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  sin = jnp.sin(angles)[:, :, None, :]  # [batch, seq, 1, half]
+  cos = jnp.cos(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
   return rotated.astype(x.dtype)

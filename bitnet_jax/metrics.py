@@ -36,13 +36,17 @@ PEAK_FLOPS_PER_DEVICE = {
 
 
 def prediction_statistics(logits: jax.Array, inputs: jax.Array,
-                          targets: jax.Array) -> dict[str, jax.Array]:
+                          targets: jax.Array,
+                          weights: jax.Array | None = None
+                          ) -> dict[str, jax.Array]:
   """Sums over one eval batch, to be added across batches on device.
 
   Args:
     logits: float `[batch, seq, vocab_size]`.
     inputs: int32 `[batch, seq]`, the tokens the model saw.
     targets: int32 `[batch, seq]`, the next tokens.
+    weights: optional float32 `[batch, seq]`, 1 for counted positions, 0 for
+      those left out (a target in the next packed document).
 
   Returns:
     `correct` (argmax == target), `copies` (argmax == input token), `count`
@@ -50,13 +54,15 @@ def prediction_statistics(logits: jax.Array, inputs: jax.Array,
     counts of each argmax token.
   """
   predictions = jnp.argmax(logits, axis=-1)
+  if weights is None:
+    weights = jnp.ones(predictions.shape, jnp.float32)
   vocab_size = logits.shape[-1]
   histogram = jnp.zeros((vocab_size,), jnp.float32).at[
-      predictions.reshape(-1)].add(1.0)
+      predictions.reshape(-1)].add(weights.reshape(-1))
   return {
-      "correct": jnp.sum(predictions == targets).astype(jnp.float32),
-      "copies": jnp.sum(predictions == inputs).astype(jnp.float32),
-      "count": jnp.asarray(predictions.size, jnp.float32),
+      "correct": jnp.sum((predictions == targets) * weights),
+      "copies": jnp.sum((predictions == inputs) * weights),
+      "count": jnp.sum(weights),
       "histogram": histogram,
   }
 

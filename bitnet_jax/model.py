@@ -64,20 +64,34 @@ class Attention(nnx.Module):
     self.implementation = attention_implementation(
         config.attention_implementation, dtype)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Maps normalized `[batch, seq, d_model]` to `[batch, seq, d_model]`."""
+  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+    """Maps normalized `[batch, seq, d_model]` to `[batch, seq, d_model]`.
+
+    Args:
+      x: the normalized residual stream `[batch, seq, d_model]`.
+      segment_ids: optional int32 `[batch, seq]`; a token attends only to
+        earlier tokens of its own segment (packed documents).
+      positions: optional int32 `[batch, seq]` RoPE positions; default
+        0..seq-1.
+    """
     batch, seq, d_model = x.shape
     head_dim = d_model // self.n_heads
     q_heads = (batch, seq, self.n_heads, head_dim)
     kv_shape = (batch, seq, self.n_kv_heads, head_dim)
-    positions = jnp.arange(seq, dtype=jnp.int32)
+    if positions is None:
+      positions = jnp.arange(seq, dtype=jnp.int32)
+    mask = None
+    if segment_ids is not None:  # [batch, 1, query, key], with is_causal
+      mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     q = apply_rope(self.q_proj(x).reshape(q_heads), positions,
                    self.rope_theta)
     k = apply_rope(self.k_proj(x).reshape(kv_shape), positions,
                    self.rope_theta)
     v = self.v_proj(x).reshape(kv_shape)
     out = jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, implementation=self.implementation)
+        q, k, v, mask=mask, is_causal=True,
+        implementation=self.implementation)
     return self.o_proj(self.attn_sub_norm(out.reshape(batch, seq, d_model)))
 
 
@@ -123,9 +137,15 @@ class Block(nnx.Module):
         config.d_model, eps=config.norm_eps, dtype=dtype, rngs=rngs)
     self.mlp = FeedForward(config, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Maps float32 `[batch, seq, d_model]` to the same shape and dtype."""
-    x = x + self.self_attn(self.input_layernorm(x)).astype(jnp.float32)
+  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+    """Maps float32 `[batch, seq, d_model]` to the same shape and dtype.
+
+    `segment_ids` and `positions` (int32 `[batch, seq]`, optional) are
+    passed to attention (see `Attention.__call__`).
+    """
+    x = x + self.self_attn(self.input_layernorm(x), segment_ids,
+                           positions).astype(jnp.float32)
     return x + self.mlp(self.post_attention_layernorm(x)).astype(jnp.float32)
 
 
@@ -151,19 +171,24 @@ class Transformer(nnx.Module):
         config.d_model, config.vocab_size, use_bias=False, kernel_init=init,
         dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
+  def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
     """Computes next-token logits.
 
     Args:
       tokens: int32 `[batch, seq]`, ids in [0, vocab_size).
+      segment_ids: optional int32 `[batch, seq]`, the document of each token
+        in a packed window; attention never crosses documents.
+      positions: optional int32 `[batch, seq]`, each token's index in its
+        document (RoPE); default 0..seq-1.
 
     Returns:
       float32 logits `[batch, seq, vocab_size]`; position i depends only on
-      tokens[:, :i + 1] (causal).
+      tokens[:, :i + 1] (causal), and of those only on its own segment's.
     """
     x = self.embed_tokens(tokens).astype(jnp.float32)
     for block in self.layers:
-      x = block(x)
+      x = block(x, segment_ids, positions)
     x = self.norm(x)
     if self.lm_head is None:
       logits = self.embed_tokens.attend(x)

@@ -102,10 +102,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def global_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
-  """Assembles per-process batches `[local_batch, ...]` into a global array.
+def global_batch(local_batch: Any, mesh: Mesh) -> Any:
+  """Assembles per-process batches `[local_batch, ...]` into global arrays.
 
-  Each process passes its own rows; the result is `[local_batch x
+  Each process passes its own rows (an array, or a dict of arrays such as
+  {"tokens", "segment_ids", "positions"}); each result is `[local_batch x
   process_count, ...]`, sharded over the batch axes.
 
   Raises:
@@ -113,10 +114,10 @@ def global_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
       evenly over the mesh's data-parallel devices.
   """
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  global_rows = local_batch.shape[0] * jax.process_count()
+  global_rows = jax.tree.leaves(local_batch)[0].shape[0] * jax.process_count()
   if global_rows % shards:
     raise ConfigError(
         f"config.train.batch_size={global_rows} must be divisible by the "
         f"{shards} data-parallel devices (mesh.data x mesh.fsdp)")
-  return jax.make_array_from_process_local_data(batch_sharding(mesh),
-                                                local_batch)
+  return jax.tree.map(lambda rows: jax.make_array_from_process_local_data(
+      batch_sharding(mesh), rows), local_batch)

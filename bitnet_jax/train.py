@@ -26,7 +26,7 @@ from bitnet_jax import (checkpoint, data, guards, metrics, preemption,
                         run_identity, run_lock, runs, sharding, train_state)
 from bitnet_jax import config as config_lib
 from bitnet_jax import optimizer as optimizer_lib
-from bitnet_jax.loss import next_token_loss, split_window, token_losses
+from bitnet_jax.loss import next_token_loss, split_batch, token_losses
 
 State = train_state.State
 
@@ -37,15 +37,16 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                     ) -> Callable[[State, jax.Array], tuple[State, dict]]:
   """Jits one optimizer step; the state argument is donated.
 
-  The step maps (state, window int32 `[batch, seq_len + 1]`) to (new state,
-  metrics): loss (nats/token), accuracy, grad_norm (before clipping),
+  The step maps (state, batch) to (new state, metrics); a batch is
+  "tokens" int32 `[batch, seq_len + 1]` (plus "segment_ids" and "positions"
+  with document packing, see `loss.split_batch`). Metrics:: loss (nats/token), accuracy, grad_norm (before clipping),
   learning_rate and weight_decay as applied in this step.
   """
   t = config.train
 
-  def train_step(state: State, window: jax.Array) -> tuple[State, dict]:
+  def train_step(state: State, batch: dict) -> tuple[State, dict]:
     def loss_fn(params):
-      return next_token_loss(nnx.merge(graphdef, params), window,
+      return next_token_loss(nnx.merge(graphdef, params), batch,
                              label_smoothing=t.label_smoothing,
                              z_loss_weight=t.z_loss_weight)
 
@@ -70,11 +71,13 @@ def make_eval_step(graphdef: nnx.GraphDef, param_shardings: Any,
                    mesh: jax.sharding.Mesh) -> Callable[[Any, jax.Array], dict]:
   """Jits the per-batch eval statistics (summed, see `metrics`)."""
 
-  def eval_step(params: Any, window: jax.Array) -> dict:
-    inputs, targets = split_window(window)
-    logits = nnx.merge(graphdef, params)(inputs)
-    stats = metrics.prediction_statistics(logits, inputs, targets)
-    stats["loss_sum"] = jnp.sum(token_losses(logits, targets))
+  def eval_step(params: Any, batch: dict) -> dict:
+    inputs, targets, features, weights = split_batch(batch)
+    logits = nnx.merge(graphdef, params)(inputs, **features)
+    stats = metrics.prediction_statistics(logits, inputs, targets, weights)
+    losses = token_losses(logits, targets)
+    stats["loss_sum"] = jnp.sum(
+        losses if weights is None else losses * weights)
     return stats
 
   return jax.jit(eval_step,
@@ -83,16 +86,17 @@ def make_eval_step(graphdef: nnx.GraphDef, param_shardings: Any,
 
 
 def evaluate(eval_step: Callable, params: Any,
-             windows: list[jax.Array]) -> dict[str, float]:
+             batches: list[dict]) -> dict[str, float]:
   """Runs the fixed eval set; sums stay on device until one final read.
 
   Args:
-    windows: global int32 batches `[batch_size, seq_len + 1]`, already placed
-      on the mesh (they are the same at every evaluation).
+    batches: global batches (dicts of int32 `[batch_size, seq_len + 1]`,
+      see `loss.split_batch`), already placed on the mesh (they are the same
+      at every evaluation).
   """
   totals = None
-  for window in windows:
-    stats = eval_step(params, window)
+  for batch in batches:
+    stats = eval_step(params, batch)
     totals = stats if totals is None else jax.tree.map(jnp.add, totals, stats)
   return metrics.summarize_eval(jax.device_get(totals))
 

@@ -45,3 +45,89 @@ def slow_train_steps(seconds: float) -> None:
     return run
 
   train.make_train_step = make
+
+
+def corpus_documents(count: int, chars: int = 1500) -> list[str]:
+  """`count` distinct documents: "# doc K" and the head of a stdlib file."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import sysconfig  # pylint: disable=g-import-not-at-top
+  files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"],
+                                        "*.py")))
+  docs = []
+  for k in range(count):
+    with open(files[k % len(files)], encoding="utf-8", errors="replace") as f:
+      docs.append(f"# doc {k}\n{f.read(chars)}")
+  return docs
+
+
+def write_corpus(directory: str, scheme: str, docs: list[str],
+                 n_files: int, text_feature: str = "text") -> list[str]:
+  """Writes `docs` round-robin into `n_files` files of `scheme`.
+
+  scheme: "parquet" (pyarrow, row groups of 4), "jsonl", "jsonl.gz",
+  "jsonl.zst" or "arrayrecord" (even files hold tf.train.Example records as
+  TFDS writes them, odd files raw UTF-8). Returns the paths written.
+  """
+  import gzip  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  os.makedirs(directory, exist_ok=True)
+  paths = []
+  for index in range(n_files):
+    part = docs[index::n_files]
+    path = os.path.join(directory, f"part-{index:03d}.{scheme}")
+    if scheme == "parquet":
+      import pyarrow as pa  # pylint: disable=g-import-not-at-top
+      import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+      pq.write_table(pa.table({"id": list(range(len(part))),
+                               text_feature: part}), path, row_group_size=4)
+    elif scheme.startswith("jsonl"):
+      lines = "".join(json.dumps({"id": i, text_feature: doc}) + "\n"
+                      for i, doc in enumerate(part)).encode()
+      if scheme.endswith(".gz"):
+        lines = gzip.compress(lines)
+      elif scheme.endswith(".zst"):
+        import zstandard  # pylint: disable=g-import-not-at-top
+        lines = zstandard.ZstdCompressor().compress(lines)
+      with open(path, "wb") as f:
+        f.write(lines)
+    elif scheme == "arrayrecord":
+      from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+      from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+      writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+      for doc in part:
+        record = doc.encode()
+        if index % 2 == 0:
+          example = tf_example_pb2.Example()
+          example.features.feature[text_feature].bytes_list.value.append(
+              record)
+          record = example.SerializeToString()
+        writer.write(record)
+      writer.close()
+    else:
+      raise ValueError(scheme)
+    paths.append(path)
+  return paths
+
+
+def stream_config(config, directory: str, scheme: str = "jsonl",
+                  n_files: int = 6, n_docs: int = 48, **data_fields):
+  """Points `config` at a streamed corpus written under `directory`.
+
+  `n_docs` documents (`corpus_documents`) in `n_files` files of `scheme`
+  (see `write_corpus`) train; 8 more in 2 files are `data.eval_dataset`.
+  The token cache lives in `directory/cache`; `data_fields` override
+  `config.data`. Returns `config`.
+  """
+  docs = corpus_documents(n_docs + 8)
+  write_corpus(os.path.join(directory, "train"), scheme, docs[:n_docs],
+               n_files)
+  write_corpus(os.path.join(directory, "eval"), scheme, docs[n_docs:], 2)
+  glob_scheme = scheme.split(".")[0]
+  config.data.dataset = f"{glob_scheme}:{directory}/train/*"
+  config.data.eval_dataset = f"{glob_scheme}:{directory}/eval/*"
+  config.data.data_dir = os.path.join(directory, "cache")
+  config.data.shuffle_buffer_size = 8
+  config.data.read_concurrency = 2
+  for key, value in data_fields.items():
+    config.data[key] = value
+  return config

@@ -23,6 +23,7 @@ from absl import flags
 from bitnet_jax import data
 from bitnet_jax.config import ConfigError
 from bitnet_jax.data import corpus, pipeline, tokenizer
+from bitnet_jax.data import stdlib as stdlib_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,7 +82,7 @@ def draw_rows(prepared, config, n_rows: int, **kwargs) -> list[bytes]:
   it = data.train_iterator(prepared, config, **kwargs)
   rows = []
   while len(rows) < n_rows:
-    rows.extend(row.tobytes() for row in next(it))
+    rows.extend(row.tobytes() for row in next(it)["tokens"])
   return rows[:n_rows]
 
 
@@ -107,7 +108,7 @@ def test_iterator_runs_for_three_epochs(small):
   assert n_windows % 4, "an epoch should end inside a batch"
   it = data.train_iterator(prepared, config)
   for step in range(n_batches):
-    batch = next(it)
+    batch = next(it)["tokens"]
     assert batch.shape == (4, 17) and batch.dtype == np.int32, (
         f"batch {step} has shape {batch.shape} dtype {batch.dtype}, expected "
         f"(4, 17) int32")
@@ -143,14 +144,16 @@ def test_state_restores_exact_next_batch(small):
   restored.set_state(state)
   for i, want in enumerate(expected):
     np.testing.assert_array_equal(
-        next(restored), want, err_msg=f"batch {i} after restore differs")
+        next(restored)["tokens"], want["tokens"],
+        err_msg=f"batch {i} after restore differs")
 
 
 def test_processes_split_each_global_batch(small):
   config, prepared = small
-  whole = next(data.train_iterator(prepared, config))
+  whole = next(data.train_iterator(prepared, config))["tokens"]
   halves = [next(data.train_iterator(prepared, config, process_index=p,
-                                     process_count=2)) for p in (0, 1)]
+                                     process_count=2))["tokens"]
+            for p in (0, 1)]
   assert halves[0].shape == (2, 17), f"local batch shape {halves[0].shape}"
   np.testing.assert_array_equal(
       np.stack(halves, axis=1).reshape(4, 17), whole,
@@ -192,7 +195,8 @@ def test_windows_are_shifted_by_seq_len(stdlib):
           err_msg=f"window {i} is not tokens[{i}*seq_len : +seq_len+1]")
     with pytest.raises(IndexError):
       windows[len(windows)]
-  held_out = data.eval_batches(prepared, config)
+  held_out = np.stack([b["tokens"] for b in data.eval_batches(prepared,
+                                                                config)])
   assert held_out.shape == (2, 8, 33) and held_out.dtype == np.int32, (
       f"eval batches {held_out.shape} {held_out.dtype}, want (2, 8, 33) int32")
   flat = np.fromfile(prepared.eval_tokens, dtype=prepared.dtype)
@@ -203,10 +207,13 @@ def test_windows_are_shifted_by_seq_len(stdlib):
 
 def test_eval_batches_are_fixed_and_split_by_process(stdlib):
   config, prepared = stdlib
-  whole = data.eval_batches(prepared, config)
-  np.testing.assert_array_equal(data.eval_batches(prepared, config), whole,
+  def tokens(*args):
+    return np.stack([b["tokens"] for b in data.eval_batches(prepared, config,
+                                                            *args)])
+  whole = tokens()
+  np.testing.assert_array_equal(tokens(), whole,
                                 "eval batches differ between calls")
-  parts = [data.eval_batches(prepared, config, p, 2) for p in (0, 1)]
+  parts = [tokens(p, 2) for p in (0, 1)]
   np.testing.assert_array_equal(
       np.stack(parts, axis=2).reshape(whole.shape), whole,
       "process slices do not interleave into the global eval batches")
@@ -229,7 +236,7 @@ def test_batch_size_must_divide_by_process_count(small):
 
 def test_train_and_validation_share_no_file(stdlib, tmp_path):
   config, _ = stdlib
-  name = corpus.stdlib_config(config.data.eval_fraction).name
+  name = stdlib_corpus.stdlib_config(config.data.eval_fraction).name
   tfds_dir = os.path.join(config.data.data_dir, "tfds")
 
   def paths(directory):
@@ -243,10 +250,10 @@ def test_train_and_validation_share_no_file(stdlib, tmp_path):
   train, validation = paths(tfds_dir)
   assert not train & validation, f"in both splits: {sorted(train & validation)}"
   assert train | validation == set(
-      corpus.stdlib_files(corpus.stdlib_root())), "files lost from the corpus"
+      stdlib_corpus.stdlib_files(stdlib_corpus.stdlib_root())), "files lost from the corpus"
   assert 0 < len(validation) < 0.15 * len(train), (
       f"{len(validation)} held out vs {len(train)}: eval_fraction ignored")
-  corpus.prepare_stdlib(str(tmp_path), config.data.eval_fraction)
+  stdlib_corpus.prepare_stdlib(str(tmp_path), config.data.eval_fraction)
   assert paths(str(tmp_path)) == [train, validation], (
       "a rebuilt corpus puts some files on the other side")
 
@@ -303,17 +310,17 @@ def test_missing_tokenizer_path_raises(tmp_path):
 
 def test_tfds_source_reads_prepared_dataset_by_name(stdlib):
   config, _ = stdlib
-  name = corpus.stdlib_config(config.data.eval_fraction).name
+  name = stdlib_corpus.stdlib_config(config.data.eval_fraction).name
   config = tiny_config(config.data.data_dir, dataset=f"tfds:python_stdlib/"
                        f"{name}", train_split="train", eval_split="validation")
   root = config.data.data_dir
   train, _ = corpus.open_splits(config, root)
   texts = {hashlib.sha256(t.encode()).hexdigest()
            for chunk in train.texts() for t in chunk}
-  stdlib_root = corpus.stdlib_root()
+  stdlib_root = stdlib_corpus.stdlib_root()
   expected = set()
-  for path in corpus.stdlib_files(stdlib_root):
-    if not corpus.is_eval_path(path, config.data.eval_fraction):
+  for path in stdlib_corpus.stdlib_files(stdlib_root):
+    if not stdlib_corpus.is_eval_path(path, config.data.eval_fraction):
       with open(os.path.join(stdlib_root, path), "rb") as f:
         text = f.read().decode("utf-8", errors="replace")
       expected.add(hashlib.sha256(text.encode()).hexdigest())
@@ -333,7 +340,7 @@ def test_missing_tfds_dataset_message_needs_no_tensorflow_cli(tmp_path, name):
 
 
 def test_prepare_command_in_the_message_builds_without_tensorflow(tmp_path):
-  name = f"python_stdlib/{corpus.stdlib_config(0.05).name}"
+  name = f"python_stdlib/{stdlib_corpus.stdlib_config(0.05).name}"
   config = tiny_config(str(tmp_path), dataset=f"tfds:{name}")
   with pytest.raises(ConfigError, match="is not prepared") as error:
     data.prepare(config)
@@ -367,10 +374,10 @@ spec.loader.exec_module(tiny)
 config = tiny.get_config()
 config.data.data_dir = {data_dir!r}
 from bitnet_jax import data
-from bitnet_jax.data import corpus
-corpus.prepare_stdlib({str(tmp_path)!r}, 0.05)  # a fresh TFDS build
+from bitnet_jax.data import stdlib as stdlib_corpus
+stdlib_corpus.prepare_stdlib({str(tmp_path)!r}, 0.05)  # a fresh TFDS build
 prepared = data.prepare(config)
-assert next(data.train_iterator(prepared, config)).shape == (8, 33)
+assert next(data.train_iterator(prepared, config))["tokens"].shape == (8, 33)
 print(sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow"))
 """
   result = subprocess.run([sys.executable, "-c", code], check=False,

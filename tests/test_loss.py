@@ -37,8 +37,8 @@ def test_split_window_shifts_targets_by_one():
 
 def test_next_token_model_has_near_zero_loss_and_copy_model_high_loss():
   window = _incrementing_window()
-  good, good_aux = loss.next_token_loss(next_token_model, window)
-  bad, bad_aux = loss.next_token_loss(copy_model, window)
+  good, good_aux = loss.next_token_loss(next_token_model, {"tokens": window})
+  bad, bad_aux = loss.next_token_loss(copy_model, {"tokens": window})
   assert good < 1e-3 and good_aux["accuracy"] == 1.0, (
       f"predicting token i+1 scored {good}: targets are not shifted")
   assert bad > CONFIDENCE / 2 and bad_aux["accuracy"] == 0.0, (
@@ -79,3 +79,24 @@ def test_z_loss_adds_squared_log_partition():
   expected = plain + 1e-2 * jax.nn.logsumexp(logits, -1) ** 2
   np.testing.assert_allclose(with_z, expected, rtol=1e-5,
                              err_msg="z-loss is not w * logsumexp^2")
+
+
+def test_the_target_starting_the_next_document_is_not_scored():
+  from bitnet_jax.data.stream import document_features  # pylint: disable=g-import-not-at-top
+  eot = 0
+  window = np.array([[5, 6, eot, 7, 8, eot, 9]], np.int32)
+  batch = document_features(window, eot)
+  _, targets, features, weights = loss.split_batch(batch)
+  np.testing.assert_array_equal(
+      weights[0], [1, 1, 0, 1, 1, 0],
+      "only the positions whose input is EOT (target: next doc) get weight 0")
+  np.testing.assert_array_equal(features["segment_ids"][0], [1, 1, 1, 2, 2, 2])
+
+  def uniform_except_at_eot(inputs, **_):
+    logits = jnp.zeros(inputs.shape + (10,))
+    return jnp.where((inputs == eot)[..., None], -1e4 * jax.nn.one_hot(
+        targets, 10), logits)  # hopeless only where the target is masked
+
+  value, _ = loss.next_token_loss(uniform_except_at_eot, batch)
+  np.testing.assert_allclose(value, np.log(10), rtol=1e-6,
+                             err_msg="a cross-document position was scored")

@@ -124,3 +124,36 @@ def test_bfloat16_compute_keeps_float32_params(tiny_config):
   assert dtypes == {jnp.dtype(jnp.float32)}, f"param dtypes {dtypes}"
   logits = model(jnp.zeros((1, 4), jnp.int32))
   assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
+
+
+@pytest.mark.parametrize("quantization", ["ternary", "none"])
+def test_packed_documents_do_not_see_each_other(tiny_config, quantization):
+  """With segment ids and positions, document B in a packed window gets the
+  logits it gets alone at the start of a window, and changing B leaves
+  document A's logits alone."""
+  from bitnet_jax.data.stream import document_features  # pylint: disable=g-import-not-at-top
+  model = _model(tiny_config, quantization=quantization)
+  vocab, eot = tiny_config.model.vocab_size, 0
+  key_a, key_b = jax.random.split(jax.random.key(1))
+  doc_a = np.asarray(jax.random.randint(key_a, (1, 7), 1, vocab))
+  doc_b = np.asarray(jax.random.randint(key_b, (1, 9), 1, vocab))
+  window = np.concatenate([doc_a, [[eot]], doc_b], axis=1)  # A EOT B
+  features = document_features(window, eot)
+  np.testing.assert_array_equal(
+      features["positions"][0], list(range(8)) + list(range(9)),
+      "positions must restart after the end-of-text token")
+  packed = model(window, segment_ids=features["segment_ids"],
+                 positions=features["positions"])
+  alone = model(doc_b)
+  np.testing.assert_allclose(
+      packed[:, 8:], alone, rtol=1e-5, atol=1e-5,
+      err_msg="document B's logits depend on document A")
+  changed_b = window.copy()
+  changed_b[:, 8:] = (changed_b[:, 8:] + 5) % (vocab - 1) + 1
+  changed = model(changed_b, segment_ids=features["segment_ids"],
+                  positions=features["positions"])
+  np.testing.assert_array_equal(packed[:, :8], changed[:, :8],
+                                "document A's logits depend on document B")
+  unmasked = model(window)
+  assert not np.allclose(unmasked[:, 8:], alone, atol=1e-3), (
+      "without segment ids B should see A: the test cannot tell")

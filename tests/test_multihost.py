@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from bitnet_jax import data, train
-from drivers import REPO
+from drivers import REPO, stream_config
 
 WORKER = """
 import os, sys
@@ -135,3 +135,28 @@ def test_sigterm_to_one_host_stops_every_host_at_the_same_checkpoint(
   saved = os.path.join(workdir, "checkpoints", steps[0][0], "data")
   assert sorted(n for n in os.listdir(saved) if n.endswith(".json")) == [
       "process_0-of-2.json", "process_1-of-2.json"], "not both hosts saved"
+
+
+def test_two_hosts_stream_their_own_files_and_resume_their_own_positions(
+    tiny_config, tmp_path):
+  corpus = stream_config(tiny_config, str(tmp_path / "corpus"),
+                         packing="document").data
+  overrides = {f"data.{key}": corpus[key] for key in (
+      "dataset", "eval_dataset", "data_dir", "shuffle_buffer_size",
+      "read_concurrency", "packing")}
+  overrides.update({"train.steps": 4, "train.log_every": 1,
+                    "train.eval_every": 4, "train.checkpoint_every": 4,
+                    "optimizer.warmup_steps": 1})
+  data.prepare(tiny_config)  # the BPE is trained once, before the workers
+  workdir = str(tmp_path / "run")
+  _run_workers(overrides, workdir)
+  saved = os.path.join(workdir, "checkpoints", "4", "data")
+  states = []
+  for process in range(2):
+    with open(os.path.join(saved, f"process_{process}-of-2.json")) as f:
+      states.append(f.read())
+  assert states[0] != states[1], "both hosts saved the same stream position"
+  logs = _run_workers({**overrides, "train.steps": 6}, workdir)
+  for i, log in enumerate(logs):
+    assert "resuming at step 4" in log, f"worker {i} did not resume:\n{log}"
+  assert sorted(_losses(workdir)) == list(range(7)), "steps 5-6 not logged"

@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from absl import flags
 
 from bitnet_jax import train
+from drivers import stream_config
 
 TRAIN_KEYS = {"step", "loss", "learning_rate", "weight_decay", "grad_norm",
               "tokens_seen", "tokens_per_sec"}
@@ -61,9 +63,14 @@ def test_tiny_run_learns_and_logs_every_required_metric(tiny_config,
   assert os.listdir(tmp_path / "tensorboard"), "no TensorBoard events"
 
 
+@pytest.mark.parametrize("source", ["stdlib", "jsonl stream"])
 def test_resumed_run_repeats_the_uninterrupted_losses_exactly(
-    tiny_config, tmp_path, monkeypatch):
+    tiny_config, tmp_path, monkeypatch, source):
   config = tiny_config  # default mesh: all 8 simulated devices
+  if source == "jsonl stream":  # the grain stream resumes from the checkpoint
+    flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
+    stream_config(config, str(tmp_path / "corpus"), packing="document",
+                  worker_count=1)
   config.train.steps, config.train.log_every = 20, 1
   config.train.checkpoint_every, config.train.eval_every = 10, 10
   config.optimizer.warmup_steps = 2

@@ -1,12 +1,18 @@
-"""Data layer: corpora, tokenizer, token caches and the grain pipeline.
+"""Data layer: corpora, tokenizer, token caches or streams, grain pipelines.
 
 Usage (the train loop):
 
   prepared = data.prepare(config)  # builds/loads everything, idempotent
   batches = data.train_iterator(prepared, config, process_index, process_count)
-  batch = next(batches)  # np.int32 [batch_size // process_count, seq_len + 1]
+  batch = next(batches)
+  # batch["tokens"]: np.int32 [batch_size // process_count, seq_len + 1];
+  # with data.packing="document" also batch["segment_ids"], ["positions"]
   held_out = data.eval_batches(prepared, config, process_index, process_count)
-  # held_out: np.int32 [eval_batches, batch_size // process_count, seq_len + 1]
+  # held_out: train.eval_batches such dicts, the same at every call
+
+Modules: `corpus` (which documents), `sources` (file formats, per-epoch file
+order), `tokenizer`, `pipeline` (token caches, mode choice), `stream`
+(streaming, packing, document features).
 """
 
 from __future__ import annotations

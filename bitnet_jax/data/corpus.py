@@ -1,18 +1,20 @@
-"""Text sources: the embedded stdlib corpus, prepared TFDS datasets, files.
+"""Text sources: the embedded stdlib corpus, TFDS datasets, file corpora.
 
 `open_splits(config)` turns `config.data.dataset` into two `TextSplit`s (train
-and eval), each a random-access sequence of documents (Python `str`):
+and eval), each the documents (Python `str`) of one side:
 
   "stdlib"  the `.py` files of the running interpreter's standard library,
             built once (~0.5 s, no download) into the TFDS ArrayRecord dataset
-            `python_stdlib/py<MAJOR><MINOR>` in `DATA_DIR/tfds`, then read
-            like any TFDS dataset.
+            `python_stdlib/py<MAJOR><MINOR>` in `DATA_DIR/tfds`
+            (`data.stdlib`), then read like any TFDS dataset.
   "tfds:NAME[/CONFIG]"  a TFDS dataset already prepared in ArrayRecord format
             in `DATA_DIR/tfds`: splits `data.train_split`/`data.eval_split`,
             text `data.text_feature`. Nothing is downloaded at run time.
   "files:GLOB"  local UTF-8 text files, one document per file.
+  "parquet:GLOB", "jsonl:GLOB", "arrayrecord:GLOB"  sharded corpora
+            (`data.sources`), read in order or streamed.
 
-For "stdlib" and "files:" a file is held out for evaluation when a stable hash
+For all but "tfds:" a file is held out for evaluation when a stable hash
 of its relative path falls below `data.eval_fraction`, so no file is on both
 sides and a file keeps its side across rebuilds and machines.
 """
@@ -22,165 +24,61 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import itertools
 import json
 import os
 import shlex
 import sys
-import sysconfig
 from collections.abc import Callable, Iterator
-from typing import ClassVar
 
+import fsspec
 import tensorflow_datasets as tfds
-from absl import logging
 
 from bitnet_jax.config import ConfigError
+from bitnet_jax.data import sources
+from bitnet_jax.data.stdlib import is_eval_path, prepare_stdlib
 
-STDLIB_DATASET = "python_stdlib"  # TFDS name of the embedded corpus
-DEFAULT_EVAL_FRACTION = 0.05  # base_config's data.eval_fraction; see below
-_EXCLUDED_DIRS = ("site-packages", "dist-packages")  # third-party code
 _READ_CHUNK = 256  # documents fetched per random-access read
-
-
-def is_eval_path(relative_path: str, eval_fraction: float) -> bool:
-  """True when a file belongs to the eval split (stable across runs/hosts).
-
-  The first 8 bytes of sha256(relative_path, UTF-8, "/" separators) read as a
-  fraction in [0, 1) are compared with `eval_fraction`.
-  """
-  name = relative_path.replace(os.sep, "/").encode("utf-8")
-  digest = hashlib.sha256(name).digest()
-  return int.from_bytes(digest[:8], "big") / 2.0**64 < eval_fraction
 
 
 @dataclasses.dataclass(frozen=True)
 class TextSplit:
-  """One side (train or eval) of a corpus: documents readable by index.
+  """One side (train or eval) of a corpus: its documents, and their files.
 
   Attributes:
     key: stable identity of the split's content (dataset, split, version,
       size); part of the tokenizer and token-cache keys.
-    size: number of documents.
-    read: maps a list of document indices (each in [0, size)) to their texts.
+    size: number of documents; None for file corpora (parquet, jsonl,
+      arrayrecord), whose count is known only once read.
+    read: maps a list of document indices (each in [0, size)) to their texts
+      (random-access sources); None for file corpora.
+    scheme: "parquet", "jsonl" or "arrayrecord" for a file corpus, else "".
+    files: a file corpus's files, sorted; read in this order by `texts`.
+    text_feature: the column / field holding a file corpus's text.
   """
   key: str
-  size: int
-  read: Callable[[list[int]], list[str]]
+  size: int | None
+  read: Callable[[list[int]], list[str]] | None = None
+  scheme: str = ""
+  files: tuple[str, ...] = ()
+  text_feature: str = "text"
 
   def __len__(self) -> int:
+    if self.size is None:
+      raise TypeError(f"{self.key}: a file corpus's size is unknown")
     return self.size
 
   def texts(self, chunk: int = _READ_CHUNK) -> Iterator[list[str]]:
     """Yields the documents in order, as lists of at most `chunk` strings."""
-    for start in range(0, self.size, chunk):
-      yield self.read(list(range(start, min(start + chunk, self.size))))
-
-
-# --- the embedded corpus -----------------------------------------------------
-
-
-def stdlib_root() -> str:
-  """Returns the running interpreter's standard-library directory."""
-  return sysconfig.get_paths()["stdlib"]
-
-
-def stdlib_files(root: str) -> list[str]:
-  """Returns the sorted `.py` paths under `root`, relative to it ("/"-joined).
-
-  Directories named site-packages / dist-packages are skipped.
-  """
-  found = []
-  for directory, subdirs, files in os.walk(root):
-    subdirs[:] = sorted(d for d in subdirs if d not in _EXCLUDED_DIRS)
-    for name in sorted(files):
-      if name.endswith(".py"):
-        relative = os.path.relpath(os.path.join(directory, name), root)
-        found.append(relative.replace(os.sep, "/"))
-  return found
-
-
-class PythonStdlibConfig(tfds.core.BuilderConfig):
-  """A corpus of one interpreter version at one eval fraction."""
-
-  def __init__(self, *, eval_fraction: float = DEFAULT_EVAL_FRACTION,
-               **kwargs):
-    super().__init__(**kwargs)
-    self.eval_fraction = eval_fraction
-
-
-def stdlib_config(eval_fraction: float) -> PythonStdlibConfig:
-  """Returns the builder config of this interpreter at `eval_fraction`.
-
-  Named `py311` (for CPython 3.11) at the default fraction 0.05, otherwise
-  e.g. `py311_eval0.1`, so different interpreters or splits never mix.
-  """
-  name = f"py{sys.version_info.major}{sys.version_info.minor}"
-  if eval_fraction != DEFAULT_EVAL_FRACTION:
-    name += f"_eval{eval_fraction:g}"
-  return PythonStdlibConfig(
-      name=name, eval_fraction=eval_fraction,
-      description=f"Python {sys.version.split()[0]} stdlib, "
-      f"{eval_fraction:g} of files held out by path hash.")
-
-
-class PythonStdlib(tfds.core.GeneratorBasedBuilder):
-  """The `.py` files of the running interpreter's standard library.
-
-  Features: "text" (the file's content, UTF-8 with invalid bytes replaced)
-  and "path" (relative to the stdlib root). Splits: "train", "validation".
-  """
-
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release."}
-  BUILDER_CONFIGS: ClassVar[list[PythonStdlibConfig]] = [
-      stdlib_config(DEFAULT_EVAL_FRACTION)]
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({
-            "text": tfds.features.Text(),
-            "path": tfds.features.Text(),
-        }))
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # nothing to download
-    expected = stdlib_config(self.builder_config.eval_fraction).name
-    if self.builder_config.name != expected:
-      raise ValueError(
-          f"{STDLIB_DATASET}/{self.builder_config.name} can only be built by "
-          f"its own Python version; this interpreter builds {expected}.")
-    return {"train": self._generate_examples(held_out=False),
-            "validation": self._generate_examples(held_out=True)}
-
-  def _generate_examples(self, held_out: bool):
-    root = stdlib_root()
-    fraction = self.builder_config.eval_fraction
-    for relative in stdlib_files(root):
-      if is_eval_path(relative, fraction) == held_out:
-        with open(os.path.join(root, relative), "rb") as f:
-          text = f.read().decode("utf-8", errors="replace")
-        yield relative, {"text": text, "path": relative}
-
-
-def prepare_stdlib(tfds_dir: str, eval_fraction: float) -> str:
-  """Builds the stdlib corpus in `tfds_dir` unless present; returns its name.
-
-  Returns:
-    The TFDS name, e.g. "python_stdlib/py311", readable with
-    `tfds.data_source(name, split="train" | "validation", data_dir=tfds_dir)`.
-  """
-  config = stdlib_config(eval_fraction)
-  registered = config.name in PythonStdlib.builder_configs
-  builder = PythonStdlib(data_dir=tfds_dir,
-                         config=config.name if registered else config,
-                         file_format="array_record")
-  if not builder.is_prepared():
-    logging.info("Building the %s/%s corpus from %s into %s", STDLIB_DATASET,
-                 config.name, stdlib_root(), tfds_dir)
-    tfds.disable_progress_bar()
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-  return f"{STDLIB_DATASET}/{config.name}"
+    if self.read is not None:
+      for start in range(0, self.size, chunk):
+        yield self.read(list(range(start, min(start + chunk, self.size))))
+      return
+    documents = itertools.chain.from_iterable(
+        sources.FileDocuments(self.scheme, path, self.text_feature)
+        for path in self.files)
+    while batch := list(itertools.islice(documents, chunk)):
+      yield batch
 
 
 # --- generic sources ---------------------------------------------------------
@@ -257,9 +155,52 @@ def glob_root(pattern: str) -> str:
   return os.sep.join(fixed) or ("/" if pattern.startswith(os.sep) else ".")
 
 
+def split_by_path_hash(paths: list[str], pattern: str, eval_fraction: float,
+                       dataset: str) -> tuple[list[str], list[str]]:
+  """Splits `paths` into (train, eval) by `is_eval_path`.
+
+  Each path is hashed relative to `glob_root(pattern)`, the glob's fixed
+  directory, so a corpus keeps its split wherever it is stored.
+
+  Raises:
+    ConfigError: naming `dataset` and `data.eval_fraction` when one side is
+      empty.
+  """
+  root = glob_root(pattern)
+  if "://" not in root:
+    root = os.path.abspath(root)
+  sides = {False: [], True: []}
+  for path in paths:
+    relative = path[len(root):].lstrip("/") if path.startswith(root) else path
+    sides[is_eval_path(relative, eval_fraction)].append(path)
+  for held_out, name in ((False, "train"), (True, "eval")):
+    if not sides[held_out]:
+      raise ConfigError(
+          f"{dataset}: the {name} side of the split is empty ({len(paths)} "
+          f"files, config.data.eval_fraction={eval_fraction}); add files, "
+          f"change data.eval_fraction or set data.eval_dataset")
+  return sides[False], sides[True]
+
+
+def listing_key(paths: list[str]) -> str:
+  """A hash of the files' names, sizes and modification times.
+
+  Part of a split's key, so an edited or replaced file invalidates the
+  tokenizer and token caches built from it.
+  """
+  listing = hashlib.sha256()
+  for path in paths:
+    fs, local = fsspec.core.url_to_fs(path)
+    info = fs.info(local)
+    modified = next((info[k] for k in ("mtime", "LastModified", "updated",
+                                       "created") if k in info), "")
+    listing.update(f"{path}\0{info.get('size')}\0{modified}\n".encode())
+  return listing.hexdigest()[:16]
+
+
 def files_splits(pattern: str, eval_fraction: float
                  ) -> tuple[TextSplit, TextSplit]:
-  """Splits the files matching `pattern` (recursive glob) by path hash.
+  """Splits the files matching `pattern` (recursive glob, any fsspec URL).
 
   Paths are hashed relative to `glob_root(pattern)`. Split keys include each
   file's size and mtime, so edited files invalidate the caches.
@@ -269,43 +210,62 @@ def files_splits(pattern: str, eval_fraction: float
       split is empty, or a file is not valid UTF-8.
   """
   dataset = f"config.data.dataset='files:{pattern}'"
-  root = glob_root(pattern)
-  paths = sorted(p for p in glob.glob(os.path.expanduser(pattern),
-                                      recursive=True) if os.path.isfile(p))
-  if not paths:
-    raise ConfigError(f"{dataset} matches no file; check the glob (it is "
-                      f"resolved from {os.getcwd()}, '**' recurses)")
-  sides = {False: [], True: []}
-  for path in paths:
-    sides[is_eval_path(os.path.relpath(path, root), eval_fraction)].append(path)
+  paths = sources.expand("files", pattern, "data.dataset")
+  sides = split_by_path_hash(paths, pattern, eval_fraction, dataset)
 
   def read(side: list[str], indices: list[int]) -> list[str]:
     texts = []
     for i in indices:
       try:
-        with open(side[i], encoding="utf-8") as f:
-          texts.append(f.read())
+        with fsspec.open(side[i], "rb") as f:
+          texts.append(f.read().decode("utf-8"))
       except UnicodeDecodeError as e:
         raise ConfigError(f"{dataset}: {side[i]} is not UTF-8 text ({e}); "
                           f"narrow the glob to text files") from e
     return texts
 
   splits = []
-  for held_out, name in ((False, "train"), (True, "eval")):
-    side = sides[held_out]
-    if not side:
-      raise ConfigError(
-          f"{dataset}: the {name} side of the split is empty ({len(paths)} "
-          f"files, config.data.eval_fraction={eval_fraction}); add files or "
-          f"change data.eval_fraction")
-    listing = hashlib.sha256()
-    for path in side:
-      stat = os.stat(path)
-      listing.update(f"{os.path.abspath(path)}\0{stat.st_size}\0"
-                     f"{stat.st_mtime_ns}\n".encode())
-    key = f"files:{pattern}:{name}:{eval_fraction}:{listing.hexdigest()[:16]}"
+  for side, name in zip(sides, ("train", "eval")):
+    key = f"files:{pattern}:{name}:{eval_fraction}:{listing_key(side)}"
     splits.append(TextSplit(key=key, size=len(side),
                             read=lambda idx, side=side: read(side, idx)))
+  return splits[0], splits[1]
+
+
+def stream_splits(config) -> tuple[TextSplit, TextSplit]:
+  """The (train, eval) file lists of a parquet / jsonl / arrayrecord corpus.
+
+  Eval files are `data.eval_dataset`'s when set, else the files held out by
+  path hash (`data.eval_fraction`, paths relative to the glob's fixed
+  directory).
+
+  Raises:
+    ConfigError: naming `data.dataset` / `data.eval_dataset` for a glob that
+      matches nothing, or one side of the split being empty.
+  """
+  d = config.data
+  scheme, _, pattern = d.dataset.partition(":")
+  paths = sources.expand(scheme, pattern, "data.dataset")
+  if d.eval_dataset:
+    train = paths
+    held_out = sources.expand(scheme, d.eval_dataset.partition(":")[2],
+                              "data.eval_dataset")
+    overlap = sorted(set(train) & set(held_out))
+    if overlap:
+      raise ConfigError(f"config.data.eval_dataset={d.eval_dataset!r} shares "
+                        f"{len(overlap)} files with data.dataset (e.g. "
+                        f"{overlap[0]}); evaluation data must be held out")
+    how = f"eval:{d.eval_dataset}"
+  else:
+    train, held_out = split_by_path_hash(
+        paths, pattern, d.eval_fraction,
+        f"config.data.dataset={d.dataset!r}")
+    how = f"fraction:{d.eval_fraction}"
+  splits = []
+  for side, name in ((train, "train"), (held_out, "eval")):
+    key = f"{d.dataset}:{name}:{how}:{d.text_feature}:{listing_key(side)}"
+    splits.append(TextSplit(key=key, size=None, scheme=scheme,
+                            files=tuple(side), text_feature=d.text_feature))
   return splits[0], splits[1]
 
 
@@ -338,6 +298,9 @@ def open_splits(config, root: str) -> tuple[TextSplit, TextSplit]:
                        "data.eval_split"))
   if scheme == "files" and rest:
     return files_splits(rest, d.eval_fraction)
+  if scheme in ("parquet", "jsonl", "arrayrecord") and rest:
+    return stream_splits(config)
   raise ConfigError(f"config.data.dataset={d.dataset!r} is invalid: use "
-                    "'stdlib', 'tfds:NAME[/CONFIG]' or 'files:GLOB'.")
+                    "'stdlib', 'tfds:NAME[/CONFIG]', 'files:GLOB', "
+                    "'parquet:GLOB', 'jsonl:GLOB' or 'arrayrecord:GLOB'.")
 

@@ -1,6 +1,11 @@
-"""Token caches and the grain input pipeline.
+"""Token caches, the grain input pipeline, and the choice of mode.
 
-`prepare(config)` turns a corpus into two flat token files (train, eval):
+`data.mode`: "stream" reads file corpora as they train (`data.stream`);
+"prepared" tokenizes a split once into a token cache; "auto" streams
+`parquet:`, `jsonl:` and `arrayrecord:` datasets and prepares the others.
+
+In prepared mode, `prepare(config)` turns a corpus into two flat token files
+(train, eval):
 
   DATA_DIR/tokens/<KEY>/tokens.bin   the split's documents, tokenized and
                                      concatenated with "<|endoftext|>" between
@@ -22,6 +27,7 @@ n_tokens tokens has (n_tokens - 1) // seq_len windows.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -33,7 +39,8 @@ import numpy as np
 import tokenizers
 from absl import logging
 
-from bitnet_jax.config import ConfigError
+from bitnet_jax.config import STREAM_SCHEMES, ConfigError
+from bitnet_jax.data import stream
 from bitnet_jax.data import tokenizer as tokenizer_lib
 from bitnet_jax.data.corpus import TextSplit, open_splits
 
@@ -48,13 +55,17 @@ class PreparedData:
 
   Attributes:
     tokenizer: the tokenizer the caches were made with.
-    train_tokens: path of the train token file (flat `[train_n_tokens]`).
+    train_tokens: path of the train token file (flat `[train_n_tokens]`);
+      "" in stream mode.
     eval_tokens: path of the eval token file (flat `[eval_n_tokens]`).
     dtype: numpy dtype name of both token files, "uint16" or "uint32".
-    train_n_tokens: tokens in the train file.
+    train_n_tokens: tokens in the train file (0 in stream mode).
     eval_n_tokens: tokens in the eval file.
     eot_id: id of the document separator "<|endoftext|>".
     tokenizer_path: the tokenizer.json the tokenizer was loaded from/cached at.
+    mode: "prepared" or "stream" (`data.mode` resolved).
+    train_split: the train documents (their files, in stream mode).
+    eval_split: the eval documents.
   """
   tokenizer: tokenizers.Tokenizer = dataclasses.field(repr=False)
   train_tokens: str
@@ -64,6 +75,19 @@ class PreparedData:
   eval_n_tokens: int
   eot_id: int
   tokenizer_path: str
+  mode: str = "prepared"
+  train_split: TextSplit | None = dataclasses.field(
+      default=None, repr=False, compare=False)
+  eval_split: TextSplit | None = dataclasses.field(
+      default=None, repr=False, compare=False)
+
+
+def data_mode(config) -> str:
+  """`data.mode` resolved: "auto" streams parquet/jsonl/arrayrecord globs."""
+  if config.data.mode != "auto":
+    return config.data.mode
+  streams = config.data.dataset.partition(":")[0] in STREAM_SCHEMES
+  return "stream" if streams else "prepared"
 
 
 def data_root(config) -> str:
@@ -142,8 +166,7 @@ def token_cache(split: TextSplit, tokenizer: tokenizers.Tokenizer,
     return bin_path, meta["n_tokens"], meta["dtype"]
 
   dtype = token_dtype(tokenizer.get_vocab_size())
-  logging.info("Tokenizing %d documents of %s into %s", len(split), split.key,
-               bin_path)
+  logging.info("Tokenizing the documents of %s into %s", split.key, bin_path)
   os.makedirs(directory, exist_ok=True)
   tmp = tokenizer_lib.temporary_path(bin_path)
   n_tokens = n_documents = 0
@@ -190,6 +213,16 @@ def prepare(config) -> PreparedData:
   train, held_out = open_splits(config, root)
   tokenizer, tokenizer_path = tokenizer_lib.get_tokenizer(config, root, train)
   eot_id = tokenizer_lib.end_of_text_id(tokenizer, tokenizer_path)
+  mode = data_mode(config)
+  if mode == "stream":
+    logging.info("Streaming %d train files and %d eval files of %s",
+                 len(train.files), len(held_out.files), config.data.dataset)
+    return PreparedData(
+        tokenizer=tokenizer, train_tokens="", eval_tokens="",
+        dtype=token_dtype(tokenizer.get_vocab_size()).name,
+        train_n_tokens=0, eval_n_tokens=0, eot_id=eot_id,
+        tokenizer_path=tokenizer_path, mode=mode, train_split=train,
+        eval_split=held_out)
   train_path, train_n, dtype = token_cache(train, tokenizer, eot_id, root)
   eval_path, eval_n, _ = token_cache(held_out, tokenizer, eot_id, root)
   logging.info("Data ready: %d train tokens, %d eval tokens, vocab %d",
@@ -197,7 +230,8 @@ def prepare(config) -> PreparedData:
   return PreparedData(tokenizer=tokenizer, train_tokens=train_path,
                       eval_tokens=eval_path, dtype=dtype,
                       train_n_tokens=train_n, eval_n_tokens=eval_n,
-                      eot_id=eot_id, tokenizer_path=tokenizer_path)
+                      eot_id=eot_id, tokenizer_path=tokenizer_path,
+                      train_split=train, eval_split=held_out)
 
 
 class TokenWindows:
@@ -251,22 +285,30 @@ def train_iterator(prepared: PreparedData, config, process_index: int = 0,
                    process_count: int = 1) -> grain.DatasetIterator:
   """Returns this process's endless iterator of shuffled training batches.
 
-  Each epoch visits every train window once in a fresh order (grain's shuffle
-  reseeds with `data.shuffle_seed + epoch`); global position j goes to process
+  In stream mode see `stream.train_stream`. In prepared mode each epoch
+  visits every train window once in a fresh order (grain's shuffle reseeds
+  with `data.shuffle_seed + epoch`); global position j goes to process
   j % process_count, so the processes' batches stacked row-interleaved form
   the global batch. The iterator never raises StopIteration and supports
   `get_state()` / `set_state()` (checkpoint it with
   `grain.checkpoint.CheckpointSave` / `CheckpointRestore`).
 
   Yields:
-    np.int32 arrays `[train.batch_size // process_count, train.seq_len + 1]`.
+    dicts of np.int32 `[train.batch_size // process_count, seq_len + 1]`:
+    "tokens", and with `data.packing="document"` "segment_ids" and
+    "positions" (`stream.batch_features`).
 
   Raises:
     ConfigError: naming `train.batch_size` when it is not divisible by
       `process_count`, `train.seq_len` / `data.dataset` when the train split
-      has fewer windows than one global batch.
+      has fewer windows than one global batch, `data.dataset` /
+      `data.worker_count` when a streamed corpus has too few files.
   """
   local_batch = _local_batch_size(config, process_index, process_count)
+  if prepared.mode == "stream":
+    return stream.train_stream(prepared.train_split, prepared.tokenizer,
+                               prepared.eot_id, config, local_batch,
+                               process_index, process_count)
   windows = TokenWindows(prepared.train_tokens, prepared.train_n_tokens,
                          prepared.dtype, config.train.seq_len)
   if len(windows) < config.train.batch_size:
@@ -280,6 +322,9 @@ def train_iterator(prepared: PreparedData, config, process_index: int = 0,
   ds = ds.shuffle(seed=config.data.shuffle_seed).repeat()
   ds = ds[process_index::process_count]
   ds = ds.batch(local_batch, drop_remainder=True)
+  ds = ds.map(functools.partial(stream.batch_features,
+                                packing=config.data.packing,
+                                eot_id=prepared.eot_id))
   it = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=_READ_THREADS,
       prefetch_buffer_size=config.data.prefetch_buffer_size))
@@ -290,17 +335,18 @@ def train_iterator(prepared: PreparedData, config, process_index: int = 0,
 
 
 def eval_batches(prepared: PreparedData, config, process_index: int = 0,
-                 process_count: int = 1) -> np.ndarray:
+                 process_count: int = 1) -> list[dict]:
   """Returns this process's share of the fixed validation windows.
 
-  Global batch b holds eval windows [b * batch_size, (b + 1) * batch_size) in
-  file order (no shuffle), identical at every evaluation; this process takes
-  rows process_index, process_index + process_count, ... of each (the same
-  interleaving as `train_iterator`).
+  Prepared mode: global batch b holds eval windows [b * batch_size,
+  (b + 1) * batch_size) in file order (no shuffle); stream mode: the first
+  windows of the eval files (`stream.eval_stream_tokens`). Identical at every
+  evaluation; this process takes rows process_index, process_index +
+  process_count, ... of each (the same interleaving as `train_iterator`).
 
   Returns:
-    np.int32 `[train.eval_batches, train.batch_size // process_count,
-    train.seq_len + 1]`.
+    `train.eval_batches` dicts (see `train_iterator`) of np.int32
+    `[train.batch_size // process_count, train.seq_len + 1]`.
 
   Raises:
     ConfigError: naming `train.batch_size` when not divisible by
@@ -308,6 +354,21 @@ def eval_batches(prepared: PreparedData, config, process_index: int = 0,
       when the eval split has too few windows.
   """
   local_batch = _local_batch_size(config, process_index, process_count)
+  seq_len, n_batches = config.train.seq_len, config.train.eval_batches
+  if prepared.mode == "stream":
+    windows = stream.eval_stream_tokens(prepared.eval_split,
+                                        prepared.tokenizer, prepared.eot_id,
+                                        config)
+  else:
+    windows = _prepared_eval_windows(prepared, config)
+  windows = windows[:, process_index::process_count]
+  assert windows.shape == (n_batches, local_batch, seq_len + 1)
+  return [stream.batch_features(batch, config.data.packing, prepared.eot_id)
+          for batch in windows]
+
+
+def _prepared_eval_windows(prepared: PreparedData, config) -> np.ndarray:
+  """The first eval_batches x batch_size windows of the eval token file."""
   seq_len, batch_size = config.train.seq_len, config.train.batch_size
   n_batches = config.train.eval_batches
   windows = TokenWindows(prepared.eval_tokens, prepared.eval_n_tokens,
@@ -320,8 +381,6 @@ def eval_batches(prepared: PreparedData, config, process_index: int = 0,
         f"{batch_size}; set train.eval_batches<={len(windows) // batch_size} "
         f"(or raise data.eval_fraction, or lower train.seq_len)")
   rows = np.arange(n_batches * batch_size).reshape(n_batches, batch_size)
-  rows = rows[:, process_index::process_count]
-  assert rows.shape == (n_batches, local_batch)
   tokens = read_tokens(prepared.eval_tokens, prepared.eval_n_tokens,
                        prepared.dtype)
   offsets = rows[..., None] * seq_len + np.arange(seq_len + 1)

@@ -220,8 +220,8 @@ def get_tokenizer(config, root: str, train: TextSplit
         logging.warning("Cached tokenizer %s is unreadable (%s); retraining",
                         path, e)
     if tokenizer is None:
-      logging.info("Training a byte-level BPE (vocab %d) on %d train "
-                   "documents (at most %d characters)", vocab_size, len(train),
+      logging.info("Training a byte-level BPE (vocab %d) on the train split "
+                   "%s (at most %d characters)", vocab_size, train.key,
                    MAX_TRAINING_CHARS)
       tokenizer = train_bpe(train, vocab_size)
       write_atomically(path, tokenizer.to_str().encode("utf-8"))
