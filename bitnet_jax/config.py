@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.shuffle_seed = 0  # seed of the window shuffle (a new order every epoch)
   d.worker_count = 0  # grain worker processes; 0 = threads in this process
   d.prefetch_buffer_size = 4  # batches prepared ahead of the train step
-  d.shuffle_buffer_size = 1024  # stream: documents shuffled together
+  d.shuffle_buffer_size = 1024  # stream: documents per shuffled window
   d.read_concurrency = 4  # stream: files read at once per worker (interleave)
 
   c.train = t = ml_collections.ConfigDict()

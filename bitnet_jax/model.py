@@ -34,6 +34,19 @@ def attention_implementation(requested: str, dtype: jnp.dtype) -> str:
   return "cudnn" if on_gpu and dtype == jnp.bfloat16 else "xla"
 
 
+def document_mask(segment_ids: jax.Array) -> jax.Array:
+  """Which keys each query may see besides causality: its own segment's.
+
+  Args:
+    segment_ids: int32 `[batch, seq]`, the packed document of each token.
+
+  Returns:
+    bool `[batch, 1, seq (query), seq (key)]`, broadcast over heads (query
+    and key/value heads alike under GQA).
+  """
+  return segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+
+
 def kv_heads(config: ml_collections.ConfigDict) -> int:
   """Key/value heads of `config.model`: `n_kv_heads`, or n_heads when 0."""
   return config.n_kv_heads or config.n_heads
@@ -64,14 +77,14 @@ class Attention(nnx.Module):
     self.implementation = attention_implementation(
         config.attention_implementation, dtype)
 
-  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None,
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                positions: jax.Array | None = None) -> jax.Array:
     """Maps normalized `[batch, seq, d_model]` to `[batch, seq, d_model]`.
 
     Args:
       x: the normalized residual stream `[batch, seq, d_model]`.
-      segment_ids: optional int32 `[batch, seq]`; a token attends only to
-        earlier tokens of its own segment (packed documents).
+      mask: optional bool `[batch, 1, seq, seq]` (`document_mask`), applied
+        on top of the causal mask.
       positions: optional int32 `[batch, seq]` RoPE positions; default
         0..seq-1.
     """
@@ -81,9 +94,6 @@ class Attention(nnx.Module):
     kv_shape = (batch, seq, self.n_kv_heads, head_dim)
     if positions is None:
       positions = jnp.arange(seq, dtype=jnp.int32)
-    mask = None
-    if segment_ids is not None:  # [batch, 1, query, key], with is_causal
-      mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     q = apply_rope(self.q_proj(x).reshape(q_heads), positions,
                    self.rope_theta)
     k = apply_rope(self.k_proj(x).reshape(kv_shape), positions,
@@ -137,14 +147,14 @@ class Block(nnx.Module):
         config.d_model, eps=config.norm_eps, dtype=dtype, rngs=rngs)
     self.mlp = FeedForward(config, rngs=rngs)
 
-  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None,
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                positions: jax.Array | None = None) -> jax.Array:
     """Maps float32 `[batch, seq, d_model]` to the same shape and dtype.
 
-    `segment_ids` and `positions` (int32 `[batch, seq]`, optional) are
-    passed to attention (see `Attention.__call__`).
+    `mask` and `positions` (optional) are passed to attention (see
+    `Attention.__call__`).
     """
-    x = x + self.self_attn(self.input_layernorm(x), segment_ids,
+    x = x + self.self_attn(self.input_layernorm(x), mask,
                            positions).astype(jnp.float32)
     return x + self.mlp(self.post_attention_layernorm(x)).astype(jnp.float32)
 
@@ -187,8 +197,9 @@ class Transformer(nnx.Module):
       tokens[:, :i + 1] (causal), and of those only on its own segment's.
     """
     x = self.embed_tokens(tokens).astype(jnp.float32)
+    mask = None if segment_ids is None else document_mask(segment_ids)
     for block in self.layers:
-      x = block(x, segment_ids, positions)
+      x = block(x, mask, positions)
     x = self.norm(x)
     if self.lm_head is None:
       logits = self.embed_tokens.attend(x)

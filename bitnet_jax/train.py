@@ -34,13 +34,14 @@ State = train_state.State
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                     tx: optax.GradientTransformation, shardings: Any,
                     mesh: jax.sharding.Mesh
-                    ) -> Callable[[State, jax.Array], tuple[State, dict]]:
+                    ) -> Callable[[State, dict], tuple[State, dict]]:
   """Jits one optimizer step; the state argument is donated.
 
   The step maps (state, batch) to (new state, metrics); a batch is
   "tokens" int32 `[batch, seq_len + 1]` (plus "segment_ids" and "positions"
-  with document packing, see `loss.split_batch`). Metrics:: loss (nats/token), accuracy, grad_norm (before clipping),
-  learning_rate and weight_decay as applied in this step.
+  with document packing, see `loss.split_batch`). Metrics: loss
+  (nats/token), accuracy, grad_norm (before clipping), learning_rate and
+  weight_decay as applied in this step.
   """
   t = config.train
 
@@ -68,7 +69,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
 
 
 def make_eval_step(graphdef: nnx.GraphDef, param_shardings: Any,
-                   mesh: jax.sharding.Mesh) -> Callable[[Any, jax.Array], dict]:
+                   mesh: jax.sharding.Mesh) -> Callable[[Any, dict], dict]:
   """Jits the per-batch eval statistics (summed, see `metrics`)."""
 
   def eval_step(params: Any, batch: dict) -> dict:

@@ -31,8 +31,8 @@ def time_steps(config, steps: int) -> float:
   step = train.make_train_step(config, graphdef, tx, shardings, mesh)
   rng = np.random.default_rng(0)
   shape = (config.train.batch_size, config.train.seq_len + 1)
-  batch = sharding.global_batch(
-      rng.integers(0, config.model.vocab_size, shape, dtype=np.int32), mesh)
+  batch = sharding.global_batch({"tokens": rng.integers(
+      0, config.model.vocab_size, shape, dtype=np.int32)}, mesh)
   state, step_metrics = step(state, batch)
   jax.block_until_ready(step_metrics)
   start = time.perf_counter()

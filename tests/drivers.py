@@ -91,8 +91,9 @@ def write_corpus(directory: str, scheme: str, docs: list[str],
       with open(path, "wb") as f:
         f.write(lines)
     elif scheme == "arrayrecord":
-      from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-      from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+      # pylint: disable=g-import-not-at-top
+      from array_record.python import array_record_module
+      from tensorflow_datasets.proto import tf_example_pb2
       writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
       for doc in part:
         record = doc.encode()

@@ -22,7 +22,7 @@ from absl import flags
 
 from bitnet_jax import data
 from bitnet_jax.config import ConfigError
-from bitnet_jax.data import corpus, pipeline, tokenizer
+from bitnet_jax.data import corpus, tokenizer
 from bitnet_jax.data import stdlib as stdlib_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -249,8 +249,8 @@ def test_train_and_validation_share_no_file(stdlib, tmp_path):
 
   train, validation = paths(tfds_dir)
   assert not train & validation, f"in both splits: {sorted(train & validation)}"
-  assert train | validation == set(
-      stdlib_corpus.stdlib_files(stdlib_corpus.stdlib_root())), "files lost from the corpus"
+  assert train | validation == set(stdlib_corpus.stdlib_files(
+      stdlib_corpus.stdlib_root())), "files lost from the corpus"
   assert 0 < len(validation) < 0.15 * len(train), (
       f"{len(validation)} held out vs {len(train)}: eval_fraction ignored")
   stdlib_corpus.prepare_stdlib(str(tmp_path), config.data.eval_fraction)
@@ -266,7 +266,7 @@ def test_second_prepare_does_not_retokenize(stdlib, monkeypatch):
   def fail(*args, **kwargs):
     raise AssertionError("prepare tokenized or trained again")
 
-  monkeypatch.setattr(pipeline, "encode_documents", fail)
+  monkeypatch.setattr(tokenizer, "encode_documents", fail)
   monkeypatch.setattr(tokenizer, "train_bpe", fail)
   again = data.prepare(config)
   assert (dataclasses.replace(again, tokenizer=None) ==

@@ -82,7 +82,8 @@ def test_z_loss_adds_squared_log_partition():
 
 
 def test_the_target_starting_the_next_document_is_not_scored():
-  from bitnet_jax.data.stream import document_features  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from bitnet_jax.data.stream import document_features
   eot = 0
   window = np.array([[5, 6, eot, 7, 8, eot, 9]], np.int32)
   batch = document_features(window, eot)

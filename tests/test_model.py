@@ -126,13 +126,18 @@ def test_bfloat16_compute_keeps_float32_params(tiny_config):
   assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
 
 
-@pytest.mark.parametrize("quantization", ["ternary", "none"])
-def test_packed_documents_do_not_see_each_other(tiny_config, quantization):
+@pytest.mark.parametrize("quantization,n_kv_heads", [("ternary", 0),
+                                                     ("none", 0),
+                                                     ("ternary", 1)])
+def test_packed_documents_do_not_see_each_other(tiny_config, quantization,
+                                                n_kv_heads):
   """With segment ids and positions, document B in a packed window gets the
-  logits it gets alone at the start of a window, and changing B leaves
-  document A's logits alone."""
-  from bitnet_jax.data.stream import document_features  # pylint: disable=g-import-not-at-top
-  model = _model(tiny_config, quantization=quantization)
+  logits it gets alone at the start of a window, whatever document A holds
+  (also under grouped-query attention)."""
+  # pylint: disable-next=g-import-not-at-top
+  from bitnet_jax.data.stream import document_features
+  model = _model(tiny_config, quantization=quantization,
+                 n_kv_heads=n_kv_heads)
   vocab, eot = tiny_config.model.vocab_size, 0
   key_a, key_b = jax.random.split(jax.random.key(1))
   doc_a = np.asarray(jax.random.randint(key_a, (1, 7), 1, vocab))
@@ -148,12 +153,12 @@ def test_packed_documents_do_not_see_each_other(tiny_config, quantization):
   np.testing.assert_allclose(
       packed[:, 8:], alone, rtol=1e-5, atol=1e-5,
       err_msg="document B's logits depend on document A")
-  changed_b = window.copy()
-  changed_b[:, 8:] = (changed_b[:, 8:] + 5) % (vocab - 1) + 1
-  changed = model(changed_b, segment_ids=features["segment_ids"],
+  changed_a = window.copy()
+  changed_a[:, :7] = (changed_a[:, :7] + 5) % (vocab - 1) + 1
+  changed = model(changed_a, segment_ids=features["segment_ids"],
                   positions=features["positions"])
-  np.testing.assert_array_equal(packed[:, :8], changed[:, :8],
-                                "document A's logits depend on document B")
+  np.testing.assert_array_equal(packed[:, 8:], changed[:, 8:],
+                                "document B's logits depend on document A")
   unmasked = model(window)
   assert not np.allclose(unmasked[:, 8:], alone, atol=1e-3), (
       "without segment ids B should see A: the test cannot tell")

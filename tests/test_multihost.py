@@ -9,6 +9,7 @@ by ternary rounding flips (see test_sharding.py).
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -144,19 +145,24 @@ def test_two_hosts_stream_their_own_files_and_resume_their_own_positions(
   overrides = {f"data.{key}": corpus[key] for key in (
       "dataset", "eval_dataset", "data_dir", "shuffle_buffer_size",
       "read_concurrency", "packing")}
-  overrides.update({"train.steps": 4, "train.log_every": 1,
-                    "train.eval_every": 4, "train.checkpoint_every": 4,
+  overrides.update({"train.steps": 6, "train.log_every": 1,
+                    "train.eval_every": 6, "train.checkpoint_every": 4,
                     "optimizer.warmup_steps": 1})
   data.prepare(tiny_config)  # the BPE is trained once, before the workers
   workdir = str(tmp_path / "run")
   _run_workers(overrides, workdir)
+  uninterrupted = _losses(workdir)
   saved = os.path.join(workdir, "checkpoints", "4", "data")
   states = []
   for process in range(2):
     with open(os.path.join(saved, f"process_{process}-of-2.json")) as f:
       states.append(f.read())
   assert states[0] != states[1], "both hosts saved the same stream position"
-  logs = _run_workers({**overrides, "train.steps": 6}, workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))  # back to step 4
+  logs = _run_workers(overrides, workdir)
   for i, log in enumerate(logs):
     assert "resuming at step 4" in log, f"worker {i} did not resume:\n{log}"
-  assert sorted(_losses(workdir)) == list(range(7)), "steps 5-6 not logged"
+  resumed = _losses(workdir)
+  assert sorted(resumed) == list(range(7)), "steps 5-6 not logged once"
+  assert [resumed[s] for s in (5, 6)] == [uninterrupted[s] for s in (5, 6)], (
+      "after the resume the hosts trained on other batches than before")

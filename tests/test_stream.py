@@ -11,7 +11,7 @@ from absl import flags
 
 from bitnet_jax import data, train
 from bitnet_jax.config import ConfigError
-from bitnet_jax.data import corpus, sources, stream
+from bitnet_jax.data import corpus, pipeline, sources, stream
 from bitnet_jax.data import stdlib as stdlib_corpus
 from drivers import corpus_documents, stream_config, write_corpus
 
@@ -75,23 +75,29 @@ def test_two_processes_read_disjoint_files_that_cover_the_corpus(
            for p in (0, 1)]
   for epoch in (0, 1):
     first, second = (set(part[epoch]) for part in parts)
-    assert not first & second, f"epoch {epoch}: both processes read {first & second}"
+    assert not first & second, (
+        f"epoch {epoch}: both processes read {first & second}")
     assert first | second == set(range(N_DOCS)), (
         f"epoch {epoch}: {set(range(N_DOCS)) - first - second} never read")
   files = [sources.epoch_files(list("abcdef"), 0, 0, p, 2) for p in (0, 1)]
   assert len(files[0]) == len(files[1]) == 3, files
 
 
-def test_the_stream_resumes_exactly_mid_epoch_with_two_workers(
-    tiny_config, tmp_path):
+@pytest.mark.parametrize("batches_before", [5, 70])
+def test_the_stream_resumes_exactly_with_two_workers(tiny_config, tmp_path,
+                                                     batches_before):
+  """Mid-epoch, and (70 batches, 35 per worker) past an epoch boundary."""
   flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
-  config = _stream_config(tiny_config, tmp_path, "parquet", worker_count=2,
-                          packing="document")
+  config = _stream_config(tiny_config, tmp_path, "parquet", n_docs=12,
+                          worker_count=2, packing="document")
   prepared = data.prepare(config)
   first = data.train_iterator(prepared, config)
-  for _ in range(5):
+  for _ in range(batches_before):
     next(first)
   state = json.loads(json.dumps(first.get_state()))  # as the checkpoint does
+  epochs = re.findall(r"'epoch': (\d+)", str(state))
+  assert epochs and (max(map(int, epochs)) > 0) == (batches_before > 5), (
+      f"the test meant to save in epoch {int(batches_before > 5)}: {epochs}")
   expected = [next(first) for _ in range(4)]
   first.close()
   resumed = data.train_iterator(prepared, config)
@@ -165,12 +171,14 @@ def test_a_glob_matching_nothing_names_the_key(tiny_config, tmp_path):
     corpus.open_splits(tiny_config, str(tmp_path))
 
 
-def test_a_parquet_file_without_the_text_column_names_file_and_key(tmp_path):
-  path, = write_corpus(str(tmp_path), "parquet", ["a", "b"], 1,
+@pytest.mark.parametrize("scheme", ["parquet", "jsonl", "arrayrecord"])
+def test_a_file_without_the_text_field_names_file_and_key(tmp_path, scheme):
+  path, = write_corpus(str(tmp_path), scheme, ["a", "b"], 1,
                        text_feature="content")
-  with pytest.raises(ConfigError, match=rf"data\.text_feature='text'.*{path}"
-                     r".*\['id', 'content'\]"):
-    _read_all("parquet", path)
+  have = r"\['content'\]" if scheme == "arrayrecord" else r"'content'"
+  with pytest.raises(ConfigError, match=rf"data\.text_feature='text'.*"
+                     rf"{re.escape(path)}.*{have}"):
+    _read_all(scheme, path)
 
 
 @pytest.mark.parametrize("scheme", ["parquet", "jsonl.gz", "arrayrecord",
@@ -201,6 +209,43 @@ def test_a_non_utf8_document_is_skipped_with_a_warning(tmp_path, caplog):
     assert _read_all("jsonl", path) == ["first", "third"]
   assert re.search(rf"skipping record 1 of {path}: it is not UTF-8",
                    caplog.text), caplog.text
+
+
+def test_blank_lines_and_multi_frame_zstd_lose_no_document(tmp_path):
+  import zstandard  # pylint: disable=g-import-not-at-top
+  frames = [zstandard.ZstdCompressor().compress(
+      (json.dumps({"text": f"frame {i}"}) + "\n\n").encode()) for i in range(3)]
+  path = tmp_path / "frames.jsonl.zst"
+  path.write_bytes(b"".join(frames))  # as `cat a.zst b.zst c.zst` makes
+  assert _read_all("jsonl", path) == ["frame 0", "frame 1", "frame 2"]
+
+
+def test_a_url_glob_streams_through_fsspec(tiny_config):
+  import fsspec  # pylint: disable=g-import-not-at-top
+  fs = fsspec.filesystem("memory")
+  for i in range(3):
+    with fs.open(f"/corpus/part-{i}.jsonl", "w") as f:
+      f.write(json.dumps({"text": f"remote {i}"}) + "\n")
+  paths = sources.expand("jsonl", "memory://corpus/*.jsonl", "data.dataset")
+  assert paths == [f"memory:///corpus/part-{i}.jsonl" for i in range(3)], paths
+  assert [_read_all("jsonl", p) for p in paths] == [
+      [f"remote {i}"] for i in range(3)]
+
+
+def test_prepared_mode_caches_a_file_corpus_and_auto_streams_it(
+    tiny_config, tmp_path):
+  config = _stream_config(tiny_config, tmp_path, n_docs=16)
+  assert pipeline.data_mode(config) == "stream", "auto must stream jsonl:"
+  config.data.mode = "prepared"
+  prepared = data.prepare(config)
+  assert prepared.mode == "prepared" and os.path.exists(
+      prepared.train_tokens), "no token cache in prepared mode"
+  tokens = np.fromfile(prepared.train_tokens, dtype=prepared.dtype)
+  text = prepared.tokenizer.decode(tokens.tolist(), skip_special_tokens=False)
+  ids = sorted(int(k) for k in re.findall(r"# doc (\d+)\n", text))
+  assert ids == list(range(16)), f"the cache holds documents {ids}"
+  assert next(data.train_iterator(prepared, config))["tokens"].shape == (
+      8, 33)
 
 
 def test_fewer_files_than_processes_or_workers_is_a_clear_error(

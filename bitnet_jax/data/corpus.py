@@ -6,13 +6,13 @@ and eval), each the documents (Python `str`) of one side:
   "stdlib"  the `.py` files of the running interpreter's standard library,
             built once (~0.5 s, no download) into the TFDS ArrayRecord dataset
             `python_stdlib/py<MAJOR><MINOR>` in `DATA_DIR/tfds`
-            (`data.stdlib`), then read like any TFDS dataset.
+            (`bitnet_jax.data.stdlib`), then read like any TFDS dataset.
   "tfds:NAME[/CONFIG]"  a TFDS dataset already prepared in ArrayRecord format
             in `DATA_DIR/tfds`: splits `data.train_split`/`data.eval_split`,
             text `data.text_feature`. Nothing is downloaded at run time.
   "files:GLOB"  local UTF-8 text files, one document per file.
   "parquet:GLOB", "jsonl:GLOB", "arrayrecord:GLOB"  sharded corpora
-            (`data.sources`), read in order or streamed.
+            (`bitnet_jax.data.sources`), read in order or streamed.
 
 For all but "tfds:" a file is held out for evaluation when a stable hash
 of its relative path falls below `data.eval_fraction`, so no file is on both
@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 import fsspec
 import tensorflow_datasets as tfds
 
-from bitnet_jax.config import ConfigError
+from bitnet_jax.config import STREAM_SCHEMES, ConfigError
 from bitnet_jax.data import sources
 from bitnet_jax.data.stdlib import is_eval_path, prepare_stdlib
 
@@ -298,7 +298,7 @@ def open_splits(config, root: str) -> tuple[TextSplit, TextSplit]:
                        "data.eval_split"))
   if scheme == "files" and rest:
     return files_splits(rest, d.eval_fraction)
-  if scheme in ("parquet", "jsonl", "arrayrecord") and rest:
+  if scheme in STREAM_SCHEMES and rest:
     return stream_splits(config)
   raise ConfigError(f"config.data.dataset={d.dataset!r} is invalid: use "
                     "'stdlib', 'tfds:NAME[/CONFIG]', 'files:GLOB', "

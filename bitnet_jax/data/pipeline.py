@@ -45,7 +45,6 @@ from bitnet_jax.data import tokenizer as tokenizer_lib
 from bitnet_jax.data.corpus import TextSplit, open_splits
 
 _CACHE_FORMAT = 1  # bump when the token file layout changes
-_ENCODE_CHUNK = 1024  # documents per encode_batch call (bounds memory)
 _READ_THREADS = 4  # grain threads slicing windows and stacking batches
 
 
@@ -110,13 +109,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
   return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def encode_documents(tokenizer: tokenizers.Tokenizer,
-                     texts: list[str]) -> list[list[int]]:
-  """Returns the token ids of each text (no special tokens are added)."""
-  return [e.ids for e in tokenizer.encode_batch(texts,
-                                                add_special_tokens=False)]
-
-
 def read_tokens(path: str, n_tokens: int, dtype: str) -> np.ndarray:
   """Maps a token file read-only: returns a `[n_tokens]` array of `dtype`."""
   return np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))
@@ -147,9 +139,9 @@ def token_cache(split: TextSplit, tokenizer: tokenizers.Tokenizer,
                 eot_id: int, root: str) -> tuple[str, int, str]:
   """Tokenizes `split` into `root/tokens/<key>/` unless already done.
 
-  Documents are encoded `_ENCODE_CHUNK` at a time and appended to a temporary
-  file, so memory stays bounded; the file is then renamed into place and the
-  metadata written last.
+  Documents are encoded `stream.ENCODE_CHUNK` at a time and appended to a
+  temporary file, so memory stays bounded; the file is then renamed into
+  place and the metadata written last.
 
   Returns:
     (path of tokens.bin, n_tokens, dtype name).
@@ -171,9 +163,9 @@ def token_cache(split: TextSplit, tokenizer: tokenizers.Tokenizer,
   tmp = tokenizer_lib.temporary_path(bin_path)
   n_tokens = n_documents = 0
   with open(tmp, "wb") as f:
-    for texts in split.texts(_ENCODE_CHUNK):
+    for texts in split.texts(stream.ENCODE_CHUNK):
       pieces = []
-      for ids in encode_documents(tokenizer, texts):
+      for ids in tokenizer_lib.encode_documents(tokenizer, texts):
         if n_documents:
           pieces.append((eot_id,))
         pieces.append(ids)

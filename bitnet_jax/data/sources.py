@@ -41,10 +41,12 @@ import grain
 import numpy as np
 from absl import logging
 
-from bitnet_jax.config import ConfigError
+from bitnet_jax.config import STREAM_SCHEMES, ConfigError
 
-FORMATS = ("parquet", "jsonl", "arrayrecord")
 _WARNINGS_PER_FILE = 3  # skipped-document warnings logged per file
+# Consecutive epochs in which a reader finds no document before it gives up:
+# files move between workers every epoch, so one empty epoch is possible.
+_MAX_EMPTY_EPOCHS = 8
 
 
 def expand(scheme: str, pattern: str, key: str) -> list[str]:
@@ -60,7 +62,8 @@ def expand(scheme: str, pattern: str, key: str) -> list[str]:
     fs, _ = fsspec.core.url_to_fs(pattern)
   except (ImportError, ValueError) as e:
     raise ConfigError(f"config.{key}='{scheme}:{pattern}': {e}") from e
-  paths = [p for p in fs.glob(pattern) if fs.isfile(p)]
+  listing = fs.glob(pattern, detail=True)  # one listing, no stat per file
+  paths = [p for p, info in listing.items() if info.get("type") == "file"]
   if not paths:
     where = "" if "://" in pattern else f" (resolved from {os.getcwd()})"
     raise ConfigError(f"config.{key}='{scheme}:{pattern}' matches no file"
@@ -113,7 +116,8 @@ def _decompressed(raw, path: str):
     return gzip.GzipFile(fileobj=raw)
   if path.endswith(".zst"):
     import zstandard  # pylint: disable=g-import-not-at-top
-    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(
+        raw, read_across_frames=True))
   return raw
 
 
@@ -125,6 +129,9 @@ def _jsonl_records(path: str, feature: str, start: int
       f = _decompressed(raw, path)
       for number, line in enumerate(f):
         if number < start:
+          continue
+        if not line.strip():
+          yield None  # a blank line: counted, skipped silently
           continue
         try:
           text = line.decode("utf-8")
@@ -144,28 +151,37 @@ def _jsonl_records(path: str, feature: str, start: int
         yield record[feature]
     except ConfigError:
       raise
-    except Exception as e:  # gzip/zlib/zstd damage; pylint: disable=broad-except
-      raise _bad_file(path, e) from e
+    except Exception as e:  # pylint: disable=broad-except
+      raise _bad_file(path, e) from e  # gzip / zlib / zstd damage
 
 
-def _example_text(record: bytes, feature: str) -> bytes:
-  """The `feature` bytes of a serialized tf.train.Example, else `record`."""
-  from google.protobuf.message import DecodeError  # pylint: disable=g-import-not-at-top
-  from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+def _example_text(record: bytes, feature: str, where: str) -> bytes:
+  """The `feature` bytes of a serialized tf.train.Example, else `record`.
+
+  Raises:
+    ConfigError: naming `data.text_feature` when the record is an Example
+      with features but not `feature` (`where` names file and record).
+  """
+  # pylint: disable=g-import-not-at-top
+  from google.protobuf.message import DecodeError
+  from tensorflow_datasets.proto import tf_example_pb2
   try:
     example = tf_example_pb2.Example.FromString(record)
   except DecodeError:
+    return record  # raw UTF-8 text
+  features = example.features.feature
+  if not features:
     return record
-  values = example.features.feature.get(feature)
-  if values is None or not values.bytes_list.value:
-    return record
-  return values.bytes_list.value[0]
+  if feature not in features or not features[feature].bytes_list.value:
+    raise _missing_feature(where, feature, sorted(features))
+  return features[feature].bytes_list.value[0]
 
 
 def _arrayrecord_records(path: str, feature: str, start: int
                          ) -> Iterator[str | bytes | None]:
   """Yields each record's text from record `start` on (random access)."""
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from array_record.python import array_record_module
   if "://" in path:
     raise ConfigError(f"config.data.dataset: {path}: ArrayRecord reads local "
                       f"files only; copy the shards to a local disk")
@@ -175,22 +191,26 @@ def _arrayrecord_records(path: str, feature: str, start: int
     count = reader.num_records()
   except Exception as e:  # pylint: disable=broad-except
     raise _bad_file(path, e) from e
+  completed = False
   try:
     for index in range(start, count):
       try:
         record = reader.read([index])[0]
       except Exception as e:  # pylint: disable=broad-except
         raise _bad_file(path, e) from e
-      yield _example_text(record, feature)
+      yield _example_text(record, feature, f"{path} record {index}")
+    completed = True
   finally:
     try:
       reader.close()  # verifies the file's trailer: may fail on damage
     except Exception as e:  # pylint: disable=broad-except
-      raise _bad_file(path, e) from e
+      if completed:  # (not while the generator is closed or failing)
+        raise _bad_file(path, e) from e
 
 
 _READERS = {"parquet": _parquet_records, "jsonl": _jsonl_records,
             "arrayrecord": _arrayrecord_records}
+assert tuple(_READERS) == STREAM_SCHEMES
 
 
 class _FileDocumentsIterator(grain.DatasetIterator):
@@ -205,7 +225,8 @@ class _FileDocumentsIterator(grain.DatasetIterator):
 
   def _open(self) -> Iterator:
     source = self._source
-    if source.path.startswith("/") and os.path.getsize(source.path) == 0:
+    fs, local = fsspec.core.url_to_fs(source.path)
+    if fs.size(local) == 0:
       logging.warning("skipping the empty file %s", source.path)
       return iter(())
     return _READERS[source.scheme](source.path, source.feature,
@@ -217,6 +238,8 @@ class _FileDocumentsIterator(grain.DatasetIterator):
     while True:
       record = next(self._records)
       self._consumed += 1
+      if record is None:  # blank line
+        continue
       if isinstance(record, bytes):
         try:
           record = record.decode("utf-8")
@@ -240,7 +263,13 @@ class _FileDocumentsIterator(grain.DatasetIterator):
     return {"consumed": self._consumed}
 
   def set_state(self, state: dict) -> None:
+    self.close()
     self._consumed = state["consumed"]
+
+  def close(self) -> None:
+    """Closes the open file (a later `next` reopens it where it was)."""
+    if self._records is not None and hasattr(self._records, "close"):
+      self._records.close()
     self._records = None
 
 
@@ -281,32 +310,41 @@ class _DocumentStreamIterator(grain.DatasetIterator):
     self._stream = stream
     self._epoch = 0
     self._files = stream.epoch_iterator(0)
-    self._empty_epochs = 0
+    self._served_this_epoch = False
+    self._empty_epochs = 0  # consecutive, ending with the previous epoch
 
   def __next__(self) -> dict:
     while True:
       try:
         text = next(self._files)
       except StopIteration:
-        self._empty_epochs += 1
-        if self._empty_epochs > 1:
+        self._empty_epochs = 0 if self._served_this_epoch else (
+            self._empty_epochs + 1)
+        if self._empty_epochs >= _MAX_EMPTY_EPOCHS:
           raise ConfigError(
               f"config.data.dataset: the files of this reader ("
-              f"{self._stream.describe()}) hold no documents; add data or "
-              "lower data.worker_count") from None
-        self._epoch += 1
-        self._files = self._stream.epoch_iterator(self._epoch)
+              f"{self._stream.describe()}) held no document in "
+              f"{_MAX_EMPTY_EPOCHS} epochs in a row; add data or lower "
+              "data.worker_count") from None
+        self._start_epoch(self._epoch + 1)
         continue
-      self._empty_epochs = 0
+      self._served_this_epoch = True
       return {"text": text, "epoch": self._epoch}
+
+  def _start_epoch(self, epoch: int) -> None:
+    self._files.close()  # its prefetch threads and open files
+    self._epoch, self._served_this_epoch = epoch, False
+    self._files = self._stream.epoch_iterator(epoch)
 
   def get_state(self) -> dict:
     return {"epoch": self._epoch, "files": self._files.get_state()}
 
   def set_state(self, state: dict) -> None:
-    self._epoch = state["epoch"]
-    self._files = self._stream.epoch_iterator(self._epoch)
+    self._start_epoch(state["epoch"])
     self._files.set_state(state["files"])
+
+  def close(self) -> None:
+    self._files.close()
 
 
 class DocumentStream(grain.IterDataset):
@@ -316,7 +354,9 @@ class DocumentStream(grain.IterDataset):
   at a time interleaved (grain's `InterleaveIterDataset`); every document of
   those files comes exactly once per epoch. Under `mp_prefetch`, grain calls
   `set_slice` so that worker w reads files w, w + workers, ... of the
-  process's list. Never raises StopIteration.
+  process's list. Never raises StopIteration; raises ConfigError when its
+  files hold no document for `_MAX_EMPTY_EPOCHS` epochs in a row, and the
+  errors of `FileDocuments` (corrupt file, missing text feature).
   """
 
   def __init__(self, scheme: str, paths: list[str], feature: str, *,
@@ -338,6 +378,11 @@ class DocumentStream(grain.IterDataset):
             f"{self.process_count}, worker slice {self.worker_slice}")
 
   def epoch_iterator(self, epoch: int) -> grain.DatasetIterator:
+    """An iterator over the documents of this reader's files in `epoch`.
+
+    Raises:
+      ConfigError: naming `data.worker_count` when this reader gets no file.
+    """
     files = epoch_files(self.paths, self.seed, epoch, self.process_index,
                         self.process_count)[self.worker_slice]
     if not files:

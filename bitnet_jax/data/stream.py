@@ -38,10 +38,11 @@ import numpy as np
 import tokenizers
 
 from bitnet_jax.config import ConfigError
+from bitnet_jax.data import tokenizer as tokenizer_lib
 from bitnet_jax.data.corpus import TextSplit
 from bitnet_jax.data.sources import DocumentStream
 
-_ENCODE_CHUNK = 256  # eval documents per encode_batch call
+ENCODE_CHUNK = 1024  # documents per encode_batch call (bounds memory)
 
 
 def document_features(tokens: np.ndarray, eot_id: int) -> dict:
@@ -90,6 +91,7 @@ class Tokenize(grain.transforms.Map):
     return {**self.__dict__, "_tokenizer": None}
 
   def map(self, element: dict) -> dict:
+    """{"text": str} -> {"tokens": int32 `[n_tokens + 1]`}, EOT last."""
     if self._tokenizer is None:
       self._tokenizer = tokenizers.Tokenizer.from_str(self.tokenizer_json)
     ids = self._tokenizer.encode(element["text"],
@@ -165,7 +167,8 @@ def train_stream(split: TextSplit, tokenizer: tokenizers.Tokenizer,
                                 eot_id=eot_id))
   if d.worker_count > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=d.worker_count))
+        num_workers=d.worker_count,
+        per_worker_buffer_size=d.prefetch_buffer_size))
   else:
     ds = grain.experimental.ThreadPrefetchIterDataset(
         ds, prefetch_buffer_size=d.prefetch_buffer_size)
@@ -175,9 +178,9 @@ def train_stream(split: TextSplit, tokenizer: tokenizers.Tokenizer,
 def _token_stream(split: TextSplit, tokenizer: tokenizers.Tokenizer,
                   eot_id: int) -> Iterator[int]:
   """The split's documents in file order, tokenized, each ending with EOT."""
-  for texts in split.texts(_ENCODE_CHUNK):
-    for encoding in tokenizer.encode_batch(texts, add_special_tokens=False):
-      yield from encoding.ids
+  for texts in split.texts(ENCODE_CHUNK):
+    for ids in tokenizer_lib.encode_documents(tokenizer, texts):
+      yield from ids
       yield eot_id
 
 

@@ -229,3 +229,10 @@ def get_tokenizer(config, root: str, train: TextSplit
                    tokenizer.get_vocab_size(), path)
   check_vocab(config, tokenizer.get_vocab_size(), path)
   return tokenizer, path
+
+
+def encode_documents(tokenizer: tokenizers.Tokenizer,
+                     texts: list[str]) -> list[list[int]]:
+  """Returns the token ids of each text (no special tokens are added)."""
+  return [e.ids for e in tokenizer.encode_batch(texts,
+                                                add_special_tokens=False)]
