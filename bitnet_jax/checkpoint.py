@@ -79,6 +79,17 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def mismatch_error(what: str, mismatch: list[str],
+                   fix: str) -> CheckpointMismatchError:
+  """The error for `describe_mismatch`'s lines: at most MAX_MISMATCH_LINES,
+  one per array, between `what` and `fix`."""
+  shown = mismatch[:MAX_MISMATCH_LINES]
+  if len(mismatch) > len(shown):
+    shown.append(f"... and {len(mismatch) - len(shown)} more")
+  return CheckpointMismatchError(
+      f"{what}:\n" + "\n".join("  " + line for line in shown) + "\n" + fix)
+
+
 def describe_mismatch(saved: Any, expected: Any) -> list[str]:
   """One line per array that differs between two trees of shaped leaves.
 
@@ -313,14 +324,10 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         problem, mismatch = f"its metadata is unreadable ({e})", []
       if mismatch:
-        shown = mismatch[:MAX_MISMATCH_LINES]
-        if len(mismatch) > len(shown):
-          shown.append(f"... and {len(mismatch) - len(shown)} more")
-        raise CheckpointMismatchError(
-            f"checkpoint {path} does not fit the config; differing arrays:\n"
-            + "\n".join("  " + line for line in shown) + "\nResume with the "
-            "config it was written with, or start a new run with another "
-            "--workdir.")
+        raise mismatch_error(
+            f"checkpoint {path} does not fit the config; differing arrays",
+            mismatch, "Resume with the config it was written with, or start "
+            "a new run with another --workdir.")
       if problem is None:
         try:
           restored = self.manager.restore(step, args=ocp.args.Composite(

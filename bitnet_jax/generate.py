@@ -71,9 +71,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    config, params, step = runs.load_run(FLAGS.workdir, FLAGS.step)
+    _, model, step = runs.load_model(FLAGS.workdir, FLAGS.step)
     tokenizer = load_tokenizer(runs.tokenizer_path(FLAGS.workdir))
-    model = runs.build_model(config.model, params)
     prompt = tokenizer.encode(FLAGS.prompt).ids
     if not prompt:
       raise ValueError("--prompt is empty: give text to continue")

@@ -44,6 +44,8 @@ import gguf
 import numpy as np
 from absl import logging
 
+from bitnet_jax import hf
+
 ARCH = "bitnet"
 _QT, _FT = gguf.GGMLQuantizationType, gguf.LlamaFileType
 TERNARY_TYPES = {"TQ2_0": (_QT.TQ2_0, _FT.MOSTLY_TQ2_0),
@@ -99,11 +101,7 @@ def _config(hf_config: Mapping) -> dict:
                      "multiple of num_key_value_heads (llama.cpp's bitnet "
                      "loader reads attn_q as [hidden, hidden])")
   c["head_dim"] = head_dim
-  theta = (c.get("rope_parameters") or {}).get("rope_theta",
-                                               c.get("rope_theta"))
-  if theta is None:
-    raise ValueError("hf_config lacks 'rope_theta'")
-  c["rope_theta"] = float(theta)
+  c["rope_theta"] = hf.rope_theta(c)  # refuses RoPE scaling
   c["tie_word_embeddings"] = bool(c.get("tie_word_embeddings", False))
   return c
 
@@ -254,7 +252,7 @@ def write_gguf(path: str, *, hf_config: dict, tensors: dict[str, np.ndarray],
   qtype, ftype = TERNARY_TYPES[ternary_type]
   c = _config(hf_config)
   shapes = _expected_shapes(c)
-  is_ternary = {n: n.endswith(tuple(f"{p}.weight" for p in _BITLINEAR))
+  is_ternary = {n: hf.is_bitlinear(n)
                 for n in shapes}
   _check_names("ternary", ternary, {n: s for n, s in shapes.items()
                                     if is_ternary[n]})

@@ -25,9 +25,10 @@ import numpy as np
 
 from bitnet_jax import checkpoint
 from bitnet_jax.config import ConfigError
+from bitnet_jax.model import BITLINEAR_NAMES, kv_heads
+from bitnet_jax.quant import SCALE_EPS
 
 VALUES_PER_BYTE = 4  # ternary codes per packed uint8
-SCALE_EPS = 1e-5  # the clamp on mean|W| (bitnet_jax.quant.SCALE_EPS)
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")
 _ACTIVATIONS = {"relu2": "relu2", "silu": "swiglu", "swish": "swiglu"}
 
@@ -53,7 +54,9 @@ def hf_name(path: tuple) -> tuple[str, bool]:
 
 def is_bitlinear(name: str) -> bool:
   """Whether HF tensor `name` is a ternary BitLinear weight."""
-  return name.startswith("model.layers.") and name.endswith("_proj.weight")
+  parts = name.split(".")
+  return (name.startswith("model.layers.") and parts[-1] == "weight"
+          and parts[-2] in BITLINEAR_NAMES)
 
 
 def to_hf_tensors(params: Any) -> dict[str, np.ndarray]:
@@ -305,7 +308,7 @@ def hf_config(model: Any, *, max_position_embeddings: int, bos_token_id: int,
       "vocab_size": model.vocab_size, "hidden_size": model.d_model,
       "intermediate_size": model.ffn_dim,
       "num_hidden_layers": model.n_layers, "num_attention_heads": heads,
-      "num_key_value_heads": model.n_kv_heads or heads,
+      "num_key_value_heads": kv_heads(model),
       "head_dim": model.d_model // heads,
       "hidden_act": {"relu2": "relu2", "swiglu": "silu"}[model.ffn_activation],
       "max_position_embeddings": max_position_embeddings,

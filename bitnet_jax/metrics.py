@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from bitnet_jax.data.tokenizer import write_atomically
+
 # Dense bf16 peak FLOP/s per chip, from vendor spec sheets; used for `mfu`.
 PEAK_FLOPS_PER_DEVICE = {
     "TPU v4": 275e12,
@@ -248,10 +250,7 @@ class MetricWriter:
     else:
       logging.info("Starting at step 0 (no checkpoint): cleared the earlier "
                    "lines of %s", self.path)
-    tmp = self.path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, self.path)
+    write_atomically(self.path, text.encode("utf-8"))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     """Writes one JSON object `{"step": step, **scalars}` and TB scalars."""

@@ -41,6 +41,7 @@ import ml_collections
 from absl import logging
 
 from bitnet_jax import optimizer as optimizer_lib
+from bitnet_jax.run_lock import utc_now
 from bitnet_jax.config import ConfigError, base_config
 from bitnet_jax.data.tokenizer import write_atomically
 
@@ -170,11 +171,6 @@ def _schedule_warning(change: dict[str, Any], old: Mapping, new: Mapping,
   return f"{head}: {effects.get(key, 'changes when things happen')}"
 
 
-def _utc_now() -> str:
-  return datetime.datetime.now(datetime.timezone.utc).isoformat(
-      timespec="seconds")
-
-
 def _config_bytes(config: dict) -> bytes:
   return (json.dumps(config, indent=2) + "\n").encode()
 
@@ -220,7 +216,7 @@ def _append_history(workdir: str, entry: dict) -> None:
   write_atomically(path, old + json.dumps(entry).encode() + b"\n")
 
 
-def _read_saved_config(path: str) -> dict | None:
+def read_saved_config(path: str) -> dict | None:
   """config.json as a dict, None if missing.
 
   Raises:
@@ -272,13 +268,13 @@ def start_run(workdir: str, config: ml_collections.ConfigDict,
   os.makedirs(workdir, exist_ok=True)
   config_path = os.path.join(workdir, CONFIG_NAME)
   new = config_dict(config)
-  allow = bool(flatten(new).get("train.allow_config_change", False))
+  allow = bool(config.train.get("allow_config_change", False))
   warnings: list[str] = []
   overrode = False
 
   if not resuming:
     try:
-      saved = _read_saved_config(config_path)
+      saved = read_saved_config(config_path)
     except RunIdentityError:
       saved = {}  # unreadable: compares as different, a copy is kept
     changes = [] if saved is None else config_changes(saved, new)
@@ -290,7 +286,7 @@ def start_run(workdir: str, config: ml_collections.ConfigDict,
           f"config stays in {where}.")
     write_atomically(config_path, _config_bytes(new))
   else:
-    saved = _read_saved_config(config_path)
+    saved = read_saved_config(config_path)
     if saved is None:
       warnings.append(f"{config_path} is missing: this start's config "
                       "becomes the reference of the resumed run.")
@@ -328,7 +324,7 @@ def start_run(workdir: str, config: ml_collections.ConfigDict,
   for line in warnings:
     logging.warning("%s", line)
   _append_history(workdir, {
-      "time": _utc_now(), "host": socket.gethostname(), "pid": os.getpid(),
+      "time": utc_now(), "host": socket.gethostname(), "pid": os.getpid(),
       "argv": list(sys.argv), "start_step": int(resume_step),
       "resuming": bool(resuming), "config": new, "changes": changes,
       "overrode_refusal": overrode})

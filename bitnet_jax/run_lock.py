@@ -86,7 +86,8 @@ def process_exists(pid: int) -> bool:
   return stat is None or stat[0] not in ("Z", "X")
 
 
-def _utc_now() -> str:
+def utc_now() -> str:
+  """The current UTC time, ISO 8601 to the second (lock and history files)."""
   return datetime.datetime.now(datetime.timezone.utc).isoformat(
       timespec="seconds")
 
@@ -145,7 +146,7 @@ class WorkdirLock:
     token = secrets.token_hex(16)
     record = {"host": socket.gethostname(), "pid": os.getpid(),
               "pid_start_ticks": process_start_ticks(os.getpid()),
-              "started": _utc_now(), "token": token, "argv": list(sys.argv)}
+              "started": utc_now(), "token": token, "argv": list(sys.argv)}
     tmp = f"{self.path}.tmp.{token}"
     with open(tmp, "w") as f:
       json.dump(record, f)

@@ -9,7 +9,6 @@ read runs through this module; they need no data and no optimizer state.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from typing import Any
 
@@ -51,10 +50,8 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   Raises:
     ConfigError: naming `--workdir` when neither exists (not a run).
   """
-  json_path = os.path.join(workdir, CONFIG_JSON)
-  if os.path.isfile(json_path):
-    with open(json_path, encoding="utf-8") as f:
-      saved = json.load(f)
+  saved = run_identity.read_saved_config(os.path.join(workdir, CONFIG_JSON))
+  if saved is not None:
     config = base_config()  # keys added since the run started: defaults
     config.update(saved)
     return config
@@ -82,10 +79,7 @@ def resolve_checkpoint(source: str, key: str = "train.init_from"
   if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
     return os.path.dirname(path), int(base)
   for directory in (os.path.join(path, "checkpoints"), path):
-    steps = sorted(int(name) for name in (
-        os.listdir(directory) if os.path.isdir(directory) else [])
-                   if name.isdigit() and os.path.isdir(
-                       os.path.join(directory, name, "state")))
+    steps = _steps(directory)
     if steps:
       return directory, steps[-1]
   raise ConfigError(
@@ -128,11 +122,9 @@ def load_params(source: str, abstract_params: Any,
     mismatch = checkpoint.describe_mismatch(
         {"params": saved.get("params", {})}, target)
     if mismatch:
-      raise checkpoint.CheckpointMismatchError(
-          f"{key}: the parameters in {path} do not fit the config:\n"
-          + "\n".join("  " + line for line in
-                      mismatch[:checkpoint.MAX_MISMATCH_LINES])
-          + "\nUse the config the checkpoint was written with (its run's "
+      raise checkpoint.mismatch_error(
+          f"{key}: the parameters in {path} do not fit the config", mismatch,
+          "Use the config the checkpoint was written with (its run's "
           "config.json).")
     try:
       restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
@@ -146,23 +138,36 @@ def load_params(source: str, abstract_params: Any,
   return restored["params"], step
 
 
+def _abstract_model(model_config: ml_collections.ConfigDict,
+                    device: jax.Device | None = None) -> tuple[Any, Any]:
+  """(graphdef, parameter `jax.ShapeDtypeStruct`s on one device), from one
+  `nnx.eval_shape` of the Transformer."""
+  sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+  model = nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0)))
+  graphdef, _ = nnx.split(model)
+  return graphdef, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
 def abstract_params(model_config: ml_collections.ConfigDict,
                     device: jax.Device | None = None) -> Any:
   """The parameter tree's `jax.ShapeDtypeStruct`s, placed on one device."""
-  sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
-  model = nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0)))
-  shapes = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-      shapes)
+  return _abstract_model(model_config, device)[1]
 
 
-def build_model(model_config: ml_collections.ConfigDict,
-                params: Any) -> Transformer:
-  """The `Transformer` of `model_config` holding `params` (a pure dict)."""
-  graphdef, _ = nnx.split(nnx.eval_shape(
-      lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
-  return nnx.merge(graphdef, params)
+def _checkpoint_source(workdir: str, step: int | None
+                       ) -> tuple[ml_collections.ConfigDict, str]:
+  """(run config, checkpoint path for `load_params`) of `workdir`, `step`."""
+  workdir = os.path.abspath(workdir)
+  config = load_run_config(workdir)
+  if step is None:
+    return config, workdir
+  source = os.path.join(workdir, "checkpoints", str(step))
+  if not os.path.isdir(source):
+    raise ConfigError(f"--step={step}: {source} does not exist; steps "
+                      f"there: {_steps(os.path.dirname(source))}")
+  return config, source
 
 
 def load_run(workdir: str, step: int | None = None
@@ -177,23 +182,29 @@ def load_run(workdir: str, step: int | None = None
     ConfigError: not a run, or no checkpoint `step` (names `--step`).
     CheckpointMismatchError: the checkpoint does not fit the run's config.
   """
-  workdir = os.path.abspath(workdir)
-  config = load_run_config(workdir)
-  source = workdir
-  if step is not None:
-    source = os.path.join(workdir, "checkpoints", str(step))
-    if not os.path.isdir(source):
-      raise ConfigError(f"--step={step}: {source} does not exist; steps "
-                        f"there: {_steps(workdir)}")
+  config, source = _checkpoint_source(workdir, step)
   params, found = load_params(
       source, abstract_params(config.model), key="--workdir")
   return config, params, found
 
 
-def _steps(workdir: str) -> list[int]:
-  directory = os.path.join(workdir, "checkpoints")
+def load_model(workdir: str, step: int | None = None
+               ) -> tuple[ml_collections.ConfigDict, Transformer, int]:
+  """(config, `Transformer` holding the checkpoint's parameters, step).
+
+  Like `load_run` (same arguments and errors), with the model built.
+  """
+  config, source = _checkpoint_source(workdir, step)
+  graphdef, abstract = _abstract_model(config.model)
+  params, found = load_params(source, abstract, key="--workdir")
+  return config, nnx.merge(graphdef, params), found
+
+
+def _steps(directory: str) -> list[int]:
+  """The steps of `directory`'s checkpoints (`<step>/state`), sorted."""
   names = os.listdir(directory) if os.path.isdir(directory) else []
-  return sorted(int(n) for n in names if n.isdigit())
+  return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(
+      os.path.join(directory, n, "state")))
 
 
 def check_init_tokenizer(init_from: str, tokenizer_json: str,

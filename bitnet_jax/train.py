@@ -240,8 +240,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       config, mesh, tx, initialize=False)
   run_at_start = {"tokens_seen": 0}  # the checkpoint's `run` facts
   restored = checkpointer.restore(state, train_iter) if resuming else None
-  if restored is not None:
-    state, run_at_start = restored.state, restored.run
+  if restored is not None:  # (checkpoints older than `run` lack its facts)
+    state = restored.state
+    run_at_start = {"tokens_seen": restored.step * tokens_per_step,
+                    **restored.run}
   else:
     if resuming:
       logging.warning("no checkpoint in %s could be restored: starting the "
@@ -296,10 +298,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
   def save(step: int, record: dict | None, step_metrics: dict) -> bool:
     """Checkpoints `step` unless its loss is bad; True if a save started."""
-    values = record or {k: float(v) for k, v in jax.device_get(
-        {"loss": step_metrics["loss"],
-         "grad_norm": step_metrics["grad_norm"]}).items()}
-    guards.check_finite(step, values, kept())  # never save NaNs
+    values = record  # read() checked it already
+    if values is None:
+      values = {k: float(v) for k, v in jax.device_get(
+          {"loss": step_metrics["loss"],
+           "grad_norm": step_metrics["grad_norm"]}).items()}
+      guards.check_finite(step, values, kept())  # never save NaNs
     if guard.is_diverged(values["loss"]):
       logging.warning("not saving checkpoint %d: loss %.4g lies above %.4g "
                       "(train.divergence_factor x its running minimum)",

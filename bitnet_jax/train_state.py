@@ -39,14 +39,13 @@ def create_train_state(config: ml_collections.ConfigDict,
   """
   graphdef, _ = nnx.split(nnx.eval_shape(
       lambda: Transformer(config.model, rngs=nnx.Rngs(0))))
-  init, key = _init_function(config, tx), jax.random.key(config.seed)
-  shapes = jax.eval_shape(init, key)
+  shapes = jax.eval_shape(_init_function(config, tx),
+                          jax.random.key(config.seed))
   shardings = sharding.state_shardings(shapes, mesh)
+  abstract = checkpoint.abstract_with_shardings(shapes, shardings)
   if not initialize:
-    return graphdef, checkpoint.abstract_with_shardings(shapes, shardings), \
-        shardings
-  state = jax.jit(init, out_shardings=shardings)(key)
-  return graphdef, state, shardings
+    return graphdef, abstract, shardings
+  return graphdef, initial_state(config, tx, abstract, ""), shardings
 
 
 def _init_function(config: ml_collections.ConfigDict,

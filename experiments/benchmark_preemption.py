@@ -63,15 +63,16 @@ def measure(config: str) -> dict:
   workdir = tempfile.mkdtemp(prefix="preemption_")
   command = [sys.executable, "-m", "bitnet_jax.main", f"--config={config}",
              f"--workdir={workdir}", "--config.train.checkpoint_every=100000"]
-  log = open(os.path.join(workdir, "first.log"), "w")  # pylint: disable=consider-using-with
-  first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+  first_log = os.path.join(workdir, "first.log")
+  with open(first_log, "w") as log:  # the child keeps its own descriptor
+    first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
   _wait(lambda: any(s >= _SIGNAL_AFTER.value for s in _logged_steps(workdir)),
         first, f"step {_SIGNAL_AFTER.value}")
   sent = time.perf_counter()
   first.send_signal(signal.SIGTERM)
   first.wait(timeout=_TIMEOUT.value)
   stop_seconds = time.perf_counter() - sent
-  with open(log.name) as f:
+  with open(first_log) as f:
     stopped = re.findall(r"stopped after step (\d+); saved", f.read())
   step = int(stopped[0]) if stopped else None
   saved = step is not None and os.path.isdir(
@@ -97,7 +98,7 @@ def measure(config: str) -> dict:
 
 def main(argv):
   del argv
-  print("| config | SIGTERM after step | exit status | checkpoint of the "
+  print("| config | stopped after step | exit status | checkpoint of the "
         "step in flight | SIGTERM -> exit (s) | restart -> checkpoint "
         "restored (s) |")
   print("|---|---|---|---|---|---|")

@@ -37,8 +37,7 @@ LOGIT_PROMPT = "def main(argv):\n    parser = argparse.ArgumentParser("
 def main(argv):
   del argv
   tokenizer = load_tokenizer(runs.tokenizer_path(_WORKDIR.value))
-  config, params, _ = runs.load_run(_WORKDIR.value)
-  model = runs.build_model(config.model, params)
+  _, model, _ = runs.load_model(_WORKDIR.value)
   llm = Llama(model_path=_GGUF.value, n_ctx=128, logits_all=True,
               verbose=False)
   for prompt in PROMPTS:

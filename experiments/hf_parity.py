@@ -59,8 +59,7 @@ def main(argv):
         if dtype == "bfloat16":  # our model on the rounded weights
           reference = f"{tmp}/{fmt}_{dtype}_run"
           convert.import_hf(out, reference)
-        run_config, params, _ = runs.load_run(reference)
-        model = runs.build_model(run_config.model, params)
+        _, model, _ = runs.load_model(reference)
         ours = np.asarray(model(jnp.asarray(tokens)))
         theirs_model = AutoModelForCausalLM.from_pretrained(
             out, dtype=torch.float32)

@@ -67,8 +67,7 @@ def _hf_logits(folder: str, tokens: np.ndarray) -> np.ndarray:
 
 
 def _our_logits(workdir: str, tokens: np.ndarray):
-  config, params, _ = runs.load_run(workdir)
-  model = runs.build_model(config.model, params)
+  _, model, _ = runs.load_model(workdir)
   return np.asarray(model(jnp.asarray(tokens))), model
 
 
@@ -514,7 +513,7 @@ def test_a_config_with_n_kv_heads_0_matches_an_hf_model_without_gqa(
   assert config.model.n_kv_heads == 0, "the config's own value was replaced"
 
 
-def test_a_run_started_before_n_kv_heads_existed_still_exports(
+def test_a_config_json_from_before_n_kv_heads_loads_with_the_default(
     trained_run, tmp_path):
   old = tmp_path / "old_run"
   shutil.copytree(trained_run, old)

@@ -227,7 +227,8 @@ def test_a_url_glob_streams_through_fsspec(tiny_config):
     with fs.open(f"/corpus/part-{i}.jsonl", "w") as f:
       f.write(json.dumps({"text": f"remote {i}"}) + "\n")
   paths = sources.expand("jsonl", "memory://corpus/*.jsonl", "data.dataset")
-  assert paths == [f"memory:///corpus/part-{i}.jsonl" for i in range(3)], paths
+  assert list(paths) == [f"memory:///corpus/part-{i}.jsonl"
+                         for i in range(3)], paths
   assert [_read_all("jsonl", p) for p in paths] == [
       [f"remote {i}"] for i in range(3)]
 

@@ -29,7 +29,7 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import fsspec
 import tensorflow_datasets as tfds
@@ -155,7 +155,8 @@ def glob_root(pattern: str) -> str:
   return os.sep.join(fixed) or ("/" if pattern.startswith(os.sep) else ".")
 
 
-def split_by_path_hash(paths: list[str], pattern: str, eval_fraction: float,
+def split_by_path_hash(paths: Iterable[str], pattern: str,
+                       eval_fraction: float,
                        dataset: str) -> tuple[list[str], list[str]]:
   """Splits `paths` into (train, eval) by `is_eval_path`.
 
@@ -182,19 +183,16 @@ def split_by_path_hash(paths: list[str], pattern: str, eval_fraction: float,
   return sides[False], sides[True]
 
 
-def listing_key(paths: list[str]) -> str:
+def listing_key(paths: list[str], fingerprints: dict[str, str]) -> str:
   """A hash of the files' names, sizes and modification times.
 
   Part of a split's key, so an edited or replaced file invalidates the
-  tokenizer and token caches built from it.
+  tokenizer and token caches built from it. `fingerprints` comes from
+  `sources.expand` (no file is stat'ed again here).
   """
   listing = hashlib.sha256()
   for path in paths:
-    fs, local = fsspec.core.url_to_fs(path)
-    info = fs.info(local)
-    modified = next((info[k] for k in ("mtime", "LastModified", "updated",
-                                       "created") if k in info), "")
-    listing.update(f"{path}\0{info.get('size')}\0{modified}\n".encode())
+    listing.update(f"{path}\0{fingerprints[path]}\n".encode())
   return listing.hexdigest()[:16]
 
 
@@ -226,7 +224,8 @@ def files_splits(pattern: str, eval_fraction: float
 
   splits = []
   for side, name in zip(sides, ("train", "eval")):
-    key = f"files:{pattern}:{name}:{eval_fraction}:{listing_key(side)}"
+    key = (f"files:{pattern}:{name}:{eval_fraction}:"
+           f"{listing_key(side, paths)}")
     splits.append(TextSplit(key=key, size=len(side),
                             read=lambda idx, side=side: read(side, idx)))
   return splits[0], splits[1]
@@ -251,6 +250,7 @@ def stream_splits(config) -> tuple[TextSplit, TextSplit]:
     held_out = sources.expand(scheme, d.eval_dataset.partition(":")[2],
                               "data.eval_dataset")
     overlap = sorted(set(train) & set(held_out))
+    paths = {**paths, **held_out}
     if overlap:
       raise ConfigError(f"config.data.eval_dataset={d.eval_dataset!r} shares "
                         f"{len(overlap)} files with data.dataset (e.g. "
@@ -263,7 +263,8 @@ def stream_splits(config) -> tuple[TextSplit, TextSplit]:
     how = f"fraction:{d.eval_fraction}"
   splits = []
   for side, name in ((train, "train"), (held_out, "eval")):
-    key = f"{d.dataset}:{name}:{how}:{d.text_feature}:{listing_key(side)}"
+    key = (f"{d.dataset}:{name}:{how}:{d.text_feature}:"
+           f"{listing_key(side, paths)}")
     splits.append(TextSplit(key=key, size=None, scheme=scheme,
                             files=tuple(side), text_feature=d.text_feature))
   return splits[0], splits[1]

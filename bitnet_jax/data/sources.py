@@ -49,8 +49,15 @@ _WARNINGS_PER_FILE = 3  # skipped-document warnings logged per file
 _MAX_EMPTY_EPOCHS = 8
 
 
-def expand(scheme: str, pattern: str, key: str) -> list[str]:
-  """Returns the sorted files matching `pattern` (recursive glob, any URL).
+def expand(scheme: str, pattern: str, key: str) -> dict[str, str]:
+  """Returns the files matching `pattern` (recursive glob, any URL).
+
+  One listing gives every file's size and modification time, so start-up
+  makes no request per file.
+
+  Returns:
+    {path: "SIZE:MODIFIED"}, sorted by path; the fingerprint changes when a
+    file is edited or replaced (see `corpus.listing_key`).
 
   Raises:
     ConfigError: naming `key` when nothing matches, or when the URL's
@@ -63,15 +70,22 @@ def expand(scheme: str, pattern: str, key: str) -> list[str]:
   except (ImportError, ValueError) as e:
     raise ConfigError(f"config.{key}='{scheme}:{pattern}': {e}") from e
   listing = fs.glob(pattern, detail=True)  # one listing, no stat per file
-  paths = [p for p, info in listing.items() if info.get("type") == "file"]
-  if not paths:
+  files = {p: info for p, info in listing.items()
+           if info.get("type") == "file"}
+  if not files:
     where = "" if "://" in pattern else f" (resolved from {os.getcwd()})"
     raise ConfigError(f"config.{key}='{scheme}:{pattern}' matches no file"
                       f"{where}; check the glob ('**' recurses)")
   protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-  if protocol not in ("file", "local"):
-    paths = [f"{protocol}://{p}" for p in paths]
-  return sorted(paths)
+  prefix = "" if protocol in ("file", "local") else f"{protocol}://"
+  return {prefix + path: _fingerprint(files[path]) for path in sorted(files)}
+
+
+def _fingerprint(info: dict) -> str:
+  """"SIZE:MODIFIED" of an fsspec file info (keys differ by filesystem)."""
+  modified = next((info[k] for k in ("mtime", "LastModified", "updated",
+                                     "created") if k in info), "")
+  return f"{info.get('size')}:{modified}"
 
 
 def _bad_file(path: str, error: Exception) -> ConfigError:
