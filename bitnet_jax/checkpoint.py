@@ -37,6 +37,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from bitnet_jax.model import is_stacked
+
 DAMAGED_DIR = "damaged_checkpoints"  # beside checkpoints/, never deleted
 MAX_MISMATCH_LINES = 40  # differing arrays listed before "... and N more"
 
@@ -341,6 +343,19 @@ class Checkpointer:
                         run=self._runs.get(step, {}))
       self._move_aside(step, problem or "another process could not read it")
     return None
+
+  def saved_scan_layers(self) -> bool | None:
+    """The layer layout of the newest full checkpoint: True for scanned
+    (`model.scan_layers`), False for unrolled, None if there is none or its
+    metadata cannot be read (the restore then reports it)."""
+    step = self.latest_step()
+    if step is None or self.is_weights_only(step):
+      return None
+    try:
+      return is_stacked(self.manager.item_metadata(step)["state"].tree[
+          "params"])
+    except Exception:  # pylint: disable=broad-except
+      return None
 
   def _move_aside(self, step: int, problem: str) -> None:
     path = os.path.join(self.directory, str(step))

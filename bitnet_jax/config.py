@@ -17,6 +17,8 @@ QUANTIZATIONS = ("ternary", "none")
 FFN_ACTIVATIONS = ("swiglu", "relu2")
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "save_qkv_out")
+BITLINEAR_MATMULS = ("fake_quant", "int8")
 # data.dataset schemes: random-access sources, and sharded file sources that
 # can stream (see bitnet_jax.data.sources).
 DATASET_SCHEMES = ("tfds", "files")
@@ -54,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.init_std = 0.02  # stddev of the normal init of every weight
   m.dtype = "float32"  # compute dtype: "float32" | "bfloat16"; params are f32
   m.attention_implementation = "auto"  # "auto" (cudnn if GPU+bf16), xla, cudnn
+  m.scan_layers = True  # stack blocks on a layers axis and jax.lax.scan them
+  m.remat_policy = "none"  # none | full | dots_saveable | save_qkv_out
+  m.bitlinear_matmul = "fake_quant"  # "fake_quant" | "int8" (int32 accumulate)
 
   c.data = d = ml_collections.ConfigDict()
   d.dataset = "stdlib"  # "stdlib", "tfds:NAME", "SCHEME:GLOB" (see README)
@@ -78,6 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.seq_len = 256  # tokens per training sequence (windows hold seq_len + 1)
   t.label_smoothing = 0.0  # label-smoothing weight in the cross-entropy
   t.z_loss_weight = 0.0  # weight of the z-loss, logsumexp(logits)**2
+  t.loss_chunk_size = 0  # positions per chunk of the loss's logits; 0 = all
+  t.grad_accum_steps = 1  # micro-batches per optimizer step (same batch_size)
   t.log_every = 50  # steps between metric lines
   t.eval_every = 1000  # steps between evaluations (and one at the end)
   t.eval_batches = 8  # batches of fixed validation windows per evaluation
@@ -217,6 +224,23 @@ def _check_dataset(key: str, spec: str, stdlib: bool = True) -> None:
           "; GLOB may be a gs:// or s3:// URL")
 
 
+def _check_batch_split(config) -> None:
+  """Checks train.loss_chunk_size and train.grad_accum_steps."""
+  t = config.train
+  chunk = t.loss_chunk_size
+  if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0 or (
+      chunk and t.seq_len % chunk):
+    _fail("train.loss_chunk_size", chunk,
+          f"must be 0 (no chunks) or divide train.seq_len={t.seq_len}")
+  accum = t.grad_accum_steps
+  if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1 or (
+      t.batch_size % accum):
+    _fail("train.grad_accum_steps", accum,
+          f"must be an integer >= 1 dividing train.batch_size="
+          f"{t.batch_size} (each micro-batch holds batch_size / "
+          "grad_accum_steps sequences)")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every field once at start-up.
 
@@ -239,6 +263,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice(config, "model.dtype", DTYPES)
   _check_choice(config, "model.attention_implementation",
                 ATTENTION_IMPLEMENTATIONS)
+  _check_choice(config, "model.remat_policy", REMAT_POLICIES)
+  _check_choice(config, "model.bitlinear_matmul", BITLINEAR_MATMULS)
+  _check_choice(config, "model.scan_layers", (True, False))
   m = config.model
   if m.d_model % m.n_heads:
     _fail("model.d_model", m.d_model,
@@ -282,6 +309,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_positive(config, "data.prefetch_buffer_size", minimum=1)
 
   t, o = config.train, config.optimizer
+  _check_batch_split(config)
   for key in ("train.label_smoothing", "train.z_loss_weight"):
     _check_positive(config, key, minimum=0)
   if t.label_smoothing >= 1:

@@ -25,7 +25,8 @@ import numpy as np
 
 from bitnet_jax import checkpoint
 from bitnet_jax.config import ConfigError
-from bitnet_jax.model import BITLINEAR_NAMES, kv_heads
+from bitnet_jax.model import (BITLINEAR_NAMES, is_stacked, kv_heads,
+                              stack_layers, unstack_layers)
 from bitnet_jax.quant import SCALE_EPS
 
 VALUES_PER_BYTE = 4  # ternary codes per packed uint8
@@ -60,8 +61,10 @@ def is_bitlinear(name: str) -> bool:
 
 
 def to_hf_tensors(params: Any) -> dict[str, np.ndarray]:
-  """Our parameters as HF-named float32 arrays in HF's `[out, in]` layout."""
+  """Our parameters (either layer layout) as HF-named float32 arrays in HF's
+  `[out, in]` layout."""
   tensors = {}
+  params = unstack_layers(jax.device_get(params))
   for path, value in jax.tree_util.tree_leaves_with_path(params):
     name, transpose = hf_name(checkpoint.path_name(path).split("/"))
     array = np.asarray(jax.device_get(value), dtype=np.float32)
@@ -76,7 +79,8 @@ def from_hf_tensors(tensors: Mapping[str, np.ndarray],
   Args:
     tensors: name -> array, as `to_hf_tensors` makes (extra names such as a
       tied `lm_head.weight` are ignored).
-    abstract_params: the config's parameter shapes (`jax.ShapeDtypeStruct`).
+    abstract_params: the config's parameter shapes (`jax.ShapeDtypeStruct`),
+      in either layer layout; the result has the same layout.
     source: the folder read, for messages.
 
   Raises:
@@ -98,11 +102,12 @@ def from_hf_tensors(tensors: Mapping[str, np.ndarray],
       return None
     return np.ascontiguousarray(array)
 
-  params = jax.tree_util.tree_map_with_path(convert, abstract_params)
+  params = jax.tree_util.tree_map_with_path(
+      convert, unstack_layers(abstract_params))
   if problems:
     raise ConversionError(f"the weights in {source} do not fit the model "
                           "config:\n  " + "\n  ".join(problems[:40]))
-  return params
+  return stack_layers(params) if is_stacked(abstract_params) else params
 
 
 def ternary_codes(weight: np.ndarray) -> tuple[np.ndarray, np.float32]:

@@ -23,6 +23,11 @@ class BitLinear(nnx.Module):
   `quantization="none"`: y = x @ kernel, the same parameters in full precision
   (the baseline every comparison needs).
 
+  `matmul` picks how a ternary layer multiplies: "fake_quant" multiplies the
+  dequantized values in the compute dtype; "int8" multiplies the int8 codes
+  with int32 accumulation and rescales (`quant.int8_matmul`). Both have the
+  same straight-through gradient and agree to float rounding.
+
   Attributes:
     kernel: `nnx.Param` float32 `[in_features, out_features]`; the latent
       full-precision weight the optimizer updates.
@@ -30,20 +35,26 @@ class BitLinear(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *,
                quantization: str, init_std: float, dtype: jnp.dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, matmul: str = "fake_quant"):
     if quantization not in ("ternary", "none"):
       raise ValueError(f"quantization={quantization!r}: use 'ternary' or "
                        "'none' (config key model.quantization)")
+    if matmul not in ("fake_quant", "int8"):
+      raise ValueError(f"matmul={matmul!r}: use 'fake_quant' or 'int8' "
+                       "(config key model.bitlinear_matmul)")
     init = nnx.initializers.normal(stddev=init_std)
     self.kernel = nnx.Param(
         init(rngs.params(), (in_features, out_features), jnp.float32))
     self.quantization = quantization
+    self.matmul = matmul
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Maps `[..., in_features]` to `[..., out_features]` in `self.dtype`."""
     x = x.astype(self.dtype)
     kernel = self.kernel[...]
+    if self.quantization == "ternary" and self.matmul == "int8":
+      return quant.int8_matmul(x, kernel)
     if self.quantization == "ternary":
       x = quant.activation_quant(x)
       kernel = quant.weight_quant(kernel)

@@ -14,7 +14,8 @@ scored against token i, a copy task whose loss fell "too fast".)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -91,38 +92,108 @@ def split_batch(batch: Mapping[str, jax.Array]
   return inputs, targets, features, weights
 
 
-def weighted_mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:
-  """Mean of `values` `[batch, seq]`, over positions of weight 1 if given."""
+def position_outputs(model: Any, batch: Mapping[str, jax.Array], *,
+                     label_smoothing: float = 0.0, z_loss_weight: float = 0.0,
+                     chunk_size: int = 0) -> dict[str, jax.Array]:
+  """Per-position losses and predictions of `model` on a batch of windows.
+
+  With `chunk_size` > 0 the logits are made `chunk_size` positions at a time
+  (`jax.lax.scan` over `[batch, chunk_size, vocab_size]` blocks, each under
+  `jax.checkpoint`, so the backward pass recomputes a block instead of keeping
+  it): peak memory holds one chunk's logits, never `[batch, seq_len,
+  vocab_size]`. The results equal the unchunked ones to float rounding.
+
+  Args:
+    model: with `chunk_size` 0, a callable mapping int32 tokens
+      `[batch, seq_len]` (and the `features` of `split_batch` as keywords) to
+      logits `[batch, seq_len, vocab_size]`; with chunks, a
+      `bitnet_jax.model.Transformer` (its `hidden` and `logits`).
+    batch: see `split_batch`.
+    chunk_size: positions per chunk; must divide seq_len (0: no chunks).
+
+  Returns:
+    float32 `[batch, seq_len]` arrays: `loss` (nats, with label smoothing and
+    z-loss), `nll` (plain cross-entropy), `hit` (1 where argmax = target), and
+    int32 `prediction` (the argmax token), plus `weight` (float32, 0 where a
+    target lies in another document, see `split_batch`).
+
+  Raises:
+    ValueError: if `chunk_size` does not divide seq_len.
+  """
+  inputs, targets, features, weights = split_batch(batch)
   if weights is None:
-    return jnp.mean(values)
-  return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    weights = jnp.ones(targets.shape, jnp.float32)
+
+  def from_logits(logits, targets):
+    losses = token_losses(logits, targets, label_smoothing=label_smoothing,
+                          z_loss_weight=z_loss_weight)
+    nll = token_losses(logits, targets) if (
+        label_smoothing or z_loss_weight) else losses
+    prediction = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return {"loss": losses, "nll": nll, "prediction": prediction,
+            "hit": (prediction == targets).astype(jnp.float32)}
+
+  seq_len = targets.shape[1]
+  if not chunk_size or chunk_size >= seq_len:
+    outputs = from_logits(model(inputs, **features), targets)
+  else:
+    if seq_len % chunk_size:
+      raise ValueError(f"train.loss_chunk_size={chunk_size} must divide "
+                       f"seq_len={seq_len}")
+    hidden = model.hidden(inputs, **features)
+
+    def chunks(x):  # [batch, seq, ...] -> [n_chunks, batch, chunk, ...]
+      x = x.reshape(x.shape[0], seq_len // chunk_size, chunk_size,
+                    *x.shape[2:])
+      return jnp.swapaxes(x, 0, 1)
+
+    @jax.checkpoint
+    def chunk_outputs(hidden_chunk, target_chunk):
+      return from_logits(model.logits(hidden_chunk), target_chunk)
+
+    stacked = jax.lax.map(lambda xs: chunk_outputs(*xs),
+                          (chunks(hidden), chunks(targets)))
+    outputs = jax.tree.map(
+        lambda x: jnp.swapaxes(x, 0, 1).reshape(targets.shape), stacked)
+  return {**outputs, "weight": weights}
 
 
-def next_token_loss(model: Callable[..., jax.Array],
-                    batch: Mapping[str, jax.Array], *,
+def next_token_sums(model: Any, batch: Mapping[str, jax.Array], *,
+                    label_smoothing: float = 0.0, z_loss_weight: float = 0.0,
+                    chunk_size: int = 0) -> dict[str, jax.Array]:
+  """Weighted sums over a batch: `loss`, `nll`, `hits` and `weight`.
+
+  Sums (not means) so that micro-batches add up to exactly the whole batch's
+  statistics (gradient accumulation): the mean loss is loss / weight.
+  Arguments as for `position_outputs`; float32 scalars.
+  """
+  outputs = position_outputs(model, batch, label_smoothing=label_smoothing,
+                             z_loss_weight=z_loss_weight,
+                             chunk_size=chunk_size)
+  weight = outputs["weight"]
+  return {"loss": jnp.sum(outputs["loss"] * weight),
+          "nll": jnp.sum(outputs["nll"] * weight),
+          "hits": jnp.sum(outputs["hit"] * weight),
+          "weight": jnp.sum(weight)}
+
+
+def next_token_loss(model: Any, batch: Mapping[str, jax.Array], *,
                     label_smoothing: float = 0.0,
-                    z_loss_weight: float = 0.0
+                    z_loss_weight: float = 0.0, chunk_size: int = 0
                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean next-token loss of `model` on a batch of windows.
 
   Args:
-    model: maps int32 tokens `[batch, seq_len]` (and the `features` of
-      `split_batch` as keyword arguments) to logits
-      `[batch, seq_len, vocab_size]`.
-    batch: see `split_batch`.
+    model, batch, label_smoothing, z_loss_weight, chunk_size: see
+      `position_outputs`.
 
   Returns:
     (loss, aux): loss is the float32 scalar mean over the counted positions
     (nats per token, smoothing and z-loss included); aux holds `nll`, the
     plain mean cross-entropy, and `accuracy`, the share of argmax hits.
   """
-  inputs, targets, features, weights = split_batch(batch)
-  logits = model(inputs, **features)
-  losses = token_losses(logits, targets, label_smoothing=label_smoothing,
-                        z_loss_weight=z_loss_weight)
-  nll = token_losses(logits, targets) if (label_smoothing or z_loss_weight) \
-      else losses
-  hits = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  return weighted_mean(losses, weights), {
-      "nll": weighted_mean(nll, weights),
-      "accuracy": weighted_mean(hits, weights)}
+  sums = next_token_sums(model, batch, label_smoothing=label_smoothing,
+                         z_loss_weight=z_loss_weight, chunk_size=chunk_size)
+  count = jnp.maximum(sums["weight"], 1.0)
+  return sums["loss"] / count, {"nll": sums["nll"] / count,
+                                "accuracy": sums["hits"] / count}

@@ -22,31 +22,36 @@ from absl import logging
 
 from bitnet_jax.data.tokenizer import write_atomically
 
-# Dense bf16 peak FLOP/s per chip, from vendor spec sheets; used for `mfu`.
+# Dense (no sparsity) bf16 peak FLOP/s per JAX device, from the vendors' spec
+# sheets; `mfu` divides by it whatever model.dtype is (MaxText's convention).
+# Keys are `device_kind` prefixes; the longest matching one wins.
 PEAK_FLOPS_PER_DEVICE = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
+    "TPU v4": 275e12,  # one chip (megacore) per device
+    "TPU v5 lite": 197e12,  # v5e
     "TPU v5e": 197e12,
     "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
-    "NVIDIA H100 80GB HBM3": 989e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA A100-SXM4-40GB": 312e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "NVIDIA H100": 989e12,  # SXM (device_kind "NVIDIA H100 80GB HBM3")
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,  # same tensor cores as H100 SXM, more memory
+    "NVIDIA GH200": 989e12,
+    "NVIDIA A100": 312e12,  # SXM4 and PCIe, 40 and 80 GB
 }
 
 
-def prediction_statistics(logits: jax.Array, inputs: jax.Array,
-                          targets: jax.Array,
+def prediction_statistics(predictions: jax.Array, inputs: jax.Array,
+                          targets: jax.Array, vocab_size: int,
                           weights: jax.Array | None = None
                           ) -> dict[str, jax.Array]:
   """Sums over one eval batch, to be added across batches on device.
 
   Args:
-    logits: float `[batch, seq, vocab_size]`.
+    predictions: int32 `[batch, seq]`, the argmax token at each position
+      (`loss.position_outputs`).
     inputs: int32 `[batch, seq]`, the tokens the model saw.
     targets: int32 `[batch, seq]`, the next tokens.
+    vocab_size: the model's logits width (the histogram's length).
     weights: optional float32 `[batch, seq]`, 1 for counted positions, 0 for
       those left out (a target in the next packed document).
 
@@ -55,10 +60,8 @@ def prediction_statistics(logits: jax.Array, inputs: jax.Array,
     (positions) as float32 scalars, and `histogram`, float32 `[vocab_size]`
     counts of each argmax token.
   """
-  predictions = jnp.argmax(logits, axis=-1)
   if weights is None:
     weights = jnp.ones(predictions.shape, jnp.float32)
-  vocab_size = logits.shape[-1]
   histogram = jnp.zeros((vocab_size,), jnp.float32).at[
       predictions.reshape(-1)].add(weights.reshape(-1))
   return {
@@ -98,9 +101,16 @@ def flops_per_token(n_matmul_params: int, n_layers: int, d_model: int,
   return 6.0 * n_matmul_params + 12.0 * n_layers * d_model * seq_len
 
 
+def device_peak_flops(device_kind: str) -> float | None:
+  """Peak dense bf16 FLOP/s of one device of `device_kind`, None if unknown
+  (then no `mfu` is reported)."""
+  matches = [k for k in PEAK_FLOPS_PER_DEVICE if device_kind.startswith(k)]
+  return PEAK_FLOPS_PER_DEVICE[max(matches, key=len)] if matches else None
+
+
 def peak_flops(devices: list[jax.Device]) -> float | None:
-  """Summed peak FLOP/s of `devices`, or None where the kind is unknown."""
-  peaks = [PEAK_FLOPS_PER_DEVICE.get(d.device_kind) for d in devices]
+  """Summed peak FLOP/s of `devices`, or None where a kind is unknown."""
+  peaks = [device_peak_flops(d.device_kind) for d in devices]
   return None if None in peaks else float(sum(peaks))
 
 
@@ -286,9 +296,11 @@ class Throughput:
     self.tokens_per_step = tokens_per_step
     self.total_steps = total_steps
     self._time, self._step = None, None
+    self.timed_seconds, self.timed_steps = 0.0, 0  # summed over the run
+    self.first_step_seconds = None  # compilation + one step
 
   def start(self, step: int) -> None:
-    """Starts timing at `step` (after compilation)."""
+    """Starts timing at `step` (after compilation, or after an evaluation)."""
     self._time, self._step = time.perf_counter(), step
 
   def measure(self, step: int) -> dict[str, float]:
@@ -297,11 +309,39 @@ class Throughput:
     if self._time is None or step <= self._step:
       return {}
     seconds = now - self._time
+    self.timed_seconds += seconds
+    self.timed_steps += step - self._step
     steps_per_sec = (step - self._step) / seconds
     self._time, self._step = now, step
     return {"steps_per_sec": steps_per_sec,
+            "step_time_ms": 1e3 / steps_per_sec,
             "tokens_per_sec": steps_per_sec * self.tokens_per_step,
             "eta_seconds": (self.total_steps - step) / steps_per_sec}
+
+  def summary(self, flops_per_token: float, peak: float | None,
+              device: str) -> str:
+    """The run's one-line performance summary (logged at its end).
+
+    Args:
+      flops_per_token: model FLOPs per trained token (`flops_per_token`).
+      peak: summed peak FLOP/s of the devices (`peak_flops`), None if
+        unknown (no MFU then).
+      device: what ran it, e.g. "8 x cpu".
+    """
+    if not self.timed_steps:
+      return "performance: no timed steps (the run did not train)"
+    tokens_per_sec = self.timed_steps * self.tokens_per_step / (
+        self.timed_seconds)
+    mfu = (f"MFU {tokens_per_sec * flops_per_token / peak:.1%} of "
+           f"{peak / 1e12:,.0f} TFLOP/s" if peak else "MFU unknown (no "
+           "peak FLOP/s for this device)")
+    first = ("" if self.first_step_seconds is None else
+             f"; first step (compilation) {self.first_step_seconds:.1f} s")
+    return (f"performance: {self.timed_steps} steps on {device} in "
+            f"{self.timed_seconds:.1f} s of training (compilation and "
+            f"evaluation excluded): {1e3 * self.timed_seconds / self.timed_steps:.1f}"
+            f" ms/step, {tokens_per_sec:,.0f} tokens/s, "
+            f"{flops_per_token / 1e9:.3g} GFLOP/token, {mfu}{first}")
 
 
 def log_console(step: int, total_steps: int, scalars: Mapping[str, Any]
@@ -310,7 +350,7 @@ def log_console(step: int, total_steps: int, scalars: Mapping[str, Any]
   parts = [f"step {step}/{total_steps}"]
   for name, fmt in (("loss", ".4f"), ("eval_loss", ".4f"),
                     ("learning_rate", ".2e"), ("weight_decay", ".2f"),
-                    ("grad_norm", ".3f"), ("steps_per_sec", ".2f"),
+                    ("grad_norm", ".3f"), ("step_time_ms", ".1f"),
                     ("tokens_per_sec", ",.0f"), ("mfu", ".1%"),
                     ("unique_predictions", "d"), ("copy_rate", ".3f"),
                     ("top_token_share", ".3f")):

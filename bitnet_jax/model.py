@@ -11,27 +11,115 @@ Layout and parameter names follow "BitNet b1.58 2B4T Technical Report"
 
 Every block linear is a `BitLinear`; embed_tokens, lm_head, the norms and the
 residual stream (float32) stay in high precision.
+
+Two parameter layouts (`model.scan_layers`): "scanned" stacks every block
+parameter on a leading `[n_layers]` axis (`params["layers"]["self_attn"]...`)
+and runs the blocks with one `jax.lax.scan`, so compile time does not grow
+with depth; "unrolled" keeps one subtree per block (`params["layers"][i]`)
+and a Python loop. Both draw block i's weights from the same key, so a seed
+gives the same model in both; `stack_layers` / `unstack_layers` convert.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
+from absl import logging
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from bitnet_jax.layers import BitLinear, apply_rope, rms_norm
 
 BITLINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj",
                    "gate_proj", "up_proj", "down_proj")
+# Activations named for `model.remat_policy = "save_qkv_out"`.
+SAVED_BY_QKV_OUT = ("query_proj", "key_proj", "value_proj", "out_proj")
 
 
-def attention_implementation(requested: str, dtype: jnp.dtype) -> str:
-  """Resolves `model.attention_implementation`: "auto" is cudnn on GPU+bf16."""
-  if requested != "auto":
-    return requested
-  on_gpu = jax.default_backend() == "gpu"
-  return "cudnn" if on_gpu and dtype == jnp.bfloat16 else "xla"
+def remat_policy(name: str) -> Any:
+  """The `jax.checkpoint` policy of `model.remat_policy` (None: no remat).
+
+  - "none": no rematerialization; the backward pass reads every activation
+    the forward pass kept (fastest, most memory).
+  - "full": `nothing_saveable`; each block keeps only its input and recomputes
+    its whole forward pass during the backward pass (least memory, about one
+    extra forward: ~33% more FLOPs).
+  - "dots_saveable": keeps every matmul output, recomputes the elementwise
+    work (norms, quantizers, activations, softmax) in between.
+  - "save_qkv_out": keeps the q/k/v projections and the o_proj output
+    (`SAVED_BY_QKV_OUT`, MaxText's save_qkv_proj + save_out_proj), recomputes
+    the rest (attention and the feed-forward).
+
+  Raises:
+    ValueError: naming `model.remat_policy` for an unknown name.
+  """
+  policies = jax.checkpoint_policies
+  table = {"none": None, "full": policies.nothing_saveable,
+           "dots_saveable": policies.dots_saveable,
+           "save_qkv_out": policies.save_only_these_names(*SAVED_BY_QKV_OUT)}
+  if name not in table:
+    raise ValueError(f"model.remat_policy={name!r}: use one of "
+                     f"{', '.join(table)}")
+  return table[name]
+
+
+_LOGGED: set[str] = set()  # attention choices already logged
+
+
+def _log_once(level: int, message: str) -> None:
+  if message not in _LOGGED:
+    _LOGGED.add(message)
+    logging.log(level, message)
+
+
+def cudnn_unsupported(dtype: jnp.dtype, head_dim: int, seq_len: int,
+                      masked: bool) -> str:
+  """Why cuDNN fused attention cannot run these shapes ("" if it can).
+
+  The conditions of `jax._src.cudnn.fused_attention_stablehlo`
+  (`check_layout`, `check_is_flash_attention`): a GPU, bf16/fp16 inputs, a
+  head dim that is a multiple of 8 and at most 128 (256 from Hopper on; 128
+  is checked), an even sequence length when a mask (a bias to cuDNN) is
+  given.
+  """
+  if jax.default_backend() != "gpu":
+    return f"no GPU (backend {jax.default_backend()})"
+  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    return f"cuDNN attention needs bfloat16 or float16, not {dtype}"
+  if head_dim % 8 or head_dim > 128:
+    return f"head dim {head_dim} (d_model / n_heads) must be a multiple of 8 " \
+        "and at most 128"
+  if masked and seq_len % 2:
+    return f"document masks need an even sequence length, not {seq_len}"
+  return ""
+
+
+def attention_implementation(requested: str, dtype: jnp.dtype, head_dim: int,
+                             seq_len: int, masked: bool) -> str:
+  """Resolves `model.attention_implementation` for one attention call.
+
+  "auto" is cuDNN on a GPU in bfloat16 and XLA elsewhere; "cudnn" (asked
+  for, or chosen by "auto") falls back to XLA with a WARNING when
+  `cudnn_unsupported` names a reason. The choice is logged once (INFO).
+  """
+  choice = requested
+  if requested == "auto":
+    on_gpu = jax.default_backend() == "gpu"
+    choice = "cudnn" if on_gpu and dtype == jnp.bfloat16 else "xla"
+  if choice == "cudnn":
+    reason = cudnn_unsupported(dtype, head_dim, seq_len, masked)
+    if reason:
+      _log_once(logging.WARNING, f"attention: cuDNN cannot run this model "
+                f"({reason}); using the XLA implementation")
+      choice = "xla"
+  _log_once(logging.INFO, f"attention implementation: {choice} "
+            f"({jnp.dtype(dtype).name}, head dim {head_dim}, seq {seq_len}"
+            f"{', document mask' if masked else ''})")
+  return choice
 
 
 def document_mask(segment_ids: jax.Array) -> jax.Array:
@@ -52,6 +140,53 @@ def kv_heads(config: ml_collections.ConfigDict) -> int:
   return config.n_kv_heads or config.n_heads
 
 
+def is_stacked(params: Any) -> bool:
+  """Whether a parameter tree (pure dict) has the scanned layout."""
+  layers = params["layers"]
+  return "self_attn" in layers or "mlp" in layers
+
+
+def _leaf_slice(leaf: Any, i: int) -> Any:
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+  return leaf[i]
+
+
+def unstack_layers(params: Any) -> Any:
+  """A scanned-layout parameter tree in the unrolled layout (a no-op on one).
+
+  Args:
+    params: a pure-dict tree (arrays, numpy arrays or `jax.ShapeDtypeStruct`s,
+      the latter returned without sharding) whose `layers` leaves are
+      `[n_layers, ...]`.
+  """
+  if not is_stacked(params):
+    return params
+  n_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+  return {**params, "layers": {
+      i: jax.tree.map(lambda x, i=i: _leaf_slice(x, i), params["layers"])
+      for i in range(n_layers)}}
+
+
+def stack_layers(params: Any) -> Any:
+  """An unrolled-layout parameter tree in the scanned layout (a no-op on one).
+
+  Leaves are stacked with numpy for numpy inputs, jax otherwise;
+  `jax.ShapeDtypeStruct`s get the leading `[n_layers]` axis (no sharding).
+  """
+  if is_stacked(params):
+    return params
+  blocks = [params["layers"][i] for i in sorted(params["layers"], key=int)]
+
+  def stack(*leaves):
+    first = leaves[0]
+    if isinstance(first, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct((len(leaves), *first.shape), first.dtype)
+    return (np.stack if isinstance(first, np.ndarray) else jnp.stack)(leaves)
+
+  return {**params, "layers": jax.tree.map(stack, *blocks)}
+
+
 class Attention(nnx.Module):
   """Causal self-attention with RoPE and a sub-norm before o_proj.
 
@@ -64,6 +199,7 @@ class Attention(nnx.Module):
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     d, dtype = config.d_model, jnp.dtype(config.dtype)
     linear = {"quantization": config.quantization,
+              "matmul": config.bitlinear_matmul,
               "init_std": config.init_std, "dtype": dtype, "rngs": rngs}
     self.n_heads, self.n_kv_heads = config.n_heads, kv_heads(config)
     kv_width = self.n_kv_heads * (d // self.n_heads)
@@ -74,8 +210,7 @@ class Attention(nnx.Module):
                                   rngs=rngs)
     self.o_proj = BitLinear(d, d, **linear)
     self.rope_theta = config.rope_theta
-    self.implementation = attention_implementation(
-        config.attention_implementation, dtype)
+    self.requested_implementation = config.attention_implementation
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                positions: jax.Array | None = None) -> jax.Array:
@@ -94,15 +229,19 @@ class Attention(nnx.Module):
     kv_shape = (batch, seq, self.n_kv_heads, head_dim)
     if positions is None:
       positions = jnp.arange(seq, dtype=jnp.int32)
-    q = apply_rope(self.q_proj(x).reshape(q_heads), positions,
-                   self.rope_theta)
-    k = apply_rope(self.k_proj(x).reshape(kv_shape), positions,
-                   self.rope_theta)
-    v = self.v_proj(x).reshape(kv_shape)
+    q = checkpoint_name(self.q_proj(x), "query_proj")
+    k = checkpoint_name(self.k_proj(x), "key_proj")
+    v = checkpoint_name(self.v_proj(x), "value_proj")
+    q = apply_rope(q.reshape(q_heads), positions, self.rope_theta)
+    k = apply_rope(k.reshape(kv_shape), positions, self.rope_theta)
+    implementation = attention_implementation(
+        self.requested_implementation, q.dtype, head_dim, seq,
+        mask is not None)
     out = jax.nn.dot_product_attention(
-        q, k, v, mask=mask, is_causal=True,
-        implementation=self.implementation)
-    return self.o_proj(self.attn_sub_norm(out.reshape(batch, seq, d_model)))
+        q, k, v.reshape(kv_shape), mask=mask, is_causal=True,
+        implementation=implementation)
+    out = self.o_proj(self.attn_sub_norm(out.reshape(batch, seq, d_model)))
+    return checkpoint_name(out, "out_proj")
 
 
 class FeedForward(nnx.Module):
@@ -114,6 +253,7 @@ class FeedForward(nnx.Module):
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     d, f, dtype = config.d_model, config.ffn_dim, jnp.dtype(config.dtype)
     linear = {"quantization": config.quantization,
+              "matmul": config.bitlinear_matmul,
               "init_std": config.init_std, "dtype": dtype, "rngs": rngs}
     self.gate_proj = BitLinear(d, f, **linear)
     self.up_proj = BitLinear(d, f, **linear)
@@ -163,7 +303,9 @@ class Transformer(nnx.Module):
   """BitNet b1.58 language model: tokens `[batch, seq]` -> logits.
 
   Args:
-    config: `config.model` (see `bitnet_jax.config.base_config`).
+    config: `config.model` (see `bitnet_jax.config.base_config`);
+      `scan_layers` picks the parameter layout (module docstring),
+      `remat_policy` what the backward pass recomputes (`remat_policy`).
     rngs: `nnx.Rngs` with a `params` stream for initialization.
   """
 
@@ -173,13 +315,55 @@ class Transformer(nnx.Module):
     self.embed_tokens = nnx.Embed(
         config.vocab_size, config.d_model, embedding_init=init,
         param_dtype=jnp.float32, rngs=rngs)
-    self.layers = nnx.List([Block(config, rngs=rngs)
-                            for _ in range(config.n_layers)])
+    keys = jax.random.split(rngs.params(), config.n_layers)
+
+    def block(key: jax.Array) -> Block:  # block i's weights come from keys[i]
+      return Block(config, rngs=nnx.Rngs(params=key))
+
+    if config.scan_layers:
+      self.layers = nnx.vmap(block, in_axes=0, out_axes=0)(keys)
+    else:
+      self.layers = nnx.List([block(keys[i]) for i in range(config.n_layers)])
+    self.scan_layers = config.scan_layers
+    self.remat_policy = config.remat_policy
     self.norm = rms_norm(config.d_model, eps=config.norm_eps, dtype=dtype,
                          rngs=rngs)
     self.lm_head = None if config.tie_embeddings else nnx.Linear(
         config.d_model, config.vocab_size, use_bias=False, kernel_init=init,
         dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+  def hidden(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+             positions: jax.Array | None = None) -> jax.Array:
+    """The final-norm output `[batch, seq, d_model]` in the compute dtype.
+
+    Arguments as for `__call__`; `logits` maps the result to logits.
+    """
+    x = self.embed_tokens(tokens).astype(jnp.float32)
+    mask = None if segment_ids is None else document_mask(segment_ids)
+    policy = remat_policy(self.remat_policy)
+
+    def run_block(graphdef: nnx.GraphDef, x: jax.Array, state: Any):
+      def apply(x, state):
+        return nnx.merge(graphdef, state)(x, mask, positions)
+      if self.remat_policy != "none":
+        apply = jax.checkpoint(apply, policy=policy)
+      return apply(x, state)
+
+    if self.scan_layers:
+      graphdef, state = nnx.split(self.layers)
+      x, _ = jax.lax.scan(lambda x, s: (run_block(graphdef, x, s), None),
+                          x, state)
+    else:
+      for layer in self.layers:
+        graphdef, state = nnx.split(layer)
+        x = run_block(graphdef, x, state)
+    return self.norm(x)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """float32 logits `[..., vocab_size]` of `hidden` `[..., d_model]`."""
+    if self.lm_head is None:
+      return self.embed_tokens.attend(hidden).astype(jnp.float32)
+    return self.lm_head(hidden).astype(jnp.float32)
 
   def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None) -> jax.Array:
@@ -196,13 +380,4 @@ class Transformer(nnx.Module):
       float32 logits `[batch, seq, vocab_size]`; position i depends only on
       tokens[:, :i + 1] (causal), and of those only on its own segment's.
     """
-    x = self.embed_tokens(tokens).astype(jnp.float32)
-    mask = None if segment_ids is None else document_mask(segment_ids)
-    for block in self.layers:
-      x = block(x, mask, positions)
-    x = self.norm(x)
-    if self.lm_head is None:
-      logits = self.embed_tokens.attend(x)
-    else:
-      logits = self.lm_head(x)
-    return logits.astype(jnp.float32)
+    return self.logits(self.hidden(tokens, segment_ids, positions))

@@ -86,12 +86,12 @@ def weight_decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
   """
 
   def decays(path, leaf) -> bool:
+    del leaf  # by name: a scanned kernel is [n_layers, in, out]
     names = checkpoint.path_name(path).split("/")
-    if len(leaf.shape) != 2:
-      return False
     if len(names) >= 2 and names[-2] in BITLINEAR_NAMES:
       return names[-1] == "kernel"
-    return decay_embeddings and names[0] in ("embed_tokens", "lm_head")
+    return decay_embeddings and names[0] in ("embed_tokens", "lm_head") and (
+        names[-1] in ("embedding", "kernel"))
 
   return jax.tree_util.tree_map_with_path(decays, params)
 

@@ -53,7 +53,10 @@ RUNTIME, SCHEDULE, IDENTITY = "runtime", "schedule", "identity"
 RUNTIME_PREFIXES = ("mesh.", "distributed.")
 RUNTIME_KEYS = frozenset({
     "data.data_dir", "data.prefetch_buffer_size",
-    "model.attention_implementation", "train.allow_config_change",
+    "model.attention_implementation", "model.remat_policy",
+    "model.scan_layers",  # a resume takes its checkpoint's layout
+    "train.loss_chunk_size", "train.grad_accum_steps",
+    "train.allow_config_change",
     "train.lock_stale_seconds",
     "train.init_from"})  # read only when a run starts at step 0
 SCHEDULE_KEYS = frozenset({

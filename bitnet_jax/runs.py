@@ -14,13 +14,15 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
 from bitnet_jax import checkpoint, run_identity
 from bitnet_jax.config import ConfigError, base_config
-from bitnet_jax.model import Transformer
+from bitnet_jax.model import (Transformer, is_stacked, stack_layers,
+                              unstack_layers)
 
 CONFIG_JSON = run_identity.CONFIG_NAME  # written at the first start
 CONFIG_PY = "config.py"  # written by `convert import-hf`
@@ -94,7 +96,8 @@ def load_params(source: str, abstract_params: Any,
 
   Works on full train-state checkpoints and weights-only ones alike (the
   optimizer state is never read), so a 2B-parameter model's Adam moments are
-  not loaded to fine-tune or export it.
+  not loaded to fine-tune or export it. A checkpoint of the other layer
+  layout (`model.scan_layers`) is read on the host and converted.
 
   Args:
     source: see `resolve_checkpoint`.
@@ -119,23 +122,50 @@ def load_params(source: str, abstract_params: Any,
     except Exception as e:  # a damaged or partial checkpoint
       raise ConfigError(f"{key}: {path} is not a readable checkpoint ({e})"
                         ) from e
-    mismatch = checkpoint.describe_mismatch(
-        {"params": saved.get("params", {})}, target)
+    saved_params = saved.get("params", {})
+    relayout = "layers" in saved_params and (
+        is_stacked(saved_params) != is_stacked(abstract_params))
+    if relayout:  # read the saved layout on the host, convert, then place
+      convert = stack_layers if is_stacked(saved_params) else unstack_layers
+      target = {"params": convert(abstract_params)}
+    mismatch = checkpoint.describe_mismatch({"params": saved_params}, target)
     if mismatch:
       raise checkpoint.mismatch_error(
           f"{key}: the parameters in {path} do not fit the config", mismatch,
           "Use the config the checkpoint was written with (its run's "
           "config.json).")
+    restore_args = (
+        jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                     target) if relayout else
+        ocp.checkpoint_utils.construct_restore_args(target))
     try:
       restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-          target, partial_restore=True,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+          target, partial_restore=True, restore_args=restore_args))
     except Exception as e:  # orbax/tensorstore raise many types
       raise ConfigError(
           f"{key}: cannot read {path} ({type(e).__name__}: {e}); point at "
           "another checkpoint (`--step=N`, or .../checkpoints/<step>)") from e
   logging.info("loaded the parameters of checkpoint %s", path)
+  if relayout:
+    return _place(_convert_layout(restored["params"], abstract_params),
+                  abstract_params), step
   return restored["params"], step
+
+
+def _convert_layout(params: Any, like: Any) -> Any:
+  """Host `params` in the layer layout of `like` (`model.scan_layers`)."""
+  if is_stacked(like):
+    return stack_layers(params)
+  return unstack_layers(params)
+
+
+def _place(host_params: Any, abstract_params: Any) -> Any:
+  """numpy arrays -> global arrays in the shardings of `abstract_params`
+  (each process supplies the shards it holds)."""
+  return jax.tree.map(
+      lambda x, a: jax.make_array_from_callback(
+          a.shape, a.sharding, lambda index, x=x: x[index]),
+      host_params, abstract_params)
 
 
 def _abstract_model(model_config: ml_collections.ConfigDict,

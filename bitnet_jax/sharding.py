@@ -5,7 +5,9 @@ The mesh has two axes, both data-parallel for activations:
   `fsdp`: parameters and optimizer state sharded (ZeRO-3 / FSDP).
 The batch dimension is sharded over both axes; each parameter of rank >= 2 is
 sharded over `fsdp` along its largest divisible dimension (as nanodo does),
-and everything else is replicated.
+and everything else is replicated. The leading `[n_layers]` axis of scanned
+blocks (`model.scan_layers`) is never sharded: the rule applies to one
+layer's shape, so every device holds its slice of every layer.
 """
 
 from __future__ import annotations
@@ -84,12 +86,26 @@ def parameter_spec(shape: Sequence[int], fsdp_size: int) -> P:
   return P()
 
 
+def _stacked_layer(path: tuple) -> bool:
+  """Whether a tree path lies in scanned blocks: `layers` then a module name
+  (unrolled blocks have an integer index there)."""
+  keys = [getattr(entry, "key", getattr(entry, "idx", None)) for entry in path]
+  return any(key == "layers" and isinstance(after, str)
+             for key, after in zip(keys, keys[1:]))
+
+
 def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
-  """NamedShardings for a pytree of arrays or `jax.ShapeDtypeStruct`s."""
+  """NamedShardings for a pytree of arrays or `jax.ShapeDtypeStruct`s
+  (parameters, or a train state whose optimizer state mirrors them)."""
   fsdp_size = mesh.shape["fsdp"]
-  return jax.tree.map(
-      lambda x: NamedSharding(mesh, parameter_spec(x.shape, fsdp_size)),
-      abstract_state)
+
+  def place(path, x):
+    if _stacked_layer(path):
+      return NamedSharding(mesh, P(None, *parameter_spec(x.shape[1:],
+                                                         fsdp_size)))
+    return NamedSharding(mesh, parameter_spec(x.shape, fsdp_size))
+
+  return jax.tree_util.tree_map_with_path(place, abstract_state)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -1,105 +1,32 @@
 """The training loop: sharded state, jitted steps, evaluation, checkpoints.
 
-The train state (`bitnet_jax.train_state`) is a plain pytree `{"step",
-"params", "opt_state"}` of arrays, created already sharded and donated to
-every step. The model's structure (`graphdef`) is static.
+The train state (`bitnet_jax.train_state`) is created already sharded and
+donated to every step (`bitnet_jax.steps`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from clu import parameter_overview
-from flax import nnx
 from jax.experimental import multihost_utils
 
 from bitnet_jax import (checkpoint, data, guards, metrics, preemption,
                         run_identity, run_lock, runs, sharding, train_state)
 from bitnet_jax import config as config_lib
 from bitnet_jax import optimizer as optimizer_lib
-from bitnet_jax.loss import next_token_loss, split_batch, token_losses
+from bitnet_jax.steps import (evaluate, make_eval_step, make_train_step,
+                              matmul_params)
 
 State = train_state.State
-
-
-def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
-                    tx: optax.GradientTransformation, shardings: Any,
-                    mesh: jax.sharding.Mesh
-                    ) -> Callable[[State, dict], tuple[State, dict]]:
-  """Jits one optimizer step; the state argument is donated.
-
-  The step maps (state, batch) to (new state, metrics); a batch is
-  "tokens" int32 `[batch, seq_len + 1]` (plus "segment_ids" and "positions"
-  with document packing, see `loss.split_batch`). Metrics: loss
-  (nats/token), accuracy, grad_norm (before clipping), learning_rate and
-  weight_decay as applied in this step.
-  """
-  t = config.train
-
-  def train_step(state: State, batch: dict) -> tuple[State, dict]:
-    def loss_fn(params):
-      return next_token_loss(nnx.merge(graphdef, params), batch,
-                             label_smoothing=t.label_smoothing,
-                             z_loss_weight=t.z_loss_weight)
-
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    step_metrics = {"loss": loss, "accuracy": aux["accuracy"],
-                    "grad_norm": optax.global_norm(grads),
-                    **optimizer_lib.current_hyperparams(opt_state)}
-    new_state = {"step": state["step"] + 1, "params": params,
-                 "opt_state": opt_state}
-    return new_state, step_metrics
-
-  return jax.jit(train_step,
-                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(shardings, sharding.replicated(mesh)),
-                 donate_argnums=0)
-
-
-def make_eval_step(graphdef: nnx.GraphDef, param_shardings: Any,
-                   mesh: jax.sharding.Mesh) -> Callable[[Any, dict], dict]:
-  """Jits the per-batch eval statistics (summed, see `metrics`)."""
-
-  def eval_step(params: Any, batch: dict) -> dict:
-    inputs, targets, features, weights = split_batch(batch)
-    logits = nnx.merge(graphdef, params)(inputs, **features)
-    stats = metrics.prediction_statistics(logits, inputs, targets, weights)
-    losses = token_losses(logits, targets)
-    stats["loss_sum"] = jnp.sum(
-        losses if weights is None else losses * weights)
-    return stats
-
-  return jax.jit(eval_step,
-                 in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
-
-
-def evaluate(eval_step: Callable, params: Any,
-             batches: list[dict]) -> dict[str, float]:
-  """Runs the fixed eval set; sums stay on device until one final read.
-
-  Args:
-    batches: global batches (dicts of int32 `[batch_size, seq_len + 1]`,
-      see `loss.split_batch`), already placed on the mesh (they are the same
-      at every evaluation).
-  """
-  totals = None
-  for batch in batches:
-    stats = eval_step(params, batch)
-    totals = stats if totals is None else jax.tree.map(jnp.add, totals, stats)
-  return metrics.summarize_eval(jax.device_get(totals))
 
 
 def _prepare_data(config: ml_collections.ConfigDict) -> data.PreparedData:
@@ -109,16 +36,6 @@ def _prepare_data(config: ml_collections.ConfigDict) -> data.PreparedData:
   prepared = data.prepare(config) if jax.process_index() == 0 else None
   multihost_utils.sync_global_devices("bitnet_jax:data_prepared")
   return prepared or data.prepare(config)
-
-
-def _matmul_params(config: ml_collections.ConfigDict, params: Any) -> int:
-  """Parameters used in matmuls (all 2-D weights but the embedding gather)."""
-  total = sum(int(np.prod(x.shape)) for path, x in
-              jax.tree_util.tree_leaves_with_path(params)
-              if len(x.shape) == 2 and "embed_tokens" not in str(path[0]))
-  if config.model.tie_embeddings:
-    total += config.model.vocab_size * config.model.d_model
-  return total
 
 
 def _on_process_zero(action: Callable[[], Any], what: str) -> Any:
@@ -216,6 +133,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                  workdir, latest, t.steps, json.dumps(final))
     return final
 
+  saved_layout = checkpointer.saved_scan_layers() if resuming else None
+  if saved_layout is not None and saved_layout != config.model.scan_layers:
+    logging.warning("model.scan_layers=%s, but the checkpoints in %s hold %s "
+                    "layers: resuming in their layout", config.model.scan_layers,
+                    checkpointer.directory,
+                    "scanned" if saved_layout else "unrolled")
+    config = config.copy_and_resolve_references()
+    config.model.scan_layers = saved_layout
   prepared = _prepare_data(config)
   _on_process_zero(lambda: run_identity.check_tokenizer(  # weights keep it
       workdir, prepared.tokenizer_path, t.allow_config_change,
@@ -263,13 +188,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                                          include_stats=False))
 
   train_step = make_train_step(config, graphdef, tx, shardings, mesh)
-  eval_step = make_eval_step(graphdef, shardings["params"], mesh)
+  eval_step = make_eval_step(config, graphdef, shardings["params"], mesh)
   writer = metrics.MetricWriter(workdir, resume_step=start_step)
   guard = guards.DivergenceGuard(t.divergence_factor, t.divergence_patience)
   guard.restore(run_at_start)  # the minimum survives resumes
   throughput = metrics.Throughput(tokens_per_step, t.steps)
   flops = metrics.flops_per_token(
-      _matmul_params(config, state["params"]), config.model.n_layers,
+      matmul_params(config, state["params"]), config.model.n_layers,
       config.model.d_model, t.seq_len)
   peak = metrics.peak_flops(jax.devices())
 
@@ -323,9 +248,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       unread = None  # (step, metrics) read after the next step's dispatch
       for step in range(start_step + 1, t.steps + 1):
         window = sharding.global_batch(next(train_iter), mesh)
+        if step == start_step + 1:
+          first_step_started = time.perf_counter()
         state, step_metrics = train_step(state, window)
         if step == start_step + 1:  # exclude compilation from tokens/s
           jax.block_until_ready(step_metrics)
+          throughput.first_step_seconds = (time.perf_counter()
+                                           - first_step_started)
           throughput.start(step)
         checkpointer.check()  # a failed background save stops the run here
         if unread is not None:
@@ -363,4 +292,6 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       _close_all(checkpointer, writer, failing=failing)
   if jax.process_index() == 0:
     logging.info("final metrics: %s", json.dumps(last))
+    logging.info(throughput.summary(
+        flops, peak, f"{jax.device_count()} x {jax.devices()[0].device_kind}"))
   return last

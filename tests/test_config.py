@@ -5,8 +5,10 @@ import pytest
 from bitnet_jax import config as config_lib
 from bitnet_jax.config import ConfigError
 
+RESEARCH = ["configs/bitnet_125m.py", "configs/bitnet_700m.py",
+            "configs/bitnet_1p3b.py", "configs/bitnet_3b.py"]
 CONFIGS = ["configs/tiny.py", "configs/d20.py", "configs/d20.py:cpu",
-           "configs/bitnet_2b4t.py"]
+           "configs/bitnet_2b4t.py"] + RESEARCH + [f"{n}:fp" for n in RESEARCH]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -66,6 +68,12 @@ def test_unknown_variant_is_rejected(load_config):
     ("train.divergence_factor", -3.0, "0 (off) or a number > 1"),
     ("train.divergence_patience", 0, "integer >= 1"),
     ("train.lock_stale_seconds", 0.0, "> 0"),
+    ("model.remat_policy", "offload", "'none', 'full', 'dots_saveable'"),
+    ("model.bitlinear_matmul", "int4", "'fake_quant', 'int8'"),
+    ("train.loss_chunk_size", 5, "divide train.seq_len=32"),
+    ("train.loss_chunk_size", -8, "divide train.seq_len=32"),
+    ("train.grad_accum_steps", 3, "dividing train.batch_size=8"),
+    ("train.grad_accum_steps", 0, "dividing train.batch_size=8"),
 ])
 def test_bad_value_names_the_key_and_the_allowed_values(tiny_config, key,
                                                         value, allowed):
@@ -115,3 +123,33 @@ def test_wrongly_typed_value_names_the_key(tiny_config, key, value, allowed):
     config_lib.validate(tiny_config)
   assert f"config.{key}={value!r}" in str(error.value), str(error.value)
   assert allowed in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize("name,shape,peaks,billions", [
+    ("configs/bitnet_700m.py", (1536, 4096, 24, 24), (1.5e-3, 1e-3), 0.78),
+    ("configs/bitnet_1p3b.py", (2048, 5460, 32, 24), (1.2e-3, 8e-4), 1.34),
+    ("configs/bitnet_3b.py", (3200, 8640, 32, 26), (1.2e-3, 8e-4), 3.43),
+])
+def test_research_configs_follow_the_faq_tables(load_config, name, shape,
+                                                peaks, billions):
+  # pylint: disable-next=g-import-not-at-top
+  import jax
+  from bitnet_jax import runs
+  c = load_config(name)
+  m, o, t = c.model, c.optimizer, c.train
+  assert (m.d_model, m.ffn_dim, m.n_heads, m.n_layers) == shape, name
+  assert (o.learning_rate, o.stage2_learning_rate) == peaks, name
+  assert (o.weight_decay, o.stage2_weight_decay, o.warmup_steps) == (
+      0.1, 0.0, 375), name
+  assert t.seq_len == 2048 and t.batch_size * t.seq_len == 2**20, (
+      f"{name}: not the FAQ's 1M tokens per step at seq 2048")
+  assert m.quantization == "ternary" and m.dtype == "bfloat16"
+  n_params = sum(x.size for x in jax.tree.leaves(
+      runs.abstract_params(m)))
+  assert n_params / 1e9 == pytest.approx(billions, abs=0.01), (
+      f"{name}: {n_params:,} parameters")
+  fp = load_config(name + ":fp")
+  assert fp.model.quantization == "none"
+  assert fp.optimizer.learning_rate == fp.optimizer.stage2_learning_rate == (
+      2.5e-4 if "700m" in name else 2e-4), "FP16 baseline learning rate"
+  assert fp.optimizer.stage2_weight_decay == fp.optimizer.weight_decay == 0.1

@@ -29,6 +29,7 @@ from transformers.integrations.bitnet import pack_weights, unpack_weights
 from bitnet_jax import convert, gguf_export, hf, quant, runs, train
 from bitnet_jax.config import ConfigError
 from bitnet_jax.generate import greedy
+from bitnet_jax.model import unstack_layers
 from drivers import REPO, load_config
 
 TOLERANCE = 1e-4  # max |ours - theirs| / max |ours| of float32 logits
@@ -421,7 +422,7 @@ def test_bitnet_2b4t_config_has_the_released_architecture():
               BitNetForCausalLM(hf_config).named_parameters()}
   ours = {}
   for path, x in jax.tree_util.tree_leaves_with_path(
-      runs.abstract_params(config.model)):
+      unstack_layers(runs.abstract_params(config.model))):
     name, transpose = hf.hf_name(tuple(
         getattr(k, "key", None) for k in path))
     ours[name] = tuple(x.shape)[::-1] if transpose else tuple(x.shape)

@@ -101,3 +101,72 @@ def test_the_target_starting_the_next_document_is_not_scored():
   value, _ = loss.next_token_loss(uniform_except_at_eot, batch)
   np.testing.assert_allclose(value, np.log(10), rtol=1e-6,
                              err_msg="a cross-document position was scored")
+
+
+def _tiny_model_and_packed_batch(tiny_config):
+  # pylint: disable-next=g-import-not-at-top
+  from flax import nnx
+  from bitnet_jax.data.stream import document_features
+  from bitnet_jax.model import Transformer
+  model = Transformer(tiny_config.model, rngs=nnx.Rngs(0))
+  seq_len = tiny_config.train.seq_len
+  tokens = np.array(jax.random.randint(jax.random.key(1), (4, seq_len + 1),
+                                       1, tiny_config.model.vocab_size))
+  tokens[:, seq_len // 3] = 0  # an EOT: two documents per window
+  return model, document_features(tokens, 0)
+
+
+@pytest.mark.parametrize("chunk_size", [4, 8])
+def test_the_chunked_loss_equals_the_unchunked_loss_and_gradients(
+    tiny_config, chunk_size):
+  # pylint: disable-next=g-import-not-at-top
+  from flax import nnx
+  model, batch = _tiny_model_and_packed_batch(tiny_config)
+  graphdef, params = nnx.split(model)
+
+  def value(params, chunk):
+    mean, aux = loss.next_token_loss(
+        nnx.merge(graphdef, params), batch, label_smoothing=0.1,
+        z_loss_weight=1e-3, chunk_size=chunk)
+    return mean, aux
+
+  (whole, whole_aux), whole_grads = jax.value_and_grad(value, has_aux=True)(
+      params, 0)
+  (chunked, aux), grads = jax.jit(jax.value_and_grad(value, has_aux=True),
+                                  static_argnums=1)(params, chunk_size)
+  np.testing.assert_allclose(chunked, whole, rtol=1e-6,
+                             err_msg="chunked loss != unchunked loss")
+  for name in ("nll", "accuracy"):
+    np.testing.assert_allclose(aux[name], whole_aux[name], rtol=1e-6,
+                               err_msg=f"chunked {name} differs")
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads),
+                          jax.tree.leaves(whole_grads)):
+    np.testing.assert_allclose(
+        g, w, rtol=1e-6, atol=1e-6 * float(np.abs(w).max()),
+        err_msg=f"chunked gradient {jax.tree_util.keystr(path)} differs")
+  outputs = loss.position_outputs(model, batch, chunk_size=chunk_size)
+  reference = loss.position_outputs(model, batch)
+  np.testing.assert_array_equal(outputs["prediction"],
+                                reference["prediction"],
+                                "chunked argmax predictions differ")
+
+
+def test_the_chunked_loss_never_holds_the_whole_logits(tiny_config):
+  # pylint: disable-next=g-import-not-at-top
+  from flax import nnx
+  model, batch = _tiny_model_and_packed_batch(tiny_config)
+  graphdef, params = nnx.split(model)
+  vocab, seq_len = tiny_config.model.vocab_size, tiny_config.train.seq_len
+
+  def shapes(chunk):
+    def value(params):
+      return loss.next_token_loss(nnx.merge(graphdef, params), batch,
+                                  chunk_size=chunk)[0]
+    text = str(jax.make_jaxpr(jax.grad(value))(params))
+    return text
+
+  assert f"4,{seq_len},{vocab}]" in shapes(0), "the reference lost its logits"
+  chunked = shapes(8)
+  assert f"4,{seq_len},{vocab}]" not in chunked, (
+      "a [batch, seq_len, vocab] array exists despite loss_chunk_size=8")
+  assert f"4,8,{vocab}]" in chunked, "no [batch, 8, vocab] chunk logits"

@@ -15,9 +15,9 @@ from bitnet_jax import metrics
 
 
 def _stats_for(predictions, inputs, targets, vocab=10):
-  logits = 5.0 * jax.nn.one_hot(jnp.asarray(predictions), vocab)
   return jax.device_get(metrics.prediction_statistics(
-      logits, jnp.asarray(inputs), jnp.asarray(targets)))
+      jnp.asarray(predictions), jnp.asarray(inputs), jnp.asarray(targets),
+      vocab))
 
 
 def test_collapse_diagnostics_on_a_known_prediction_pattern():
@@ -181,3 +181,27 @@ def test_throughput_rates_are_consistent():
 
 def test_flops_per_token_formula():
   assert metrics.flops_per_token(1000, 2, 8, 16) == 6 * 1000 + 12 * 2 * 8 * 16
+
+
+def test_peak_flops_by_device_kind():
+  assert metrics.device_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert metrics.device_peak_flops("NVIDIA H200") == 989e12
+  assert metrics.device_peak_flops("NVIDIA H100 PCIe") == 756e12, (
+      "the longest matching prefix must win")
+  assert metrics.device_peak_flops("cpu") is None
+
+
+def test_performance_summary_line():
+  throughput = metrics.Throughput(tokens_per_step=1000, total_steps=50)
+  throughput.start(0)
+  throughput.measure(10)
+  throughput.start(20)  # an evaluation in between is not timed
+  throughput.measure(30)
+  throughput.first_step_seconds = 4.5
+  line = throughput.summary(1e9, 1e12 * 1000, "1 x test")
+  assert throughput.timed_steps == 20, throughput.timed_steps
+  tokens_per_sec = 20 * 1000 / throughput.timed_seconds
+  assert f"{tokens_per_sec:,.0f} tokens/s" in line, line
+  assert f"MFU {tokens_per_sec * 1e9 / 1e15:.1%}" in line, line
+  assert "first step (compilation) 4.5 s" in line, line
+  assert "MFU unknown" in throughput.summary(1e9, None, "cpu")

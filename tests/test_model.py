@@ -8,7 +8,7 @@ from flax import nnx
 
 from bitnet_jax import quant
 from bitnet_jax.layers import BitLinear
-from bitnet_jax.model import BITLINEAR_NAMES, Transformer
+from bitnet_jax.model import BITLINEAR_NAMES, Transformer, unstack_layers
 
 
 def _model(tiny_config, **overrides):
@@ -18,7 +18,8 @@ def _model(tiny_config, **overrides):
 
 
 def _param_paths(model) -> dict[str, tuple]:
-  state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  """Parameter shapes by path, in the unrolled layout (layers/<i>/...)."""
+  state = unstack_layers(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   return {"/".join(str(getattr(k, "key", k)) for k in path): leaf.shape
           for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
 
@@ -99,7 +100,7 @@ def test_only_block_linears_are_bitlinear(tiny_config):
 
 def test_untied_by_default_and_tying_shares_the_embedding(tiny_config):
   assert tiny_config.model.tie_embeddings is False, "default must be untied"
-  tied = _model(tiny_config, tie_embeddings=True)
+  tied = _model(tiny_config, tie_embeddings=True, scan_layers=False)
   assert "lm_head/kernel" not in _param_paths(tied), "tied model has lm_head"
   tokens = jnp.arange(8, dtype=jnp.int32)[None]
   hidden = tied.embed_tokens(tokens).astype(jnp.float32)
@@ -162,3 +163,71 @@ def test_packed_documents_do_not_see_each_other(tiny_config, quantization,
   unmasked = model(window)
   assert not np.allclose(unmasked[:, 8:], alone, atol=1e-3), (
       "without segment ids B should see A: the test cannot tell")
+
+
+def test_cudnn_attention_falls_back_to_xla_with_a_warning(tiny_config,
+                                                          caplog):
+  # pylint: disable-next=g-import-not-at-top
+  from bitnet_jax import model as model_lib
+  model_lib._LOGGED.clear()  # pylint: disable=protected-access
+  model = _model(tiny_config, attention_implementation="cudnn",
+                 dtype="bfloat16")
+  with caplog.at_level("INFO"):
+    logits = model(jnp.zeros((2, 8), jnp.int32))
+  assert logits.dtype == jnp.float32
+  warnings = [r.getMessage() for r in caplog.records
+              if r.levelname == "WARNING"]
+  assert any("cuDNN cannot run" in w and "no GPU" in w for w in warnings), (
+      f"no fallback WARNING: {warnings}")
+  assert any("attention implementation: xla" in r.getMessage()
+             for r in caplog.records), "the implementation used is not logged"
+
+
+def test_cudnn_limits_are_named():
+  # pylint: disable-next=g-import-not-at-top
+  from bitnet_jax.model import cudnn_unsupported
+  reason = cudnn_unsupported(jnp.bfloat16, 64, 2048, masked=False)
+  assert reason.startswith("no GPU"), reason  # these tests run on CPU
+
+
+def _subjaxprs(eqn):
+  """The jaxprs nested in an equation's parameters (scan, remat, custom_vjp)."""
+  for value in eqn.params.values():
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+      if isinstance(item, jax.extend.core.ClosedJaxpr):
+        yield item.jaxpr
+      elif isinstance(item, jax.extend.core.Jaxpr):
+        yield item
+
+
+def _dot_dtypes(model, tokens):
+  """Input dtypes of every dot_general in the forward pass (nested too)."""
+  graphdef, state = nnx.split(model)
+  jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens))(state)
+  found = []
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+      for sub in _subjaxprs(eqn):
+        visit(sub)
+
+  visit(jaxpr.jaxpr)
+  return found
+
+
+@pytest.mark.parametrize("matmul,expected", [
+    ("fake_quant", ("bfloat16", "bfloat16")), ("int8", ("int8", "int8"))])
+def test_bf16_model_multiplies_in_the_compute_dtype(tiny_config, matmul,
+                                                    expected):
+  model = _model(tiny_config, dtype="bfloat16", bitlinear_matmul=matmul)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
+  dots = _dot_dtypes(model, jnp.zeros((2, 8), jnp.int32))
+  bitlinear = [d for d in dots if d == expected]  # scanned: one block body
+  assert len(bitlinear) >= 7, f"fewer than 7 BitLinear dots: {dots}"
+  attention_and_head = [d for d in dots if d != expected]
+  assert all(d == ("bfloat16", "bfloat16") for d in attention_and_head), (
+      f"a matmul ran outside bf16: {dots}")
+  assert model(jnp.zeros((2, 8), jnp.int32)).dtype == jnp.float32

@@ -58,19 +58,29 @@ def _params(config):
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
+def _layer_prefixes(config):
+  """"layers/0/", "layers/1/", ... unrolled; "layers/" when scanned."""
+  if config.model.scan_layers:
+    return ["layers/"]
+  return [f"layers/{i}/" for i in range(config.model.n_layers)]
+
+
 def _flat(tree):
   return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
 @pytest.mark.parametrize("decay_embeddings", [False, True])
 def test_mask_covers_exactly_the_bitlinear_kernels(tiny_config,
-                                                   decay_embeddings):
+                                                   decay_embeddings,
+                                                   scan_layers):
+  tiny_config.model.scan_layers = scan_layers
   params = _params(tiny_config)
   mask = _flat(optimizer.weight_decay_mask(params, decay_embeddings))
   decayed = {path for path, on in mask.items() if on}
-  expected = {f"layers/{i}/{module}/{name}/kernel"
-              for i in range(tiny_config.model.n_layers)
+  expected = {f"{prefix}{module}/{name}/kernel"
+              for prefix in _layer_prefixes(tiny_config)
               for module, names in (("self_attn", "qkvo"), ("mlp", None))
               for name in ([f"{c}_proj" for c in names] if names else
                            ["gate_proj", "up_proj", "down_proj"])}
@@ -112,7 +122,7 @@ def test_weight_decay_shrinks_bitlinear_kernels_only_in_stage_one(tiny_config):
     updates, state = tx.update(zero_grads, state, params)
     changed.append({p for p, u in _flat(updates).items()
                     if np.any(np.asarray(u) != 0)})
-  kernel = "layers/0/mlp/gate_proj/kernel"
+  kernel = _layer_prefixes(tiny_config)[0] + "mlp/gate_proj/kernel"
   assert kernel in changed[0] and kernel in changed[1], "no decay in stage 1"
   assert not changed[2] and not changed[3], (
       f"stage 2 still decays {sorted(changed[2])}")

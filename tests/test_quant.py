@@ -70,3 +70,47 @@ def test_straight_through_gradient_is_identity(fn):
   np.testing.assert_allclose(
       grad, cotangent, rtol=0, atol=0,
       err_msg=f"{fn.__name__} backward is not the identity (STE)")
+
+
+def _int8_and_fake_quant(x, kernel):
+  """Outputs and gradients of both BitLinear matmuls on the same inputs."""
+  def fake(x, kernel):
+    return quant.activation_quant(x) @ quant.weight_quant(kernel)
+
+  weights = jax.random.normal(jax.random.key(9), (x.shape[0], kernel.shape[1]))
+  results = []
+  for matmul in (quant.int8_matmul, fake):
+    loss = lambda x, k, matmul=matmul: jnp.sum(matmul(x, k) * weights)
+    results.append((matmul(x, kernel), jax.grad(loss, (0, 1))(x, kernel)))
+  return results
+
+
+def test_int8_matmul_equals_fake_quant_forward_and_gradient():
+  x = jax.random.normal(jax.random.key(0), (6, 48)) * 3.0
+  kernel = jax.random.normal(jax.random.key(1), (48, 24)) * 0.02
+  (out, grads), (expected, expected_grads) = _int8_and_fake_quant(x, kernel)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6,
+                             err_msg="int8 forward != fake-quant forward")
+  assert not np.allclose(out, x @ kernel, rtol=1e-3), "int8 path not quantized"
+  for name, grad, want in zip(("x", "kernel"), grads, expected_grads):
+    np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-7,
+                               err_msg=f"int8 straight-through d{name} != "
+                               "fake-quant d{name}")
+
+
+def test_int8_matmul_multiplies_int8_codes_with_int32_accumulation():
+  x = jnp.ones((2, 8), jnp.bfloat16)
+  kernel = jnp.ones((8, 4), jnp.float32)
+  jaxpr = jax.make_jaxpr(quant.int8_matmul)(x, kernel)
+  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+  for eqn in jaxpr.jaxpr.eqns:  # the custom_vjp's forward
+    for value in eqn.params.values():
+      if isinstance(value, jax.extend.core.ClosedJaxpr):
+        dots += [e for e in value.jaxpr.eqns
+                 if e.primitive.name == "dot_general"]
+  assert dots, f"no dot_general in {jaxpr}"
+  for dot in dots:
+    dtypes = [v.aval.dtype for v in dot.invars]
+    assert dtypes == [jnp.int8, jnp.int8], f"dot inputs {dtypes}, not int8"
+    assert dot.outvars[0].aval.dtype == jnp.int32, "accumulation not int32"
+  assert quant.int8_matmul(x, kernel).dtype == jnp.bfloat16

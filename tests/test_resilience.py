@@ -19,7 +19,8 @@ import pytest
 from bitnet_jax import checkpoint, guards, run_identity, run_lock, train
 from drivers import REPO
 
-TIMING_KEYS = {"tokens_per_sec", "steps_per_sec", "eta_seconds", "mfu"}
+TIMING_KEYS = {"tokens_per_sec", "steps_per_sec", "step_time_ms",
+               "eta_seconds", "mfu"}
 DRIVER = """
 import resource, signal, sys
 sys.path.insert(0, "tests")

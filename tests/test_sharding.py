@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from bitnet_jax import data, optimizer, sharding, train, train_state
+from bitnet_jax import data, optimizer, sharding, steps, train_state
 from bitnet_jax.config import ConfigError
 
 
@@ -12,7 +12,7 @@ def _setup(config, devices):
   mesh = sharding.make_mesh(config.mesh, devices)
   tx = optimizer.make_optimizer(config)
   graphdef, state, shardings = train_state.create_train_state(config, mesh, tx)
-  step = train.make_train_step(config, graphdef, tx, shardings, mesh)
+  step = steps.make_train_step(config, graphdef, tx, shardings, mesh)
   return mesh, state, shardings, step
 
 
@@ -57,7 +57,10 @@ def test_eight_device_mesh_matches_one_device_ternary_step_by_step(
 
   Over several steps the two trajectories drift apart by ~1e-5: round() in
   the ternary quantizer turns float32 reduction-order noise into discrete
-  flips. So each step starts from the one-device state, re-sharded.
+  flips. So each step starts from the one-device state, re-sharded. Within a
+  step, the fsdp matmuls' reduction order can flip one activation code too;
+  one flip moved grad_norm by 2e-4 (relative) at step 0 with seed 0, hence its
+  looser tolerance. (Full precision matches exactly: the test above.)
   """
   batches = _batches(tiny_config)
   _, single, states = _trajectory(_use_mesh(tiny_config, 1, 1), batches,
@@ -67,15 +70,18 @@ def test_eight_device_mesh_matches_one_device_ternary_step_by_step(
   for k, (batch, host_state) in enumerate(zip(batches, states)):
     state = jax.device_put(host_state, shardings)
     state, out = step(state, sharding.global_batch(batch, mesh))
-    for name in ("loss", "grad_norm"):
+    for name, rtol in (("loss", 2e-5), ("grad_norm", 1e-3)):
       np.testing.assert_allclose(
-          out[name], single[k][name], rtol=1e-5,
+          out[name], single[k][name], rtol=rtol,
           err_msg=f"step {k}: sharded {name} differs from one device")
-  kernel = state["params"]["layers"][0]["mlp"]["gate_proj"]["kernel"]
-  assert "fsdp" in kernel.sharding.spec, kernel.sharding
+  kernel = state["params"]["layers"]["mlp"]["gate_proj"]["kernel"]
+  assert kernel.sharding.spec[0] is None and "fsdp" in kernel.sharding.spec, (
+      f"{kernel.sharding.spec}: scanned [layers, in, out] kernels must shard "
+      "a weight dimension over fsdp, never the layers axis")
   shard_shape = kernel.addressable_shards[0].data.shape
   assert np.prod(shard_shape) * 4 == kernel.size, (
       f"a device holds {shard_shape} of {kernel.shape}: not sharded 4 ways")
+  assert shard_shape[0] == kernel.shape[0], "a device lacks some layers"
   adam_mu = state["opt_state"][-1].inner_state[0].mu["embed_tokens"][
       "embedding"]
   assert "fsdp" in adam_mu.sharding.spec, "optimizer state not sharded"

@@ -1,0 +1,170 @@
+"""The jitted train and eval steps (gradient accumulation, chunked loss).
+
+The train state (`bitnet_jax.train_state`) is a plain pytree `{"step",
+"params", "opt_state"}` of arrays, donated to every step; the model's
+structure (`graphdef`) is static.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from bitnet_jax import metrics, sharding
+from bitnet_jax import optimizer as optimizer_lib
+from bitnet_jax.config import ConfigError
+from bitnet_jax.loss import next_token_sums, position_outputs, split_batch
+
+State = dict[str, Any]
+
+
+def micro_batches(batch: dict, steps: int, mesh: jax.sharding.Mesh) -> dict:
+  """Splits a global batch `[batch, ...]` into `[steps, batch / steps, ...]`.
+
+  Micro-batch j takes rows j, j + steps, j + 2 steps, ...: every device's
+  contiguous block of rows holds its share of every micro-batch, so each
+  micro-batch stays split over all data-parallel devices (no data moves).
+  """
+
+  def split(x):
+    x = x.reshape(x.shape[0] // steps, steps, *x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(mesh, P(None, sharding.BATCH_AXES)))
+
+  return jax.tree.map(split, batch)
+
+
+def check_micro_batch(config: ml_collections.ConfigDict,
+                      mesh: jax.sharding.Mesh) -> None:
+  """Raises ConfigError naming `train.grad_accum_steps` when a micro-batch
+  does not split evenly over the mesh's data-parallel devices."""
+  t = config.train
+  devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro = t.batch_size // t.grad_accum_steps
+  if micro % devices:
+    raise ConfigError(
+        f"config.train.grad_accum_steps={t.grad_accum_steps} makes "
+        f"micro-batches of {micro} sequences (train.batch_size / "
+        f"grad_accum_steps), which do not split over the {devices} "
+        "data-parallel devices; pick grad_accum_steps so that batch_size / "
+        "grad_accum_steps is a multiple of the device count")
+
+
+def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+                    tx: optax.GradientTransformation, shardings: Any,
+                    mesh: jax.sharding.Mesh
+                    ) -> Callable[[State, dict], tuple[State, dict]]:
+  """Jits one optimizer step; the state argument is donated.
+
+  The step maps (state, batch) to (new state, metrics); a batch is
+  "tokens" int32 `[batch, seq_len + 1]` (plus "segment_ids" and "positions"
+  with document packing, see `loss.split_batch`). With
+  `train.grad_accum_steps` k > 1 the batch runs as k micro-batches inside the
+  step (`jax.lax.scan`), their gradients of the summed loss added and divided
+  by the whole batch's count of positions once: the same update as one pass
+  over the batch, up to float rounding. Metrics: loss (nats/token),
+  accuracy, grad_norm (before clipping), learning_rate and weight_decay as
+  applied in this step.
+
+  Raises:
+    ConfigError: see `check_micro_batch`.
+  """
+  t = config.train
+  check_micro_batch(config, mesh)
+
+  def sums_and_grads(params, batch):
+    def summed_loss(params):
+      sums = next_token_sums(nnx.merge(graphdef, params), batch,
+                             label_smoothing=t.label_smoothing,
+                             z_loss_weight=t.z_loss_weight,
+                             chunk_size=t.loss_chunk_size)
+      return sums["loss"], sums
+    grads, sums = jax.grad(summed_loss, has_aux=True)(params)
+    return sums, grads
+
+  def train_step(state: State, batch: dict) -> tuple[State, dict]:
+    params = state["params"]
+    if t.grad_accum_steps == 1:
+      sums, grads = sums_and_grads(params, batch)
+    else:
+      def accumulate(totals, micro_batch):
+        return jax.tree.map(jnp.add, totals,
+                            sums_and_grads(params, micro_batch)), None
+      zeros = ({k: jnp.zeros((), jnp.float32)
+                for k in ("loss", "nll", "hits", "weight")},
+               jax.tree.map(jnp.zeros_like, params))
+      (sums, grads), _ = jax.lax.scan(
+          accumulate, zeros, micro_batches(batch, t.grad_accum_steps, mesh))
+    count = jnp.maximum(sums["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    step_metrics = {"loss": sums["loss"] / count,
+                    "accuracy": sums["hits"] / count,
+                    "grad_norm": optax.global_norm(grads),
+                    **optimizer_lib.current_hyperparams(opt_state)}
+    new_state = {"step": state["step"] + 1,
+                 "params": optax.apply_updates(params, updates),
+                 "opt_state": opt_state}
+    return new_state, step_metrics
+
+  return jax.jit(train_step,
+                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)),
+                 donate_argnums=0)
+
+
+def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+                   param_shardings: Any, mesh: jax.sharding.Mesh
+                   ) -> Callable[[Any, dict], dict]:
+  """Jits the per-batch eval statistics (summed, see `metrics`); the logits
+  are made `train.loss_chunk_size` positions at a time, as in training."""
+
+  def eval_step(params: Any, batch: dict) -> dict:
+    inputs, targets, _, weights = split_batch(batch)
+    outputs = position_outputs(nnx.merge(graphdef, params), batch,
+                               chunk_size=config.train.loss_chunk_size)
+    stats = metrics.prediction_statistics(
+        outputs["prediction"], inputs, targets, config.model.vocab_size,
+        weights)
+    stats["loss_sum"] = jnp.sum(outputs["nll"] * outputs["weight"])
+    return stats
+
+  return jax.jit(eval_step,
+                 in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def evaluate(eval_step: Callable, params: Any,
+             batches: list[dict]) -> dict[str, float]:
+  """Runs the fixed eval set; sums stay on device until one final read.
+
+  Args:
+    batches: global batches (dicts of int32 `[batch_size, seq_len + 1]`,
+      see `loss.split_batch`), already placed on the mesh (they are the same
+      at every evaluation).
+  """
+  totals = None
+  for batch in batches:
+    stats = eval_step(params, batch)
+    totals = stats if totals is None else jax.tree.map(jnp.add, totals, stats)
+  return metrics.summarize_eval(jax.device_get(totals))
+
+
+def matmul_params(config: ml_collections.ConfigDict, params: Any) -> int:
+  """Parameters used in matmuls: every `kernel` (block linears, lm_head) in
+  either layer layout, plus the embedding when it doubles as the lm_head."""
+  total = sum(int(np.prod(x.shape)) for path, x in
+              jax.tree_util.tree_leaves_with_path(params)
+              if getattr(path[-1], "key", None) == "kernel")
+  if config.model.tie_embeddings:
+    total += config.model.vocab_size * config.model.d_model
+  return total
