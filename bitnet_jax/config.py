@@ -266,6 +266,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice(config, "model.remat_policy", REMAT_POLICIES)
   _check_choice(config, "model.bitlinear_matmul", BITLINEAR_MATMULS)
   _check_choice(config, "model.scan_layers", (True, False))
+  if config.model.bitlinear_matmul == "int8" and (
+      config.model.quantization != "ternary"):
+    _fail("model.bitlinear_matmul", "int8", "the int8 matmul multiplies "
+          "ternary weights: it needs model.quantization='ternary'")
   m = config.model
   if m.d_model % m.n_heads:
     _fail("model.d_model", m.d_model,

@@ -4,8 +4,10 @@ Reference: transformers `models/bitnet/` (`BitNetForCausalLM`, whose block
 layout `bitnet_jax.model` mirrors) and `integrations/bitnet.py` (the packed
 layout and the two quantized linear classes):
 
-- parameter `layers/i/<module>/kernel [in, out]` is HF's
-  `model.layers.i.<module>.weight [out, in]`; RMSNorm `scale` is `weight`;
+- parameter `layers/i/<module>/kernel [in, out]` (slice i of the scanned
+  `layers/<module>/kernel [n_layers, in, out]`, see `model.unstack_layers`)
+  is HF's `model.layers.i.<module>.weight [out, in]`; RMSNorm `scale` is
+  `weight`;
   `embed_tokens/embedding` is `model.embed_tokens.weight`, `lm_head/kernel`
   is `lm_head.weight` (absent when embeddings are tied);
 - a packed BitLinear weight is uint8 `[out / 4, in]`: code + 1 in {0, 1, 2}

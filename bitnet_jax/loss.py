@@ -98,7 +98,7 @@ def position_outputs(model: Any, batch: Mapping[str, jax.Array], *,
   """Per-position losses and predictions of `model` on a batch of windows.
 
   With `chunk_size` > 0 the logits are made `chunk_size` positions at a time
-  (`jax.lax.scan` over `[batch, chunk_size, vocab_size]` blocks, each under
+  (`jax.lax.map` over `[batch, chunk_size, vocab_size]` blocks, each under
   `jax.checkpoint`, so the backward pass recomputes a block instead of keeping
   it): peak memory holds one chunk's logits, never `[batch, seq_len,
   vocab_size]`. The results equal the unchunked ones to float rounding.

@@ -14,8 +14,8 @@ residual stream (float32) stay in high precision.
 
 Two parameter layouts (`model.scan_layers`): "scanned" stacks every block
 parameter on a leading `[n_layers]` axis (`params["layers"]["self_attn"]...`)
-and runs the blocks with one `jax.lax.scan`, so compile time does not grow
-with depth; "unrolled" keeps one subtree per block (`params["layers"][i]`)
+and runs the blocks with one `jax.lax.scan`, so the program (and compile
+time, nearly) does not grow with depth; "unrolled" keeps one subtree per block (`params["layers"][i]`)
 and a Python loop. Both draw block i's weights from the same key, so a seed
 gives the same model in both; `stack_layers` / `unstack_layers` convert.
 """
@@ -40,7 +40,7 @@ BITLINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj",
 SAVED_BY_QKV_OUT = ("query_proj", "key_proj", "value_proj", "out_proj")
 
 
-def remat_policy(name: str) -> Any:
+def checkpoint_policy(name: str) -> Any:
   """The `jax.checkpoint` policy of `model.remat_policy` (None: no remat).
 
   - "none": no rematerialization; the backward pass reads every activation
@@ -305,7 +305,7 @@ class Transformer(nnx.Module):
   Args:
     config: `config.model` (see `bitnet_jax.config.base_config`);
       `scan_layers` picks the parameter layout (module docstring),
-      `remat_policy` what the backward pass recomputes (`remat_policy`).
+      `remat_policy` what the backward pass recomputes (`checkpoint_policy`).
     rngs: `nnx.Rngs` with a `params` stream for initialization.
   """
 
@@ -340,7 +340,7 @@ class Transformer(nnx.Module):
     """
     x = self.embed_tokens(tokens).astype(jnp.float32)
     mask = None if segment_ids is None else document_mask(segment_ids)
-    policy = remat_policy(self.remat_policy)
+    policy = checkpoint_policy(self.remat_policy)
 
     def run_block(graphdef: nnx.GraphDef, x: jax.Array, state: Any):
       def apply(x, state):

@@ -74,7 +74,8 @@ def weight_decay_schedule(config: ml_collections.ConfigDict
 def weight_decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
   """True for the leaves that get weight decay, False elsewhere.
 
-  Decayed: the 2-D `kernel` of every BitLinear (q/k/v/o, gate/up/down), and
+  Decayed: the `kernel` of every BitLinear (q/k/v/o, gate/up/down; `[in,
+  out]`, or `[n_layers, in, out]` when scanned), and
   with `decay_embeddings` also embed_tokens and lm_head. Never norms.
 
   Args:

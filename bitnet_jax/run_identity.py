@@ -51,14 +51,12 @@ TOKENIZER_NAME = "tokenizer.json"
 
 RUNTIME, SCHEDULE, IDENTITY = "runtime", "schedule", "identity"
 RUNTIME_PREFIXES = ("mesh.", "distributed.")
-RUNTIME_KEYS = frozenset({
-    "data.data_dir", "data.prefetch_buffer_size",
+RUNTIME_KEYS = frozenset({  # (scan_layers: a resume takes its checkpoints')
+    "data.data_dir", "data.prefetch_buffer_size", "model.scan_layers",
     "model.attention_implementation", "model.remat_policy",
-    "model.scan_layers",  # a resume takes its checkpoint's layout
-    "train.loss_chunk_size", "train.grad_accum_steps",
-    "train.allow_config_change",
-    "train.lock_stale_seconds",
-    "train.init_from"})  # read only when a run starts at step 0
+    "model.bitlinear_matmul", "train.loss_chunk_size",
+    "train.grad_accum_steps", "train.allow_config_change",
+    "train.lock_stale_seconds", "train.init_from"})  # init_from: at step 0
 SCHEDULE_KEYS = frozenset({
     "train.steps", "train.log_every", "train.eval_every",
     "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",

@@ -79,7 +79,8 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     ConfigError: see `check_micro_batch`.
   """
   t = config.train
-  check_micro_batch(config, mesh)
+  if t.grad_accum_steps > 1:
+    check_micro_batch(config, mesh)
 
   def sums_and_grads(params, batch):
     def summed_loss(params):
@@ -101,7 +102,8 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                             sums_and_grads(params, micro_batch)), None
       zeros = ({k: jnp.zeros((), jnp.float32)
                 for k in ("loss", "nll", "hits", "weight")},
-               jax.tree.map(jnp.zeros_like, params))
+               jax.lax.with_sharding_constraint(
+                   jax.tree.map(jnp.zeros_like, params), shardings["params"]))
       (sums, grads), _ = jax.lax.scan(
           accumulate, zeros, micro_batches(batch, t.grad_accum_steps, mesh))
     count = jnp.maximum(sums["weight"], 1.0)
@@ -125,18 +127,37 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
 def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                    param_shardings: Any, mesh: jax.sharding.Mesh
                    ) -> Callable[[Any, dict], dict]:
-  """Jits the per-batch eval statistics (summed, see `metrics`); the logits
-  are made `train.loss_chunk_size` positions at a time, as in training."""
+  """Jits the per-batch eval statistics (summed, see `metrics`).
 
-  def eval_step(params: Any, batch: dict) -> dict:
+  As in training, the logits are made `train.loss_chunk_size` positions at a
+  time and a batch runs as `train.grad_accum_steps` micro-batches (whose
+  statistics add up), so evaluation fits wherever a train step does.
+  """
+  t = config.train
+  if t.grad_accum_steps > 1:
+    check_micro_batch(config, mesh)
+
+  def batch_statistics(params: Any, batch: dict) -> dict:
     inputs, targets, _, weights = split_batch(batch)
     outputs = position_outputs(nnx.merge(graphdef, params), batch,
-                               chunk_size=config.train.loss_chunk_size)
+                               chunk_size=t.loss_chunk_size)
     stats = metrics.prediction_statistics(
         outputs["prediction"], inputs, targets, config.model.vocab_size,
         weights)
     stats["loss_sum"] = jnp.sum(outputs["nll"] * outputs["weight"])
     return stats
+
+  def eval_step(params: Any, batch: dict) -> dict:
+    if t.grad_accum_steps == 1:
+      return batch_statistics(params, batch)
+    micro = micro_batches(batch, t.grad_accum_steps, mesh)
+    first = batch_statistics(params, jax.tree.map(lambda x: x[0], micro))
+    rest = jax.tree.map(lambda x: x[1:], micro)
+    totals, _ = jax.lax.scan(
+        lambda totals, b: (jax.tree.map(jnp.add, totals,
+                                        batch_statistics(params, b)), None),
+        first, rest)
+    return totals
 
   return jax.jit(eval_step,
                  in_shardings=(param_shardings, sharding.batch_sharding(mesh)),

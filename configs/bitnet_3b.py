@@ -8,6 +8,9 @@ Usage:
       --config.train.grad_accum_steps=8
   python -m bitnet_jax.main --config=configs/bitnet_3b.py:fp ...  # fp baseline
 
+Its head dim is 3200 / 32 = 100, not a multiple of 8: cuDNN's fused attention
+cannot run it, and attention falls back to XLA (a WARNING says so).
+
 The recipe and the batch (1M tokens per step, seq 2048) are in
 `bitnet_jax.recipes.faq_config`; set train.batch_size and
 train.grad_accum_steps for your hardware (README, Performance).

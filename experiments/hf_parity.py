@@ -19,10 +19,12 @@ import tempfile
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,7 +38,12 @@ _SEQ = flags.DEFINE_integer("seq", 16, "Tokens per sequence.")
 
 def _near_ties(model, tokens: np.ndarray) -> tuple[int, int]:
   """(layer-0 q/k/v input activations within 1e-6 of a .5 tie, total)."""
-  h = model.layers[0].input_layernorm(model.embed_tokens(jnp.asarray(tokens)))
+  if model.scan_layers:  # layer 0's slice of the stacked blocks
+    graphdef, state = nnx.split(model.layers)
+    first = nnx.merge(graphdef, jax.tree.map(lambda x: x[0], state))
+  else:
+    first = model.layers[0]
+  h = first.input_layernorm(model.embed_tokens(jnp.asarray(tokens)))
   scaled = np.asarray(h * 127 / jnp.max(jnp.abs(h), -1, keepdims=True))
   distance = np.abs(scaled - np.floor(scaled) - 0.5)
   return int(np.sum(distance < 1e-6)), scaled.size

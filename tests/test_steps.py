@@ -61,3 +61,34 @@ def test_a_micro_batch_that_does_not_split_over_devices_is_refused(
   mesh = sharding.make_mesh(tiny_config.mesh)  # 8 devices
   with pytest.raises(ConfigError, match="config.train.grad_accum_steps=4"):
     steps.check_micro_batch(tiny_config, mesh)
+
+
+def test_evaluation_in_micro_batches_sums_to_the_whole_batch(tiny_config):
+  batch = _packed_batch(tiny_config)
+  mesh = sharding.make_mesh(tiny_config.mesh)  # 8 devices, batch 8
+  tiny_config.train.batch_size = 16
+  batch = jax.tree.map(lambda x: np.concatenate([x, x[::-1]]), batch)
+  tx = optimizer.make_optimizer(tiny_config)
+  graphdef, state, shardings = train_state.create_train_state(
+      tiny_config, mesh, tx)
+  placed = sharding.global_batch(batch, mesh)
+  totals = {}
+  for accum in (1, 2):
+    tiny_config.train.grad_accum_steps = accum
+    step = steps.make_eval_step(tiny_config, graphdef, shardings["params"],
+                                mesh)
+    totals[accum] = jax.device_get(step(state["params"], placed))
+  for name, value in totals[1].items():
+    np.testing.assert_allclose(totals[2][name], value, rtol=1e-5,
+                               err_msg=f"eval {name} in 2 micro-batches")
+  assert totals[1]["count"] < 16 * tiny_config.train.seq_len, (
+      "no masked positions: the weights are untested")
+
+
+def test_the_int8_matmul_needs_ternary_weights(tiny_config):
+  # pylint: disable-next=g-import-not-at-top
+  from bitnet_jax import config as config_lib
+  tiny_config.model.quantization = "none"
+  tiny_config.model.bitlinear_matmul = "int8"
+  with pytest.raises(ConfigError, match="config.model.bitlinear_matmul"):
+    config_lib.validate(tiny_config)
