@@ -27,8 +27,8 @@ import numpy as np
 
 from bitnet_jax import checkpoint
 from bitnet_jax.config import ConfigError
-from bitnet_jax.model import (BITLINEAR_NAMES, is_stacked, kv_heads,
-                              stack_layers, unstack_layers)
+from bitnet_jax.model import (BITLINEAR_NAMES, kv_heads, to_layout,
+                              unstack_layers)
 from bitnet_jax.quant import SCALE_EPS
 
 VALUES_PER_BYTE = 4  # ternary codes per packed uint8
@@ -69,7 +69,7 @@ def to_hf_tensors(params: Any) -> dict[str, np.ndarray]:
   params = unstack_layers(jax.device_get(params))
   for path, value in jax.tree_util.tree_leaves_with_path(params):
     name, transpose = hf_name(checkpoint.path_name(path).split("/"))
-    array = np.asarray(jax.device_get(value), dtype=np.float32)
+    array = np.asarray(value, dtype=np.float32)
     tensors[name] = np.ascontiguousarray(array.T if transpose else array)
   return tensors
 
@@ -109,7 +109,7 @@ def from_hf_tensors(tensors: Mapping[str, np.ndarray],
   if problems:
     raise ConversionError(f"the weights in {source} do not fit the model "
                           "config:\n  " + "\n  ".join(problems[:40]))
-  return stack_layers(params) if is_stacked(abstract_params) else params
+  return to_layout(params, abstract_params)
 
 
 def ternary_codes(weight: np.ndarray) -> tuple[np.ndarray, np.float32]:

@@ -297,7 +297,7 @@ class Throughput:
     self.total_steps = total_steps
     self._time, self._step = None, None
     self.timed_seconds, self.timed_steps = 0.0, 0  # summed over the run
-    self.first_step_seconds = None  # compilation + one step
+    self.first_step_seconds = None  # compilation + the first step and batch
 
   def start(self, step: int) -> None:
     """Starts timing at `step` (after compilation, or after an evaluation)."""
@@ -332,6 +332,7 @@ class Throughput:
       return "performance: no timed steps (the run did not train)"
     tokens_per_sec = self.timed_steps * self.tokens_per_step / (
         self.timed_seconds)
+    step_ms = 1e3 * self.timed_seconds / self.timed_steps
     mfu = (f"MFU {tokens_per_sec * flops_per_token / peak:.1%} of "
            f"{peak / 1e12:,.0f} TFLOP/s" if peak else "MFU unknown (no "
            "peak FLOP/s for this device)")
@@ -339,8 +340,8 @@ class Throughput:
              f"; first step (compilation) {self.first_step_seconds:.1f} s")
     return (f"performance: {self.timed_steps} steps on {device} in "
             f"{self.timed_seconds:.1f} s of training (compilation and "
-            f"evaluation excluded): {1e3 * self.timed_seconds / self.timed_steps:.1f}"
-            f" ms/step, {tokens_per_sec:,.0f} tokens/s, "
+            f"evaluation excluded): {step_ms:.1f} ms/step, "
+            f"{tokens_per_sec:,.0f} tokens/s, "
             f"{flops_per_token / 1e9:.3g} GFLOP/token, {mfu}{first}")
 
 

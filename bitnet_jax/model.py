@@ -15,9 +15,10 @@ residual stream (float32) stay in high precision.
 Two parameter layouts (`model.scan_layers`): "scanned" stacks every block
 parameter on a leading `[n_layers]` axis (`params["layers"]["self_attn"]...`)
 and runs the blocks with one `jax.lax.scan`, so the program (and compile
-time, nearly) does not grow with depth; "unrolled" keeps one subtree per block (`params["layers"][i]`)
-and a Python loop. Both draw block i's weights from the same key, so a seed
-gives the same model in both; `stack_layers` / `unstack_layers` convert.
+time, nearly) does not grow with depth; "unrolled" keeps one subtree per
+block (`params["layers"][i]`) and a Python loop. Both draw block i's weights
+from the same key, so a seed gives the same model in both; `to_layout`
+converts.
 """
 
 from __future__ import annotations
@@ -77,17 +78,18 @@ def _log_once(level: int, message: str) -> None:
 
 
 def cudnn_unsupported(dtype: jnp.dtype, head_dim: int, seq_len: int,
-                      masked: bool) -> str:
+                      masked: bool, backend: str | None = None) -> str:
   """Why cuDNN fused attention cannot run these shapes ("" if it can).
 
   The conditions of `jax._src.cudnn.fused_attention_stablehlo`
   (`check_layout`, `check_is_flash_attention`): a GPU, bf16/fp16 inputs, a
   head dim that is a multiple of 8 and at most 128 (256 from Hopper on; 128
   is checked), an even sequence length when a mask (a bias to cuDNN) is
-  given.
+  given. `backend` defaults to `jax.default_backend()`.
   """
-  if jax.default_backend() != "gpu":
-    return f"no GPU (backend {jax.default_backend()})"
+  backend = backend or jax.default_backend()
+  if backend != "gpu":
+    return f"no GPU (backend {backend})"
   if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
     return f"cuDNN attention needs bfloat16 or float16, not {dtype}"
   if head_dim % 8 or head_dim > 128:
@@ -187,6 +189,19 @@ def stack_layers(params: Any) -> Any:
   return {**params, "layers": jax.tree.map(stack, *blocks)}
 
 
+def to_layout(params: Any, like: Any) -> Any:
+  """`params` (either layout) in the layer layout of the tree `like`."""
+  return stack_layers(params) if is_stacked(like) else unstack_layers(params)
+
+
+def _linear_arguments(config: ml_collections.ConfigDict,
+                      rngs: nnx.Rngs) -> dict[str, Any]:
+  """The `BitLinear` keyword arguments `config.model` sets."""
+  return {"quantization": config.quantization,
+          "matmul": config.bitlinear_matmul, "init_std": config.init_std,
+          "dtype": jnp.dtype(config.dtype), "rngs": rngs}
+
+
 class Attention(nnx.Module):
   """Causal self-attention with RoPE and a sub-norm before o_proj.
 
@@ -198,9 +213,7 @@ class Attention(nnx.Module):
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     d, dtype = config.d_model, jnp.dtype(config.dtype)
-    linear = {"quantization": config.quantization,
-              "matmul": config.bitlinear_matmul,
-              "init_std": config.init_std, "dtype": dtype, "rngs": rngs}
+    linear = _linear_arguments(config, rngs)
     self.n_heads, self.n_kv_heads = config.n_heads, kv_heads(config)
     kv_width = self.n_kv_heads * (d // self.n_heads)
     self.q_proj = BitLinear(d, d, **linear)
@@ -252,9 +265,7 @@ class FeedForward(nnx.Module):
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     d, f, dtype = config.d_model, config.ffn_dim, jnp.dtype(config.dtype)
-    linear = {"quantization": config.quantization,
-              "matmul": config.bitlinear_matmul,
-              "init_std": config.init_std, "dtype": dtype, "rngs": rngs}
+    linear = _linear_arguments(config, rngs)
     self.gate_proj = BitLinear(d, f, **linear)
     self.up_proj = BitLinear(d, f, **linear)
     self.ffn_sub_norm = rms_norm(f, eps=config.norm_eps, dtype=dtype,

@@ -35,7 +35,12 @@ def faq_config(size: str, variant: str = "") -> ml_collections.ConfigDict:
   `train.batch_size` (tokens per step = batch_size x seq_len) and
   `train.grad_accum_steps` (micro-batch = batch_size / grad_accum_steps,
   split over all devices) for the hardware, see the README's Performance
-  section.
+  section. Usage, e.g.:
+
+    python -m bitnet_jax.main --config=configs/bitnet_700m.py \
+        --workdir=runs/700m --config.train.grad_accum_steps=8 \
+        --config.data.dataset='parquet:/data/fineweb/*.parquet'
+    python -m bitnet_jax.main --config=configs/bitnet_700m.py:fp ...
 
   Raises:
     ValueError: for an unknown size or variant, naming the config file.

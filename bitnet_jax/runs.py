@@ -21,8 +21,7 @@ from flax import nnx
 
 from bitnet_jax import checkpoint, run_identity
 from bitnet_jax.config import ConfigError, base_config
-from bitnet_jax.model import (Transformer, is_stacked, stack_layers,
-                              unstack_layers)
+from bitnet_jax.model import Transformer, is_stacked, to_layout
 
 CONFIG_JSON = run_identity.CONFIG_NAME  # written at the first start
 CONFIG_PY = "config.py"  # written by `convert import-hf`
@@ -126,8 +125,7 @@ def load_params(source: str, abstract_params: Any,
     relayout = "layers" in saved_params and (
         is_stacked(saved_params) != is_stacked(abstract_params))
     if relayout:  # read the saved layout on the host, convert, then place
-      convert = stack_layers if is_stacked(saved_params) else unstack_layers
-      target = {"params": convert(abstract_params)}
+      target = {"params": to_layout(abstract_params, saved_params)}
     mismatch = checkpoint.describe_mismatch({"params": saved_params}, target)
     if mismatch:
       raise checkpoint.mismatch_error(
@@ -147,16 +145,9 @@ def load_params(source: str, abstract_params: Any,
           "another checkpoint (`--step=N`, or .../checkpoints/<step>)") from e
   logging.info("loaded the parameters of checkpoint %s", path)
   if relayout:
-    return _place(_convert_layout(restored["params"], abstract_params),
+    return _place(to_layout(restored["params"], abstract_params),
                   abstract_params), step
   return restored["params"], step
-
-
-def _convert_layout(params: Any, like: Any) -> Any:
-  """Host `params` in the layer layout of `like` (`model.scan_layers`)."""
-  if is_stacked(like):
-    return stack_layers(params)
-  return unstack_layers(params)
 
 
 def _place(host_params: Any, abstract_params: Any) -> Any:

@@ -43,6 +43,23 @@ def micro_batches(batch: dict, steps: int, mesh: jax.sharding.Mesh) -> dict:
   return jax.tree.map(split, batch)
 
 
+def sum_over_micro_batches(fn: Callable[[dict], Any], batch: dict,
+                           steps: int, mesh: jax.sharding.Mesh) -> Any:
+  """`fn(batch)`, a pytree of sums, as the sum of `fn` over `steps`
+  micro-batches (`micro_batches`) run one after another by `jax.lax.scan`;
+  with `steps` 1, one call on the whole batch."""
+  if steps == 1:
+    return fn(batch)
+  micro = micro_batches(batch, steps, mesh)
+  shapes = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], micro))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  def add(totals, micro_batch):
+    return jax.tree.map(jnp.add, totals, fn(micro_batch)), None
+
+  return jax.lax.scan(add, zeros, micro)[0]
+
+
 def check_micro_batch(config: ml_collections.ConfigDict,
                       mesh: jax.sharding.Mesh) -> None:
   """Raises ConfigError naming `train.grad_accum_steps` when a micro-batch
@@ -82,30 +99,22 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   if t.grad_accum_steps > 1:
     check_micro_batch(config, mesh)
 
-  def sums_and_grads(params, batch):
-    def summed_loss(params):
-      sums = next_token_sums(nnx.merge(graphdef, params), batch,
-                             label_smoothing=t.label_smoothing,
-                             z_loss_weight=t.z_loss_weight,
-                             chunk_size=t.loss_chunk_size)
-      return sums["loss"], sums
-    grads, sums = jax.grad(summed_loss, has_aux=True)(params)
-    return sums, grads
-
   def train_step(state: State, batch: dict) -> tuple[State, dict]:
     params = state["params"]
-    if t.grad_accum_steps == 1:
-      sums, grads = sums_and_grads(params, batch)
-    else:
-      def accumulate(totals, micro_batch):
-        return jax.tree.map(jnp.add, totals,
-                            sums_and_grads(params, micro_batch)), None
-      zeros = ({k: jnp.zeros((), jnp.float32)
-                for k in ("loss", "nll", "hits", "weight")},
-               jax.lax.with_sharding_constraint(
-                   jax.tree.map(jnp.zeros_like, params), shardings["params"]))
-      (sums, grads), _ = jax.lax.scan(
-          accumulate, zeros, micro_batches(batch, t.grad_accum_steps, mesh))
+
+    def sums_and_grads(batch):  # gradients kept in the parameters' shardings
+      def summed_loss(params):
+        sums = next_token_sums(nnx.merge(graphdef, params), batch,
+                               label_smoothing=t.label_smoothing,
+                               z_loss_weight=t.z_loss_weight,
+                               chunk_size=t.loss_chunk_size)
+        return sums["loss"], sums
+      grads, sums = jax.grad(summed_loss, has_aux=True)(params)
+      return sums, jax.lax.with_sharding_constraint(grads,
+                                                    shardings["params"])
+
+    sums, grads = sum_over_micro_batches(sums_and_grads, batch,
+                                         t.grad_accum_steps, mesh)
     count = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -148,16 +157,8 @@ def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     return stats
 
   def eval_step(params: Any, batch: dict) -> dict:
-    if t.grad_accum_steps == 1:
-      return batch_statistics(params, batch)
-    micro = micro_batches(batch, t.grad_accum_steps, mesh)
-    first = batch_statistics(params, jax.tree.map(lambda x: x[0], micro))
-    rest = jax.tree.map(lambda x: x[1:], micro)
-    totals, _ = jax.lax.scan(
-        lambda totals, b: (jax.tree.map(jnp.add, totals,
-                                        batch_statistics(params, b)), None),
-        first, rest)
-    return totals
+    return sum_over_micro_batches(lambda b: batch_statistics(params, b),
+                                  batch, t.grad_accum_steps, mesh)
 
   return jax.jit(eval_step,
                  in_shardings=(param_shardings, sharding.batch_sharding(mesh)),

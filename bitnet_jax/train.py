@@ -136,8 +136,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   saved_layout = checkpointer.saved_scan_layers() if resuming else None
   if saved_layout is not None and saved_layout != config.model.scan_layers:
     logging.warning("model.scan_layers=%s, but the checkpoints in %s hold %s "
-                    "layers: resuming in their layout", config.model.scan_layers,
-                    checkpointer.directory,
+                    "layers: resuming in their layout",
+                    config.model.scan_layers, checkpointer.directory,
                     "scanned" if saved_layout else "unrolled")
     config = config.copy_and_resolve_references()
     config.model.scan_layers = saved_layout
@@ -246,10 +246,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       if start_step == 0:  # baseline of the collapse diagnostics
         last = emit(0, evaluate(eval_step, state["params"], eval_windows))
       unread = None  # (step, metrics) read after the next step's dispatch
+      first_step_started = time.perf_counter()
       for step in range(start_step + 1, t.steps + 1):
         window = sharding.global_batch(next(train_iter), mesh)
-        if step == start_step + 1:
-          first_step_started = time.perf_counter()
         state, step_metrics = train_step(state, window)
         if step == start_step + 1:  # exclude compilation from tokens/s
           jax.block_until_ready(step_metrics)

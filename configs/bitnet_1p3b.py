@@ -1,16 +1,7 @@
-r"""bitnet_1p3b: BitNet b1.58 1.3B.
+"""bitnet_1p3b: the FAQ's 1.3B (d_model 2048, ffn 5460, 32 heads, 24 layers).
 
-FAQ table: d_model 2048, ffn 5460, 32 heads, 24 layers; LR 1.2e-3 -> 8e-4.
-
-Usage:
-  python -m bitnet_jax.main --config=configs/bitnet_1p3b.py --workdir=runs/1p3b \
-      --config.data.dataset='parquet:/data/fineweb/*.parquet' \
-      --config.train.grad_accum_steps=8
-  python -m bitnet_jax.main --config=configs/bitnet_1p3b.py:fp ...  # fp baseline
-
-The recipe and the batch (1M tokens per step, seq 2048) are in
-`bitnet_jax.recipes.faq_config`; set train.batch_size and
-train.grad_accum_steps for your hardware (README, Performance).
+Recipe, batch and usage (`--config=configs/bitnet_1p3b.py`, `:fp` for the
+full-precision baseline): `bitnet_jax.recipes.faq_config`.
 """
 
 from bitnet_jax.recipes import faq_config

@@ -1,19 +1,10 @@
-r"""bitnet_3b: BitNet b1.58 3B.
+"""bitnet_3b: the FAQ's 3B (d_model 3200, ffn 8640, 32 heads, 26 layers).
 
-FAQ table: d_model 3200, ffn 8640, 32 heads, 26 layers; LR 1.2e-3 -> 8e-4.
+Recipe, batch and usage (`--config=configs/bitnet_3b.py`, `:fp` for the
+full-precision baseline): `bitnet_jax.recipes.faq_config`.
 
-Usage:
-  python -m bitnet_jax.main --config=configs/bitnet_3b.py --workdir=runs/3b \
-      --config.data.dataset='parquet:/data/fineweb/*.parquet' \
-      --config.train.grad_accum_steps=8
-  python -m bitnet_jax.main --config=configs/bitnet_3b.py:fp ...  # fp baseline
-
-Its head dim is 3200 / 32 = 100, not a multiple of 8: cuDNN's fused attention
-cannot run it, and attention falls back to XLA (a WARNING says so).
-
-The recipe and the batch (1M tokens per step, seq 2048) are in
-`bitnet_jax.recipes.faq_config`; set train.batch_size and
-train.grad_accum_steps for your hardware (README, Performance).
+Its head dim, 3200 / 32 = 100, is not a multiple of 8: attention runs on
+XLA, not cuDNN (a WARNING says so).
 """
 
 from bitnet_jax.recipes import faq_config

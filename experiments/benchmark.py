@@ -1,4 +1,4 @@
-r"""Where a train step's time goes: full precision, fake-quant and int8 BitLinear.
+r"""Where a train step's time goes: full precision, fake-quant, int8 BitLinear.
 
   python experiments/benchmark.py --config=configs/d20.py:cpu --steps=10
   python experiments/benchmark.py --config=configs/bitnet_700m.py \

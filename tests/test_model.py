@@ -183,11 +183,21 @@ def test_cudnn_attention_falls_back_to_xla_with_a_warning(tiny_config,
              for r in caplog.records), "the implementation used is not logged"
 
 
-def test_cudnn_limits_are_named():
+@pytest.mark.parametrize("dtype,head_dim,seq_len,masked,reason", [
+    (jnp.bfloat16, 64, 2048, False, ""),
+    (jnp.bfloat16, 128, 2047, False, ""),
+    (jnp.float32, 64, 2048, False, "needs bfloat16 or float16"),
+    (jnp.bfloat16, 100, 2048, False, "head dim 100"),  # configs/bitnet_3b.py
+    (jnp.bfloat16, 256, 2048, False, "head dim 256"),
+    (jnp.bfloat16, 64, 2047, True, "even sequence length"),
+])
+def test_cudnn_limits_are_named(dtype, head_dim, seq_len, masked, reason):
   # pylint: disable-next=g-import-not-at-top
   from bitnet_jax.model import cudnn_unsupported
-  reason = cudnn_unsupported(jnp.bfloat16, 64, 2048, masked=False)
-  assert reason.startswith("no GPU"), reason  # these tests run on CPU
+  found = cudnn_unsupported(dtype, head_dim, seq_len, masked, backend="gpu")
+  assert (reason in found) if reason else found == "", found
+  assert cudnn_unsupported(dtype, head_dim, seq_len, masked).startswith(
+      "no GPU"), "these tests run on CPU"
 
 
 def _subjaxprs(eqn):
