@@ -37,7 +37,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from bitnet_jax.model import is_stacked
+from bitnet_jax.layout import is_stacked
 
 DAMAGED_DIR = "damaged_checkpoints"  # beside checkpoints/, never deleted
 MAX_MISMATCH_LINES = 40  # differing arrays listed before "... and N more"

@@ -19,6 +19,7 @@ DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "save_qkv_out")
 BITLINEAR_MATMULS = ("fake_quant", "int8")
+RESIDUALS = ("standard", "mhc_lite")
 # data.dataset schemes: random-access sources, and sharded file sources that
 # can stream (see bitnet_jax.data.sources).
 DATASET_SCHEMES = ("tfds", "files")
@@ -59,6 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.scan_layers = True  # stack blocks on a layers axis and jax.lax.scan them
   m.remat_policy = "none"  # none | full | dots_saveable | save_qkv_out
   m.bitlinear_matmul = "fake_quant"  # "fake_quant" | "int8" (int32 accumulate)
+  m.dropout_rate = 0.0  # residual + attention dropout in training; 0 = off
+  m.quantization_warmup_steps = 0  # blend fp -> ternary over N steps; 0 = off
+  m.residual = "standard"  # "standard" | "mhc_lite" (hyper-connections)
+  m.residual_streams = 2  # mhc_lite: parallel residual streams (2, 3 or 4)
 
   c.data = d = ml_collections.ConfigDict()
   d.dataset = "stdlib"  # "stdlib", "tfds:NAME", "SCHEME:GLOB" (see README)
@@ -83,11 +88,15 @@ def base_config() -> ml_collections.ConfigDict:
   t.seq_len = 256  # tokens per training sequence (windows hold seq_len + 1)
   t.label_smoothing = 0.0  # label-smoothing weight in the cross-entropy
   t.z_loss_weight = 0.0  # weight of the z-loss, logsumexp(logits)**2
+  t.entropy_weight = 0.0  # beta in loss - beta x mean predictive entropy
   t.loss_chunk_size = 0  # positions per chunk of the loss's logits; 0 = all
   t.grad_accum_steps = 1  # micro-batches per optimizer step (same batch_size)
   t.log_every = 50  # steps between metric lines
   t.eval_every = 1000  # steps between evaluations (and one at the end)
   t.eval_batches = 8  # batches of fixed validation windows per evaluation
+  t.sample_prompts = 3  # validation prompts continued at each eval; 0 = off
+  t.sample_prompt_tokens = 16  # tokens of each prompt (a validation window's)
+  t.sample_new_tokens = 32  # greedy tokens generated per prompt
   t.checkpoint_every = 1000  # steps between checkpoints (and one at the end)
   t.keep_checkpoints = 3  # newest checkpoints kept (plus the best eval one)
   t.allow_config_change = False  # resume despite changed identity keys
@@ -119,6 +128,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.coordinator_address = ""  # "host:port"; "" = auto-detect
   c.distributed.num_processes = 0  # 0 = auto-detect
   c.distributed.process_id = -1  # -1 = auto-detect
+
+  # Collapse alarms on every eval (bitnet_jax/health.py: the runs behind
+  # these defaults and what each alarm says on the tiny config).
+  c.health = h = ml_collections.ConfigDict()
+  h.halt_on_alarm = False  # stop the run (HealthAlarmError) when one fires
+  h.grace_steps = 400  # unigram phase after init: collapse alarms wait ...
+  h.grace_fraction = 0.1  # ... max(grace_steps, this x train.steps) steps
+  h.patience = 2  # consecutive evals an alarm must hold (not loss_too_fast)
+  h.copy_rate_floor = 0.2  # copying: copy_rate >= this and >= eval_accuracy
+  h.min_unique_predictions = 12  # vocabulary_collapse below (seeds: 2-8)
+  h.max_top_token_share = 0.5  # frequency_collapse above (unigram phase: 1)
+  h.memorization_gap = 1.0  # nats of eval_loss above the recent train loss
+  h.loss_too_fast_fraction = 0.45  # x ln(vocab_size) nats: loss_too_fast ...
+  h.loss_too_fast_steps = 500  # ... when the train loss is below it by here
   return c
 
 
@@ -241,6 +264,41 @@ def _check_batch_split(config) -> None:
           "grad_accum_steps sequences)")
 
 
+def _check_remedies(config) -> None:
+  """Checks the seeds' remedies: dropout, quantization warmup, mHC-lite,
+  the entropy bonus, and the eval samples."""
+  m, t = config.model, config.train
+  if not isinstance(m.dropout_rate, numbers.Real) or not (
+      0.0 <= m.dropout_rate < 1.0):
+    _fail("model.dropout_rate", m.dropout_rate, "must lie in [0, 1)")
+  warmup = m.quantization_warmup_steps
+  if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+    _fail("model.quantization_warmup_steps", warmup,
+          "must be an integer >= 0 (0: ternary from the first step)")
+  if warmup and m.quantization != "ternary":
+    _fail("model.quantization_warmup_steps", warmup,
+          "blends full precision into ternary: it needs "
+          "model.quantization='ternary' (set it to 0 for the fp baseline)")
+  if warmup and m.bitlinear_matmul != "fake_quant":
+    _fail("model.quantization_warmup_steps", warmup,
+          "the blend runs on fake-quantized values: set "
+          "model.bitlinear_matmul='fake_quant' (or the warmup to 0)")
+  _check_choice(config, "model.residual", RESIDUALS)
+  if m.residual_streams not in (2, 3, 4):
+    _fail("model.residual_streams", m.residual_streams,
+          "must be 2, 3 or 4 (mhc_lite mixes the streams with all n! "
+          "permutation matrices)")
+  _check_positive(config, "train.entropy_weight", minimum=0)
+  for key in ("train.sample_prompts", "train.sample_new_tokens"):
+    _check_positive(config, key, minimum=0)
+  _check_positive(config, "train.sample_prompt_tokens")
+  if t.sample_prompts and (
+      t.sample_prompt_tokens + t.sample_new_tokens > t.seq_len):
+    _fail("train.sample_new_tokens", t.sample_new_tokens,
+          f"train.sample_prompt_tokens + sample_new_tokens must fit in "
+          f"train.seq_len={t.seq_len} (the context the model trains on)")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every field once at start-up.
 
@@ -314,6 +372,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   t, o = config.train, config.optimizer
   _check_batch_split(config)
+  _check_remedies(config)
   for key in ("train.label_smoothing", "train.z_loss_weight"):
     _check_positive(config, key, minimum=0)
   if t.label_smoothing >= 1:
@@ -345,6 +404,38 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.mesh.data == -1 and config.mesh.fsdp == -1:
     _fail("mesh.fsdp", -1, "only one mesh axis may be -1")
   _check_train_safety(config)
+  _check_health(config)
+
+
+def _check_health(config) -> None:
+  """Checks the collapse alarms' thresholds (bitnet_jax/health.py).
+
+  Raises:
+    ConfigError: naming `config.health.<key>`, its value and the range.
+  """
+  h = config.health
+  if not isinstance(h.halt_on_alarm, bool):
+    _fail("health.halt_on_alarm", h.halt_on_alarm, "must be True or False")
+  for key, minimum in (("grace_steps", 0), ("patience", 1),
+                       ("min_unique_predictions", 1),
+                       ("loss_too_fast_steps", 0)):
+    value = h[key]
+    if not isinstance(value, int) or isinstance(value, bool) or (
+        value < minimum):
+      _fail(f"health.{key}", value, f"must be an integer >= {minimum}")
+  for key, low_ok, high_ok, interval in (  # all within 0 .. 1
+      ("grace_fraction", True, False, "[0, 1)"),
+      ("copy_rate_floor", False, True, "(0, 1]"),
+      ("max_top_token_share", False, False, "(0, 1)"),
+      ("loss_too_fast_fraction", True, False, "[0, 1) (0: off)")):
+    value = h[key]
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not (
+        (0 <= value if low_ok else 0 < value) and
+        (value <= 1 if high_ok else value < 1)):
+      _fail(f"health.{key}", value, f"must lie in {interval}")
+  gap = h.memorization_gap
+  if not isinstance(gap, numbers.Real) or isinstance(gap, bool) or gap <= 0:
+    _fail("health.memorization_gap", gap, "must be a number of nats > 0")
 
 
 def check_vocab(config: ml_collections.ConfigDict, tokenizer_vocab_size: int,

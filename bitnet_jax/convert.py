@@ -34,7 +34,7 @@ from safetensors.numpy import save_file
 from bitnet_jax import checkpoint, gguf_export, hf, run_identity, runs
 from bitnet_jax import config as config_lib
 from bitnet_jax.data.tokenizer import end_of_text_id, load_tokenizer
-from bitnet_jax.model import kv_heads
+from bitnet_jax.attention import kv_heads
 
 HF_SOURCE = "hf_source"  # RUN/hf_source: the imported folder's small files
 _HF_FILES = ("config.json", "generation_config.json", "tokenizer.json",

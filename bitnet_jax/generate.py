@@ -1,12 +1,22 @@
-r"""Greedy continuation of a prompt by a run's model.
+r"""Continue a prompt with a run's model, or show what it predicts (--debug).
 
   python -m bitnet_jax.generate --workdir=runs/tiny --prompt="def main(" \
-      --max_new_tokens=32 [--step=N]
+      --max_new_tokens=64 [--temperature=0.8 --top_k=50 --top_p=0.95 \
+      --seed=0 --step=N]
+  python -m bitnet_jax.generate --workdir=runs/tiny --debug \
+      (--prompt="..." | --text_file=FILE)
 
-Loads the run's config, tokenizer and newest (or step N) checkpoint and prints
-the prompt's greedy continuation. Each new token re-runs the causal forward
-over a fixed-size buffer (one compilation, no KV cache): exact, and fast
-enough for checks and short samples.
+Loads the run's config, its tokenizer (`WORKDIR/tokenizer.json`) and its
+newest (or step N) checkpoint. Decoding uses a KV cache (`bitnet_jax.decode`);
+`--temperature=0` (the default) is greedy. The prompt plus `--max_new_tokens`
+must fit in the context the model trained on (`train.seq_len`).
+
+`--debug` runs one forward pass over the text and prints the lab notes'
+diagnostic table: per position the input token, the actual next token, the
+top-5 predictions with their probabilities, "copy" where the prediction is
+the input token and "hit" where it is the next token; then the copy rate and
+the accuracy over the text. A copying model (the seeds' tied-embedding and
+unshifted-label bugs) shows copy rate >= accuracy.
 """
 
 from __future__ import annotations
@@ -18,79 +28,139 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
-from flax import nnx
 
-from bitnet_jax import checkpoint, runs
+from bitnet_jax import checkpoint, decode, runs
 from bitnet_jax.config import ConfigError
 from bitnet_jax.data.tokenizer import load_tokenizer
-from bitnet_jax.model import Transformer
+from bitnet_jax.model import Transformer, quantization_blend
 
 
 def greedy(model: Transformer, prompt: np.ndarray, max_new_tokens: int
            ) -> np.ndarray:
-  """Greedy decoding: each new token is the argmax of the next-token logits.
+  """Greedy decoding (KV cache): each new token is the argmax.
 
   Args:
     model: the language model.
-    prompt: int32 `[batch, prompt_len]` token ids (every row the same
-      length), prompt_len >= 1.
-    max_new_tokens: tokens to append, >= 0.
+    prompt: int32 `[batch, prompt_len]` token ids, prompt_len >= 1.
+    max_new_tokens: tokens to append, >= 1.
 
   Returns:
     int32 `[batch, max_new_tokens]`, the generated ids.
 
   Raises:
-    ValueError: naming `max_new_tokens` when it is negative or the prompt is
-      empty.
+    ValueError: naming `--max_new_tokens` when it is < 1, or when the prompt
+      is empty.
   """
   prompt = np.asarray(prompt, np.int32)
-  if max_new_tokens < 0 or prompt.ndim != 2 or prompt.shape[1] == 0:
-    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0 and the "
-                     f"prompt [batch, len >= 1], got shape {prompt.shape}")
-  batch, length = prompt.shape
-  total = length + max_new_tokens
-  graphdef, params = nnx.split(model)
+  if prompt.ndim != 2 or prompt.shape[1] == 0:
+    raise ValueError(f"the prompt must be [batch, len >= 1], got shape "
+                     f"{prompt.shape}")
+  return decode.generate(model, prompt.tolist(), max_new_tokens,
+                         context_len=prompt.shape[1] + max(max_new_tokens, 0))
 
-  @jax.jit
-  def run(params, buffer):
-    def body(position, buffer):
-      logits = nnx.merge(graphdef, params)(buffer)
-      token = jnp.argmax(logits[:, position - 1], axis=-1).astype(jnp.int32)
-      return buffer.at[:, position].set(token)
-    return jax.lax.fori_loop(length, total, body, buffer)
 
-  buffer = np.zeros((batch, total), np.int32)
-  buffer[:, :length] = prompt
-  return np.asarray(run(params, jnp.asarray(buffer)))[:, length:]
+def debug_table(model: Transformer, tokens: list[int], tokenizer,
+                quant_blend=None, top: int = 5) -> tuple[str, dict]:
+  """The notes' per-position diagnostic table of `tokens`.
+
+  Args:
+    tokens: the text's token ids (>= 2: position i is scored against
+      token i + 1).
+
+  Returns:
+    (the table as text, {"copy_rate", "accuracy", "positions"}); copy_rate
+    is the share of positions whose argmax is the input token, accuracy the
+    share whose argmax is the next token.
+
+  Raises:
+    ValueError: naming --prompt / --text_file for fewer than 2 tokens.
+  """
+  if len(tokens) < 2:
+    raise ValueError("--debug needs a text of at least 2 tokens "
+                     "(--prompt or --text_file)")
+  logits = model(jnp.asarray([tokens[:-1]]), quant_blend=quant_blend)[0]
+  probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+  order = np.argsort(-probs, axis=-1)[:, :top]
+
+  def show(token: int) -> str:
+    return repr(tokenizer.decode([int(token)]))[:14]
+
+  lines = [f"{'pos':>4} {'input':>14} {'next':>14}  marks     top-{top}"]
+  copies = hits = 0
+  for i in range(len(tokens) - 1):
+    prediction = int(order[i, 0])
+    copy, hit = prediction == tokens[i], prediction == tokens[i + 1]
+    copies, hits = copies + copy, hits + hit
+    marks = ("copy " if copy else "     ") + ("hit" if hit else "   ")
+    best = "  ".join(f"{show(t)} {probs[i, t]:.3f}" for t in order[i])
+    lines.append(f"{i:>4} {show(tokens[i]):>14} {show(tokens[i + 1]):>14}  "
+                 f"{marks:9} {best}")
+  count = len(tokens) - 1
+  summary = {"copy_rate": copies / count, "accuracy": hits / count,
+             "positions": count}
+  lines.append(f"copy rate {summary['copy_rate']:.3f}, accuracy "
+               f"{summary['accuracy']:.3f} over {count} positions")
+  return "\n".join(lines), summary
 
 
 FLAGS = flags.FLAGS
+
+
+def _text() -> str:
+  if FLAGS.text_file:
+    try:
+      with open(FLAGS.text_file, encoding="utf-8") as f:
+        return f.read()
+    except OSError as e:
+      raise ValueError(f"--text_file={FLAGS.text_file!r} cannot be read: "
+                       f"{e.strerror}") from e
+  return FLAGS.prompt
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    _, model, step = runs.load_model(FLAGS.workdir, FLAGS.step)
+    config, model, step = runs.load_model(FLAGS.workdir, FLAGS.step)
     tokenizer = load_tokenizer(runs.tokenizer_path(FLAGS.workdir))
-    prompt = tokenizer.encode(FLAGS.prompt).ids
-    if not prompt:
+    blend = quantization_blend(config, step)
+    text = _text()
+    tokens = tokenizer.encode(text).ids
+    if FLAGS.debug:
+      table, _ = debug_table(model, tokens[:config.train.seq_len + 1],
+                             tokenizer, blend)
+      absl_logging.info("checkpoint %d of %s", step, FLAGS.workdir)
+      print(table)
+      return
+    if not tokens:
       raise ValueError("--prompt is empty: give text to continue")
-    out = greedy(model, np.array([prompt]), FLAGS.max_new_tokens)
+    out = decode.generate(
+        model, [tokens], FLAGS.max_new_tokens,
+        context_len=config.train.seq_len, temperature=FLAGS.temperature,
+        top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed,
+        quant_blend=blend)
   except (ConfigError, checkpoint.CheckpointMismatchError, ValueError) as e:
     absl_logging.error("%s: %s", type(e).__name__, e)
     sys.exit(1)
   absl_logging.info("checkpoint %d of %s", step, FLAGS.workdir)
-  print(FLAGS.prompt + tokenizer.decode(out[0].tolist()))
+  print(text + tokenizer.decode(out[0].tolist()))
 
 
 def _define_flags() -> None:
   """Defines the command-line flags (only when run as a program)."""
   flags.DEFINE_string("workdir", None, "The run directory.")
   flags.DEFINE_string("prompt", "", "Text to continue.")
-  flags.DEFINE_integer("max_new_tokens", 64,
-                       "Tokens to generate.")
+  flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
+  flags.DEFINE_float("temperature", 0.0,
+                     "Sampling temperature; 0 = greedy (argmax).")
+  flags.DEFINE_integer("top_k", 0, "Sample among the k likeliest; 0 = all.")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 = all.")
+  flags.DEFINE_integer("seed", 0, "PRNG seed of the sampling.")
   flags.DEFINE_integer("step", None, "Checkpoint step; default newest.")
+  flags.DEFINE_bool("debug", False, "Print the per-position diagnostic "
+                    "table of the text instead of generating.")
+  flags.DEFINE_string("text_file", "", "With --debug: a text file to "
+                      "diagnose instead of --prompt.")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ layout `bitnet_jax.model` mirrors) and `integrations/bitnet.py` (the packed
 layout and the two quantized linear classes):
 
 - parameter `layers/i/<module>/kernel [in, out]` (slice i of the scanned
-  `layers/<module>/kernel [n_layers, in, out]`, see `model.unstack_layers`)
+  `layers/<module>/kernel [n_layers, in, out]`, see `layout.unstack_layers`)
   is HF's `model.layers.i.<module>.weight [out, in]`; RMSNorm `scale` is
   `weight`;
   `embed_tokens/embedding` is `model.embed_tokens.weight`, `lm_head/kernel`
@@ -27,8 +27,9 @@ import numpy as np
 
 from bitnet_jax import checkpoint
 from bitnet_jax.config import ConfigError
-from bitnet_jax.model import (BITLINEAR_NAMES, kv_heads, to_layout,
-                              unstack_layers)
+from bitnet_jax.attention import kv_heads
+from bitnet_jax.layout import to_layout, unstack_layers
+from bitnet_jax.model import BITLINEAR_NAMES
 from bitnet_jax.quant import SCALE_EPS
 
 VALUES_PER_BYTE = 4  # ternary codes per packed uint8
@@ -303,12 +304,17 @@ def hf_config(model: Any, *, max_position_embeddings: int, bos_token_id: int,
   """An HF `BitNetConfig` dict for `config.model`.
 
   Raises:
-    ConversionError: for a full-precision model (`model.quantization` none),
-      which `BitNetForCausalLM` cannot express.
+    ConversionError: for a full-precision model (`model.quantization` none)
+      or an mHC-lite residual (`model.residual`), which `BitNetForCausalLM`
+      cannot express.
   """
   if model.quantization != "ternary":
     raise ConversionError("config.model.quantization='none': only ternary "
                           "models export as BitNetForCausalLM")
+  if model.get("residual", "standard") != "standard":
+    raise ConversionError(
+        f"config.model.residual={model.residual!r}: BitNetForCausalLM has "
+        "one residual stream; only model.residual='standard' models export")
   heads = model.n_heads
   config = {
       "architectures": ["BitNetForCausalLM"], "model_type": "bitnet",

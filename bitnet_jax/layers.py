@@ -8,8 +8,11 @@ shares one norm across q/k/v and across gate/up), see `bitnet_jax.model`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from bitnet_jax import quant
@@ -22,6 +25,11 @@ class BitLinear(nnx.Module):
   both fake-quantized with straight-through gradients (`bitnet_jax.quant`).
   `quantization="none"`: y = x @ kernel, the same parameters in full precision
   (the baseline every comparison needs).
+
+  `quant_blend` (a call argument, `model.quantization_warmup_steps`) blends
+  full precision into the fake-quantized values, v + lambda (Q(v) - v) for
+  the activations and the weights alike, with the straight-through gradient
+  (the identity); lambda = 1 is plain ternary, 0 full precision.
 
   `matmul` picks how a ternary layer multiplies: "fake_quant" multiplies the
   dequantized values in the compute dtype; "int8" multiplies the int8 codes
@@ -49,16 +57,46 @@ class BitLinear(nnx.Module):
     self.matmul = matmul
     self.dtype = dtype
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Maps `[..., in_features]` to `[..., out_features]` in `self.dtype`."""
+  def __call__(self, x: jax.Array,
+               quant_blend: jax.Array | None = None) -> jax.Array:
+    """Maps `[..., in_features]` to `[..., out_features]` in `self.dtype`.
+
+    `quant_blend`: None (plain ternary) or a float32 scalar lambda in [0, 1]
+    (fake-quant path only; ignored without ternary quantization).
+    """
     x = x.astype(self.dtype)
     kernel = self.kernel[...]
-    if self.quantization == "ternary" and self.matmul == "int8":
+    if self.quantization == "ternary" and self.matmul == "int8" and (
+        quant_blend is None):
       return quant.int8_matmul(x, kernel)
     if self.quantization == "ternary":
-      x = quant.activation_quant(x)
-      kernel = quant.weight_quant(kernel)
+      x = _blend(x, quant.activation_quant(x), quant_blend)
+      kernel = _blend(kernel, quant.weight_quant(kernel), quant_blend)
     return jnp.dot(x, kernel.astype(self.dtype))
+
+
+def _blend(value: jax.Array, quantized: jax.Array,
+           quant_blend: jax.Array | None) -> jax.Array:
+  """value + lambda (quantized - value); `quantized` when lambda is None."""
+  if quant_blend is None:
+    return quantized
+  return value + quant_blend.astype(value.dtype) * (quantized - value)
+
+
+def bitlinear_arguments(config: ml_collections.ConfigDict,
+                        rngs: nnx.Rngs) -> dict[str, Any]:
+  """The `BitLinear` keyword arguments `config.model` sets."""
+  return {"quantization": config.quantization,
+          "matmul": config.bitlinear_matmul, "init_std": config.init_std,
+          "dtype": jnp.dtype(config.dtype), "rngs": rngs}
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+  """Inverted dropout (Srivastava et al., JMLR 2014): zeroes each element
+  with probability `rate` and scales the rest by 1 / (1 - rate), so the
+  expectation is unchanged. Same shape and dtype as `x`."""
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def rms_norm(features: int, *, eps: float, dtype: jnp.dtype,

@@ -54,17 +54,8 @@ def token_losses(logits: jax.Array, targets: jax.Array, *,
   Returns:
     float32 `[batch, seq]`.
   """
-  logits = logits.astype(jnp.float32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  log_probs = logits - log_z[..., None]
-  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-  loss = nll
-  if label_smoothing:
-    uniform = -jnp.mean(log_probs, axis=-1)
-    loss = (1.0 - label_smoothing) * nll + label_smoothing * uniform
-  if z_loss_weight:
-    loss = loss + z_loss_weight * jnp.square(log_z)
-  return loss
+  return logit_outputs(logits, targets, label_smoothing=label_smoothing,
+                       z_loss_weight=z_loss_weight)["loss"]
 
 
 def split_batch(batch: Mapping[str, jax.Array]
@@ -92,9 +83,87 @@ def split_batch(batch: Mapping[str, jax.Array]
   return inputs, targets, features, weights
 
 
+def logit_outputs(logits: jax.Array, targets: jax.Array, *,
+                  label_smoothing: float = 0.0, z_loss_weight: float = 0.0,
+                  entropy_weight: float = 0.0) -> dict[str, jax.Array]:
+  """Per-position loss terms and predictions from one log-softmax.
+
+  loss = token_losses(...) - entropy_weight * entropy, where entropy =
+  -sum_v p_v log p_v (nats) is the predictive distribution's: the seeds'
+  "entropy regularization" (a bonus for spread-out predictions, against
+  vocabulary collapse; Pereyra et al., "Regularizing Neural Networks by
+  Penalizing Confident Output Distributions", arXiv 1701.06548).
+
+  Args:
+    logits: float `[..., vocab_size]` (computed in float32).
+    targets: int32 `[...]`.
+
+  Returns:
+    float32 `[...]` arrays `loss`, `nll` (plain cross-entropy), `entropy`,
+    `hit` (1 where argmax = target), and int32 `prediction` (the argmax).
+  """
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  log_probs = logits - log_z[..., None]
+  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+  loss = nll
+  if label_smoothing:
+    uniform = -jnp.mean(log_probs, axis=-1)
+    loss = (1.0 - label_smoothing) * nll + label_smoothing * uniform
+  if z_loss_weight:
+    loss = loss + z_loss_weight * jnp.square(log_z)
+  if entropy_weight:
+    loss = loss - entropy_weight * entropy
+  prediction = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return {"loss": loss, "nll": nll, "entropy": entropy,
+          "prediction": prediction,
+          "hit": (prediction == targets).astype(jnp.float32)}
+
+
+def outputs_from_hidden(model: Any, hidden: jax.Array, targets: jax.Array,
+                        *, chunk_size: int = 0, **loss_weights: float
+                        ) -> dict[str, jax.Array]:
+  """`logit_outputs` of `model.logits(hidden)`, `chunk_size` positions at a
+  time when > 0 (see `position_outputs`).
+
+  Args:
+    model: a `bitnet_jax.model.Transformer` (its `logits`).
+    hidden: `[batch, seq_len, d_model]`, the model's final-norm output.
+    targets: int32 `[batch, seq_len]`.
+    **loss_weights: `label_smoothing`, `z_loss_weight`, `entropy_weight`.
+
+  Raises:
+    ValueError: if `chunk_size` does not divide seq_len.
+  """
+  seq_len = targets.shape[1]
+  if not chunk_size or chunk_size >= seq_len:
+    return logit_outputs(model.logits(hidden), targets, **loss_weights)
+  if seq_len % chunk_size:
+    raise ValueError(f"train.loss_chunk_size={chunk_size} must divide "
+                     f"seq_len={seq_len}")
+
+  def chunks(x):  # [batch, seq, ...] -> [n_chunks, batch, chunk, ...]
+    x = x.reshape(x.shape[0], seq_len // chunk_size, chunk_size,
+                  *x.shape[2:])
+    return jnp.swapaxes(x, 0, 1)
+
+  @jax.checkpoint
+  def chunk_outputs(hidden_chunk, target_chunk):
+    return logit_outputs(model.logits(hidden_chunk), target_chunk,
+                         **loss_weights)
+
+  stacked = jax.lax.map(lambda xs: chunk_outputs(*xs),
+                        (chunks(hidden), chunks(targets)))
+  return jax.tree.map(
+      lambda x: jnp.swapaxes(x, 0, 1).reshape(targets.shape), stacked)
+
+
 def position_outputs(model: Any, batch: Mapping[str, jax.Array], *,
                      label_smoothing: float = 0.0, z_loss_weight: float = 0.0,
-                     chunk_size: int = 0) -> dict[str, jax.Array]:
+                     entropy_weight: float = 0.0, chunk_size: int = 0,
+                     model_kwargs: Mapping[str, Any] | None = None
+                     ) -> dict[str, jax.Array]:
   """Per-position losses and predictions of `model` on a batch of windows.
 
   With `chunk_size` > 0 the logits are made `chunk_size` positions at a time
@@ -109,13 +178,18 @@ def position_outputs(model: Any, batch: Mapping[str, jax.Array], *,
       logits `[batch, seq_len, vocab_size]`; with chunks, a
       `bitnet_jax.model.Transformer` (its `hidden` and `logits`).
     batch: see `split_batch`.
+    label_smoothing, z_loss_weight, entropy_weight: see `logit_outputs`.
     chunk_size: positions per chunk; must divide seq_len (0: no chunks).
+    model_kwargs: extra keywords of the forward pass (`quant_blend`,
+      `dropout_key`).
 
   Returns:
-    float32 `[batch, seq_len]` arrays: `loss` (nats, with label smoothing and
-    z-loss), `nll` (plain cross-entropy), `hit` (1 where argmax = target), and
-    int32 `prediction` (the argmax token), plus `weight` (float32, 0 where a
-    target lies in another document, see `split_batch`).
+    float32 `[batch, seq_len]` arrays: `loss` (nats, with label smoothing,
+    z-loss and the entropy bonus), `nll` (plain cross-entropy), `entropy`
+    (of the predictive distribution, nats), `hit` (1 where argmax =
+    target), and int32 `prediction` (the argmax token), plus `weight`
+    (float32, 0 where a target lies in another document, see
+    `split_batch`).
 
   Raises:
     ValueError: if `chunk_size` does not divide seq_len.
@@ -123,77 +197,51 @@ def position_outputs(model: Any, batch: Mapping[str, jax.Array], *,
   inputs, targets, features, weights = split_batch(batch)
   if weights is None:
     weights = jnp.ones(targets.shape, jnp.float32)
-
-  def from_logits(logits, targets):
-    losses = token_losses(logits, targets, label_smoothing=label_smoothing,
-                          z_loss_weight=z_loss_weight)
-    nll = token_losses(logits, targets) if (
-        label_smoothing or z_loss_weight) else losses
-    prediction = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return {"loss": losses, "nll": nll, "prediction": prediction,
-            "hit": (prediction == targets).astype(jnp.float32)}
-
-  seq_len = targets.shape[1]
-  if not chunk_size or chunk_size >= seq_len:
-    outputs = from_logits(model(inputs, **features), targets)
+  loss_weights = {"label_smoothing": label_smoothing,
+                  "z_loss_weight": z_loss_weight,
+                  "entropy_weight": entropy_weight}
+  features = {**features, **(model_kwargs or {})}
+  if not chunk_size or chunk_size >= targets.shape[1]:
+    outputs = logit_outputs(model(inputs, **features), targets,
+                            **loss_weights)
   else:
-    if seq_len % chunk_size:
-      raise ValueError(f"train.loss_chunk_size={chunk_size} must divide "
-                       f"seq_len={seq_len}")
-    hidden = model.hidden(inputs, **features)
-
-    def chunks(x):  # [batch, seq, ...] -> [n_chunks, batch, chunk, ...]
-      x = x.reshape(x.shape[0], seq_len // chunk_size, chunk_size,
-                    *x.shape[2:])
-      return jnp.swapaxes(x, 0, 1)
-
-    @jax.checkpoint
-    def chunk_outputs(hidden_chunk, target_chunk):
-      return from_logits(model.logits(hidden_chunk), target_chunk)
-
-    stacked = jax.lax.map(lambda xs: chunk_outputs(*xs),
-                          (chunks(hidden), chunks(targets)))
-    outputs = jax.tree.map(
-        lambda x: jnp.swapaxes(x, 0, 1).reshape(targets.shape), stacked)
+    outputs = outputs_from_hidden(model, model.hidden(inputs, **features),
+                                  targets, chunk_size=chunk_size,
+                                  **loss_weights)
   return {**outputs, "weight": weights}
 
 
-def next_token_sums(model: Any, batch: Mapping[str, jax.Array], *,
-                    label_smoothing: float = 0.0, z_loss_weight: float = 0.0,
-                    chunk_size: int = 0) -> dict[str, jax.Array]:
-  """Weighted sums over a batch: `loss`, `nll`, `hits` and `weight`.
+def next_token_sums(model: Any, batch: Mapping[str, jax.Array],
+                    **kwargs: Any) -> dict[str, jax.Array]:
+  """Weighted sums over a batch: `loss`, `nll`, `entropy`, `hits` and
+  `weight`.
 
   Sums (not means) so that micro-batches add up to exactly the whole batch's
   statistics (gradient accumulation): the mean loss is loss / weight.
-  Arguments as for `position_outputs`; float32 scalars.
+  Keyword arguments as for `position_outputs`; float32 scalars.
   """
-  outputs = position_outputs(model, batch, label_smoothing=label_smoothing,
-                             z_loss_weight=z_loss_weight,
-                             chunk_size=chunk_size)
+  outputs = position_outputs(model, batch, **kwargs)
   weight = outputs["weight"]
   return {"loss": jnp.sum(outputs["loss"] * weight),
           "nll": jnp.sum(outputs["nll"] * weight),
+          "entropy": jnp.sum(outputs["entropy"] * weight),
           "hits": jnp.sum(outputs["hit"] * weight),
           "weight": jnp.sum(weight)}
 
 
-def next_token_loss(model: Any, batch: Mapping[str, jax.Array], *,
-                    label_smoothing: float = 0.0,
-                    z_loss_weight: float = 0.0, chunk_size: int = 0
-                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def next_token_loss(model: Any, batch: Mapping[str, jax.Array],
+                    **kwargs: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean next-token loss of `model` on a batch of windows.
 
   Args:
-    model, batch, label_smoothing, z_loss_weight, chunk_size: see
-      `position_outputs`.
+    model, batch, **kwargs: see `position_outputs`.
 
   Returns:
     (loss, aux): loss is the float32 scalar mean over the counted positions
     (nats per token, smoothing and z-loss included); aux holds `nll`, the
     plain mean cross-entropy, and `accuracy`, the share of argmax hits.
   """
-  sums = next_token_sums(model, batch, label_smoothing=label_smoothing,
-                         z_loss_weight=z_loss_weight, chunk_size=chunk_size)
+  sums = next_token_sums(model, batch, **kwargs)
   count = jnp.maximum(sums["weight"], 1.0)
   return sums["loss"] / count, {"nll": sums["nll"] / count,
                                 "accuracy": sums["hits"] / count}

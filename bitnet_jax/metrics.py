@@ -76,22 +76,35 @@ def summarize_eval(totals: Mapping[str, Any]) -> dict[str, float]:
   """Turns summed eval statistics (host numpy) into eval metrics.
 
   Args:
-    totals: `loss_sum` (nats) and the sums of `prediction_statistics`.
+    totals: `loss_sum` (nats) and the sums of `prediction_statistics`;
+      optionally `entropy_sum` (nats) and, summed over `batches` batches,
+      float32 `[n_layers]` `attention_rms` and `ffn_rms`.
 
   Returns:
     eval_loss (nats/token), eval_accuracy, unique_predictions (distinct argmax
     tokens over the whole eval set), copy_rate (share of positions whose
     argmax is the current input token), top_token_share (share of positions
-    predicting the single most-predicted token).
+    predicting the single most-predicted token); with the optional sums,
+    prediction_entropy (mean entropy of the predictive distribution, nats)
+    and per block i `attention_rms/i` and `ffn_rms/i` (RMS of the attention
+    and FFN outputs added to the residual stream, mean over batches).
   """
   count = float(totals["count"])
   histogram = np.asarray(totals["histogram"])
+  extra = {}
+  if "entropy_sum" in totals:
+    extra["prediction_entropy"] = float(totals["entropy_sum"]) / count
+  for name in ("attention_rms", "ffn_rms"):
+    if name in totals:
+      values = np.asarray(totals[name]) / float(totals["batches"])
+      extra.update({f"{name}/{i}": float(v) for i, v in enumerate(values)})
   return {
       "eval_loss": float(totals["loss_sum"]) / count,
       "eval_accuracy": float(totals["correct"]) / count,
       "unique_predictions": int(np.count_nonzero(histogram)),
       "copy_rate": float(totals["copies"]) / count,
       "top_token_share": float(histogram.max()) / count,
+      **extra,
   }
 
 
@@ -200,8 +213,35 @@ def final_metrics(workdir: str, step: int) -> dict:
   return merged
 
 
+def _truncate_after(path: str, step: int) -> None:
+  """Keeps the lines of the JSON-lines file `path` whose steps are <= `step`,
+  none when `step` is 0."""
+  if not os.path.exists(path):
+    return
+  with open(path, "rb") as f:
+    original = f.read()
+  if step > 0:
+    lines, records = _parse_lines(
+        original.decode("utf-8", errors="replace"), path)
+    kept = [line for line, record in zip(lines, records)
+            if record["step"] <= step]
+  else:
+    kept = []
+  text = "".join(kept)
+  if text.encode("utf-8") == original:
+    return
+  if step > 0:
+    logging.info("Resuming at step %d: kept %d lines of %s (steps <= %d)",
+                 step, len(kept), path, step)
+  else:
+    logging.info("Starting at step 0 (no checkpoint): cleared the earlier "
+                 "lines of %s", path)
+  write_atomically(path, text.encode("utf-8"))
+
+
 class MetricWriter:
-  """Appends metrics to `WORKDIR/metrics.jsonl` and TensorBoard event files.
+  """Appends metrics to `WORKDIR/metrics.jsonl` and TensorBoard event files
+  (and eval samples to `WORKDIR/samples.jsonl`, see `write_samples`).
 
   Only process 0 writes. Every step appears once across restarts:
 
@@ -227,10 +267,12 @@ class MetricWriter:
   def __init__(self, workdir: str, resume_step: int = 0):
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self.samples_path = os.path.join(workdir, "samples.jsonl")
     self._tensorboard = None
     if not self.enabled:
       return
-    self._truncate_after(resume_step)
+    for path in (self.path, self.samples_path):
+      _truncate_after(path, resume_step)
     from tensorboardX import SummaryWriter  # only process 0 needs it
     # A SessionLog START at purge_step makes TensorBoard drop the points of
     # earlier event files at steps >= purge_step.
@@ -238,40 +280,35 @@ class MetricWriter:
     self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"),
                                       purge_step=purge_step)
 
-  def _truncate_after(self, step: int) -> None:
-    """Keeps the lines of steps <= `step`, none when `step` is 0."""
-    if not os.path.exists(self.path):
-      return
-    with open(self.path, "rb") as f:
-      original = f.read()
-    if step > 0:
-      lines, records = _parse_lines(
-          original.decode("utf-8", errors="replace"), self.path)
-      kept = [line for line, record in zip(lines, records)
-              if record["step"] <= step]
-    else:
-      kept = []
-    text = "".join(kept)
-    if text.encode("utf-8") == original:
-      return
-    if step > 0:
-      logging.info("Resuming at step %d: kept %d lines of %s (steps <= %d)",
-                   step, len(kept), self.path, step)
-    else:
-      logging.info("Starting at step 0 (no checkpoint): cleared the earlier "
-                   "lines of %s", self.path)
-    write_atomically(self.path, text.encode("utf-8"))
+  def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Writes one JSON object `{"step": step, **scalars}` and TB scalars.
 
-  def write(self, step: int, scalars: Mapping[str, float]) -> None:
-    """Writes one JSON object `{"step": step, **scalars}` and TB scalars."""
+    Lists of names (`health_alarms`) go to the JSON line only.
+    """
     if not self.enabled:
       return
-    record = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
+    record = {"step": int(step), **{
+        k: list(v) if isinstance(v, (list, tuple)) else _plain(v)
+        for k, v in scalars.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
     for name, value in record.items():
-      if name != "step":
+      if name != "step" and not isinstance(value, list):
         self._tensorboard.add_scalar(name, value, int(step))
+    self._tensorboard.flush()
+
+  def write_samples(self, step: int, samples: list[dict[str, str]]) -> None:
+    """Appends one JSON line `{"step", **sample}` per sample to
+    `WORKDIR/samples.jsonl` and the texts to TensorBoard (`samples/<i>`)."""
+    if not self.enabled or not samples:
+      return
+    with open(self.samples_path, "a", encoding="utf-8") as f:
+      for sample in samples:
+        f.write(json.dumps({"step": int(step), **sample}) + "\n")
+    for i, sample in enumerate(samples):
+      self._tensorboard.add_text(
+          f"samples/{i}", f"{sample['prompt']} ‖ {sample['continuation']}",
+          int(step))
     self._tensorboard.flush()
 
   def close(self) -> None:
@@ -354,9 +391,11 @@ def log_console(step: int, total_steps: int, scalars: Mapping[str, Any]
                     ("grad_norm", ".3f"), ("step_time_ms", ".1f"),
                     ("tokens_per_sec", ",.0f"), ("mfu", ".1%"),
                     ("unique_predictions", "d"), ("copy_rate", ".3f"),
-                    ("top_token_share", ".3f")):
+                    ("top_token_share", ".3f"), ("prediction_entropy", ".3f")):
     if name in scalars:
       parts.append(f"{name} {format(scalars[name], fmt)}")
+  if scalars.get("health_alarms"):
+    parts.append(f"ALARMS {','.join(scalars['health_alarms'])}")
   if "eta_seconds" in scalars:
     minutes, seconds = divmod(int(scalars["eta_seconds"]), 60)
     parts.append(f"ETA {minutes}m{seconds:02d}s")

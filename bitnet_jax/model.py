@@ -17,8 +17,8 @@ parameter on a leading `[n_layers]` axis (`params["layers"]["self_attn"]...`)
 and runs the blocks with one `jax.lax.scan`, so the program (and compile
 time, nearly) does not grow with depth; "unrolled" keeps one subtree per
 block (`params["layers"][i]`) and a Python loop. Both draw block i's weights
-from the same key, so a seed gives the same model in both; `to_layout`
-converts.
+from the same key, so a seed gives the same model in both;
+`bitnet_jax.layout.to_layout` converts.
 """
 
 from __future__ import annotations
@@ -28,12 +28,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-from absl import logging
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
-from bitnet_jax.layers import BitLinear, apply_rope, rms_norm
+from bitnet_jax import residual
+from bitnet_jax.attention import Attention, document_mask, kv_heads
+from bitnet_jax.layers import BitLinear, bitlinear_arguments, dropout, rms_norm
 
 BITLINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj",
                    "gate_proj", "up_proj", "down_proj")
@@ -68,195 +67,6 @@ def checkpoint_policy(name: str) -> Any:
   return table[name]
 
 
-_LOGGED: set[str] = set()  # attention choices already logged
-
-
-def _log_once(level: int, message: str) -> None:
-  if message not in _LOGGED:
-    _LOGGED.add(message)
-    logging.log(level, message)
-
-
-def cudnn_unsupported(dtype: jnp.dtype, head_dim: int, seq_len: int,
-                      masked: bool, backend: str | None = None) -> str:
-  """Why cuDNN fused attention cannot run these shapes ("" if it can).
-
-  The conditions of `jax._src.cudnn.fused_attention_stablehlo`
-  (`check_layout`, `check_is_flash_attention`): a GPU, bf16/fp16 inputs, a
-  head dim that is a multiple of 8 and at most 128 (256 from Hopper on; 128
-  is checked), an even sequence length when a mask (a bias to cuDNN) is
-  given. `backend` defaults to `jax.default_backend()`.
-  """
-  backend = backend or jax.default_backend()
-  if backend != "gpu":
-    return f"no GPU (backend {backend})"
-  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
-    return f"cuDNN attention needs bfloat16 or float16, not {dtype}"
-  if head_dim % 8 or head_dim > 128:
-    return f"head dim {head_dim} (d_model / n_heads) must be a multiple of 8 " \
-        "and at most 128"
-  if masked and seq_len % 2:
-    return f"document masks need an even sequence length, not {seq_len}"
-  return ""
-
-
-def attention_implementation(requested: str, dtype: jnp.dtype, head_dim: int,
-                             seq_len: int, masked: bool) -> str:
-  """Resolves `model.attention_implementation` for one attention call.
-
-  "auto" is cuDNN on a GPU in bfloat16 and XLA elsewhere; "cudnn" (asked
-  for, or chosen by "auto") falls back to XLA with a WARNING when
-  `cudnn_unsupported` names a reason. The choice is logged once (INFO).
-  """
-  choice = requested
-  if requested == "auto":
-    on_gpu = jax.default_backend() == "gpu"
-    choice = "cudnn" if on_gpu and dtype == jnp.bfloat16 else "xla"
-  if choice == "cudnn":
-    reason = cudnn_unsupported(dtype, head_dim, seq_len, masked)
-    if reason:
-      _log_once(logging.WARNING, f"attention: cuDNN cannot run this model "
-                f"({reason}); using the XLA implementation")
-      choice = "xla"
-  _log_once(logging.INFO, f"attention implementation: {choice} "
-            f"({jnp.dtype(dtype).name}, head dim {head_dim}, seq {seq_len}"
-            f"{', document mask' if masked else ''})")
-  return choice
-
-
-def document_mask(segment_ids: jax.Array) -> jax.Array:
-  """Which keys each query may see besides causality: its own segment's.
-
-  Args:
-    segment_ids: int32 `[batch, seq]`, the packed document of each token.
-
-  Returns:
-    bool `[batch, 1, seq (query), seq (key)]`, broadcast over heads (query
-    and key/value heads alike under GQA).
-  """
-  return segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-
-
-def kv_heads(config: ml_collections.ConfigDict) -> int:
-  """Key/value heads of `config.model`: `n_kv_heads`, or n_heads when 0."""
-  return config.n_kv_heads or config.n_heads
-
-
-def is_stacked(params: Any) -> bool:
-  """Whether a parameter tree (pure dict) has the scanned layout."""
-  layers = params["layers"]
-  return "self_attn" in layers or "mlp" in layers
-
-
-def _leaf_slice(leaf: Any, i: int) -> Any:
-  if isinstance(leaf, jax.ShapeDtypeStruct):
-    return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
-  return leaf[i]
-
-
-def unstack_layers(params: Any) -> Any:
-  """A scanned-layout parameter tree in the unrolled layout (a no-op on one).
-
-  Args:
-    params: a pure-dict tree (arrays, numpy arrays or `jax.ShapeDtypeStruct`s,
-      the latter returned without sharding) whose `layers` leaves are
-      `[n_layers, ...]`.
-  """
-  if not is_stacked(params):
-    return params
-  n_layers = jax.tree.leaves(params["layers"])[0].shape[0]
-  return {**params, "layers": {
-      i: jax.tree.map(lambda x, i=i: _leaf_slice(x, i), params["layers"])
-      for i in range(n_layers)}}
-
-
-def stack_layers(params: Any) -> Any:
-  """An unrolled-layout parameter tree in the scanned layout (a no-op on one).
-
-  Leaves are stacked with numpy for numpy inputs, jax otherwise;
-  `jax.ShapeDtypeStruct`s get the leading `[n_layers]` axis (no sharding).
-  """
-  if is_stacked(params):
-    return params
-  blocks = [params["layers"][i] for i in sorted(params["layers"], key=int)]
-
-  def stack(*leaves):
-    first = leaves[0]
-    if isinstance(first, jax.ShapeDtypeStruct):
-      return jax.ShapeDtypeStruct((len(leaves), *first.shape), first.dtype)
-    return (np.stack if isinstance(first, np.ndarray) else jnp.stack)(leaves)
-
-  return {**params, "layers": jax.tree.map(stack, *blocks)}
-
-
-def to_layout(params: Any, like: Any) -> Any:
-  """`params` (either layout) in the layer layout of the tree `like`."""
-  return stack_layers(params) if is_stacked(like) else unstack_layers(params)
-
-
-def _linear_arguments(config: ml_collections.ConfigDict,
-                      rngs: nnx.Rngs) -> dict[str, Any]:
-  """The `BitLinear` keyword arguments `config.model` sets."""
-  return {"quantization": config.quantization,
-          "matmul": config.bitlinear_matmul, "init_std": config.init_std,
-          "dtype": jnp.dtype(config.dtype), "rngs": rngs}
-
-
-class Attention(nnx.Module):
-  """Causal self-attention with RoPE and a sub-norm before o_proj.
-
-  Grouped-query attention (Ainslie et al., "GQA", arXiv 2305.13245) when
-  `n_kv_heads < n_heads`: k_proj and v_proj map d_model to
-  n_kv_heads x head_dim, and query head h attends with key/value head
-  h // (n_heads / n_kv_heads), the grouping of HF's `repeat_kv`.
-  """
-
-  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    d, dtype = config.d_model, jnp.dtype(config.dtype)
-    linear = _linear_arguments(config, rngs)
-    self.n_heads, self.n_kv_heads = config.n_heads, kv_heads(config)
-    kv_width = self.n_kv_heads * (d // self.n_heads)
-    self.q_proj = BitLinear(d, d, **linear)
-    self.k_proj = BitLinear(d, kv_width, **linear)
-    self.v_proj = BitLinear(d, kv_width, **linear)
-    self.attn_sub_norm = rms_norm(d, eps=config.norm_eps, dtype=dtype,
-                                  rngs=rngs)
-    self.o_proj = BitLinear(d, d, **linear)
-    self.rope_theta = config.rope_theta
-    self.requested_implementation = config.attention_implementation
-
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
-               positions: jax.Array | None = None) -> jax.Array:
-    """Maps normalized `[batch, seq, d_model]` to `[batch, seq, d_model]`.
-
-    Args:
-      x: the normalized residual stream `[batch, seq, d_model]`.
-      mask: optional bool `[batch, 1, seq, seq]` (`document_mask`), applied
-        on top of the causal mask.
-      positions: optional int32 `[batch, seq]` RoPE positions; default
-        0..seq-1.
-    """
-    batch, seq, d_model = x.shape
-    head_dim = d_model // self.n_heads
-    q_heads = (batch, seq, self.n_heads, head_dim)
-    kv_shape = (batch, seq, self.n_kv_heads, head_dim)
-    if positions is None:
-      positions = jnp.arange(seq, dtype=jnp.int32)
-    q = checkpoint_name(self.q_proj(x), "query_proj")
-    k = checkpoint_name(self.k_proj(x), "key_proj")
-    v = checkpoint_name(self.v_proj(x), "value_proj")
-    q = apply_rope(q.reshape(q_heads), positions, self.rope_theta)
-    k = apply_rope(k.reshape(kv_shape), positions, self.rope_theta)
-    implementation = attention_implementation(
-        self.requested_implementation, q.dtype, head_dim, seq,
-        mask is not None)
-    out = jax.nn.dot_product_attention(
-        q, k, v.reshape(kv_shape), mask=mask, is_causal=True,
-        implementation=implementation)
-    out = self.o_proj(self.attn_sub_norm(out.reshape(batch, seq, d_model)))
-    return checkpoint_name(out, "out_proj")
-
-
 class FeedForward(nnx.Module):
   """Gated FFN: down(ffn_sub_norm(act(gate(x)) * up(x))).
 
@@ -265,7 +75,7 @@ class FeedForward(nnx.Module):
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     d, f, dtype = config.d_model, config.ffn_dim, jnp.dtype(config.dtype)
-    linear = _linear_arguments(config, rngs)
+    linear = bitlinear_arguments(config, rngs)
     self.gate_proj = BitLinear(d, f, **linear)
     self.up_proj = BitLinear(d, f, **linear)
     self.ffn_sub_norm = rms_norm(f, eps=config.norm_eps, dtype=dtype,
@@ -273,9 +83,11 @@ class FeedForward(nnx.Module):
     self.down_proj = BitLinear(f, d, **linear)
     self.activation = config.ffn_activation
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Maps normalized `[batch, seq, d_model]` to `[batch, seq, d_model]`."""
-    gate = self.gate_proj(x)
+  def __call__(self, x: jax.Array,
+               quant_blend: jax.Array | None = None) -> jax.Array:
+    """Maps normalized `[batch, seq, d_model]` to `[batch, seq, d_model]`
+    (`quant_blend`: see `BitLinear`)."""
+    gate = self.gate_proj(x, quant_blend)
     if self.activation == "swiglu":
       gate = jax.nn.silu(gate)
     elif self.activation == "relu2":
@@ -283,11 +95,23 @@ class FeedForward(nnx.Module):
     else:
       raise ValueError(f"model.ffn_activation={self.activation!r}: use "
                        "'swiglu' or 'relu2'")
-    return self.down_proj(self.ffn_sub_norm(gate * self.up_proj(x)))
+    return self.down_proj(
+        self.ffn_sub_norm(gate * self.up_proj(x, quant_blend)), quant_blend)
+
+
+def _rms(x: jax.Array) -> jax.Array:
+  return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
 
 
 class Block(nnx.Module):
-  """A pre-norm transformer block on a float32 residual stream."""
+  """A pre-norm transformer block on a float32 residual stream.
+
+  With `model.residual="mhc_lite"` the stream is `[batch, seq, n, d_model]`
+  and each sublayer reads and writes it through a `residual.HyperConnection`
+  (`attn_hc`, `mlp_hc`); otherwise x + attention(norm(x)), then
+  x + ffn(norm(x)). With a dropout key, each sublayer's output is dropped
+  out (`model.dropout_rate`) before it joins the stream.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     dtype = jnp.dtype(config.dtype)
@@ -297,17 +121,59 @@ class Block(nnx.Module):
     self.post_attention_layernorm = rms_norm(
         config.d_model, eps=config.norm_eps, dtype=dtype, rngs=rngs)
     self.mlp = FeedForward(config, rngs=rngs)
+    self.dropout_rate = config.dropout_rate
+    hyper = config.residual == "mhc_lite"
+    self.attn_hc = residual.HyperConnection(
+        config.residual_streams) if hyper else None
+    self.mlp_hc = residual.HyperConnection(
+        config.residual_streams) if hyper else None
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
-               positions: jax.Array | None = None) -> jax.Array:
-    """Maps float32 `[batch, seq, d_model]` to the same shape and dtype.
+               positions: jax.Array | None = None, *,
+               quant_blend: jax.Array | None = None,
+               dropout_key: jax.Array | None = None,
+               cache: dict[str, jax.Array] | None = None,
+               cache_index: jax.Array | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Maps the float32 stream to the same shape and dtype.
 
-    `mask` and `positions` (optional) are passed to attention (see
-    `Attention.__call__`).
+    Args:
+      x: float32 `[batch, seq, d_model]` (or `[batch, seq, n, d_model]`
+        with mHC-lite).
+      mask, positions, quant_blend, cache, cache_index: see
+        `Attention.__call__`.
+      dropout_key: a PRNG key for dropout (training only), or None.
+
+    Returns:
+      (the new stream, extras): extras holds float32 scalars
+      `attention_rms` and `ffn_rms`, the RMS of what each sublayer adds
+      to the stream, and the updated `cache` when one was given.
     """
-    x = x + self.self_attn(self.input_layernorm(x), mask,
-                           positions).astype(jnp.float32)
-    return x + self.mlp(self.post_attention_layernorm(x)).astype(jnp.float32)
+    keys = [None] * 3 if dropout_key is None else list(
+        jax.random.split(dropout_key, 3))
+    extras = {}
+
+    def sublayer(x, hyper, norm, apply, key):
+      h = x if hyper is None else hyper.read(x)
+      out = apply(norm(h)).astype(jnp.float32)
+      if key is not None and self.dropout_rate > 0:
+        out = dropout(out, self.dropout_rate, key)
+      return (x + out if hyper is None else hyper.write(x, out)), _rms(out)
+
+    def attend(h):
+      out = self.self_attn(h, mask, positions, quant_blend=quant_blend,
+                           dropout_key=keys[0], cache=cache,
+                           cache_index=cache_index)
+      if cache is not None:
+        out, extras["cache"] = out
+      return out
+
+    x, extras["attention_rms"] = sublayer(
+        x, self.attn_hc, self.input_layernorm, attend, keys[1])
+    x, extras["ffn_rms"] = sublayer(
+        x, self.mlp_hc, self.post_attention_layernorm,
+        lambda h: self.mlp(h, quant_blend), keys[2])
+    return x, extras
 
 
 class Transformer(nnx.Module):
@@ -316,7 +182,8 @@ class Transformer(nnx.Module):
   Args:
     config: `config.model` (see `bitnet_jax.config.base_config`);
       `scan_layers` picks the parameter layout (module docstring),
-      `remat_policy` what the backward pass recomputes (`checkpoint_policy`).
+      `remat_policy` what the backward pass recomputes (`checkpoint_policy`),
+      `residual` the residual stream (standard or mHC-lite).
     rngs: `nnx.Rngs` with a `params` stream for initialization.
   """
 
@@ -335,40 +202,93 @@ class Transformer(nnx.Module):
       self.layers = nnx.vmap(block, in_axes=0, out_axes=0)(keys)
     else:
       self.layers = nnx.List([block(keys[i]) for i in range(config.n_layers)])
+    self.n_layers = config.n_layers
+    self.cache_entry = (kv_heads(config), config.d_model // config.n_heads)
+    self.dtype = jnp.dtype(config.dtype)
     self.scan_layers = config.scan_layers
     self.remat_policy = config.remat_policy
+    self.streams = config.residual_streams if (
+        config.residual == "mhc_lite") else 0
     self.norm = rms_norm(config.d_model, eps=config.norm_eps, dtype=dtype,
                          rngs=rngs)
     self.lm_head = None if config.tie_embeddings else nnx.Linear(
         config.d_model, config.vocab_size, use_bias=False, kernel_init=init,
         dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
-  def hidden(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-             positions: jax.Array | None = None) -> jax.Array:
-    """The final-norm output `[batch, seq, d_model]` in the compute dtype.
+  def _blocks(self, x: jax.Array, per_layer: dict, **block_args
+              ) -> tuple[jax.Array, dict]:
+    """Runs every block on the stream `x`.
 
-    Arguments as for `__call__`; `logits` maps the result to logits.
+    `per_layer` holds arrays with a leading `[n_layers]` axis (dropout keys,
+    KV caches) handed one slice to each block; the blocks' extras come back
+    stacked the same way.
     """
-    x = self.embed_tokens(tokens).astype(jnp.float32)
-    mask = None if segment_ids is None else document_mask(segment_ids)
     policy = checkpoint_policy(self.remat_policy)
 
-    def run_block(graphdef: nnx.GraphDef, x: jax.Array, state: Any):
-      def apply(x, state):
-        return nnx.merge(graphdef, state)(x, mask, positions)
+    def run_block(graphdef: nnx.GraphDef, state: Any, x: jax.Array,
+                  layer: dict) -> tuple[jax.Array, dict]:
+      def apply(x, state, layer):
+        return nnx.merge(graphdef, state)(x, **block_args, **layer)
       if self.remat_policy != "none":
         apply = jax.checkpoint(apply, policy=policy)
-      return apply(x, state)
+      return apply(x, state, layer)
 
     if self.scan_layers:
       graphdef, state = nnx.split(self.layers)
-      x, _ = jax.lax.scan(lambda x, s: (run_block(graphdef, x, s), None),
-                          x, state)
-    else:
-      for layer in self.layers:
-        graphdef, state = nnx.split(layer)
-        x = run_block(graphdef, x, state)
-    return self.norm(x)
+      return jax.lax.scan(
+          lambda x, xs: run_block(graphdef, xs[0], x, xs[1]), x,
+          (state, per_layer))
+    outputs = []
+    for i, layer in enumerate(self.layers):
+      graphdef, state = nnx.split(layer)
+      x, extras = run_block(graphdef, state, x,
+                            jax.tree.map(lambda a, i=i: a[i], per_layer))
+      outputs.append(extras)
+    return x, jax.tree.map(lambda *leaves: jnp.stack(leaves), *outputs)
+
+  def _stream(self, tokens: jax.Array) -> jax.Array:
+    x = self.embed_tokens(tokens).astype(jnp.float32)
+    return residual.expand(x, self.streams) if self.streams else x
+
+  def _final_norm(self, x: jax.Array) -> jax.Array:
+    return self.norm(residual.collapse(x) if self.streams else x)
+
+  def hidden_and_statistics(
+      self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+      positions: jax.Array | None = None, *,
+      quant_blend: jax.Array | None = None,
+      dropout_key: jax.Array | None = None
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The final-norm output and per-block statistics.
+
+    Args:
+      tokens, segment_ids, positions: see `__call__`.
+      quant_blend: None, or the float32 lambda of
+        `model.quantization_warmup_steps` (`quantization_blend`).
+      dropout_key: a PRNG key to apply `model.dropout_rate` (training);
+        None evaluates without dropout.
+
+    Returns:
+      (hidden `[batch, seq, d_model]` in the compute dtype, statistics):
+      float32 `[n_layers]` arrays `attention_rms` and `ffn_rms`, the RMS of
+      each block's attention and FFN outputs added to the residual stream.
+    """
+    mask = None if segment_ids is None else document_mask(segment_ids)
+    per_layer = {} if dropout_key is None else {
+        "dropout_key": jax.random.split(dropout_key, self.n_layers)}
+    x, extras = self._blocks(self._stream(tokens), per_layer, mask=mask,
+                             positions=positions, quant_blend=quant_blend)
+    return self._final_norm(x), extras
+
+  def hidden(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+             positions: jax.Array | None = None, **kwargs) -> jax.Array:
+    """The final-norm output `[batch, seq, d_model]` in the compute dtype.
+
+    Arguments as for `hidden_and_statistics`; `logits` maps the result to
+    logits.
+    """
+    return self.hidden_and_statistics(tokens, segment_ids, positions,
+                                      **kwargs)[0]
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """float32 logits `[..., vocab_size]` of `hidden` `[..., d_model]`."""
@@ -376,8 +296,40 @@ class Transformer(nnx.Module):
       return self.embed_tokens.attend(hidden).astype(jnp.float32)
     return self.lm_head(hidden).astype(jnp.float32)
 
+  def empty_cache(self, batch: int, max_len: int) -> dict[str, jax.Array]:
+    """A zero KV cache for `decode`: {"key", "value"} `[n_layers, batch,
+    max_len, n_kv_heads, head_dim]` in the compute dtype."""
+    shape = (self.n_layers, batch, max_len, *self.cache_entry)
+    return {"key": jnp.zeros(shape, self.dtype),
+            "value": jnp.zeros(shape, self.dtype)}
+
+  def decode(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array,
+             cache: dict[str, jax.Array], cache_index: jax.Array, *,
+             quant_blend: jax.Array | None = None
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Logits of `tokens` that continue a KV cache (`bitnet_jax.decode`).
+
+    Args:
+      tokens: int32 `[batch, seq]` (the prompt at prefill, then one token).
+      positions: int32 `[batch, seq]` RoPE positions.
+      mask: bool `[batch, 1, seq, max_len]`, the cache entries each query
+        may attend to (causality and padding included).
+      cache: {"key", "value"} `[n_layers, batch, max_len, n_kv_heads,
+        head_dim]`; entries `cache_index .. cache_index + seq - 1` are
+        written.
+      cache_index: int32 scalar, the cache slot of `tokens[:, 0]`.
+
+    Returns:
+      (float32 logits `[batch, seq, vocab_size]`, the updated cache).
+    """
+    x, extras = self._blocks(self._stream(tokens), {"cache": cache},
+                             mask=mask, positions=positions,
+                             quant_blend=quant_blend,
+                             cache_index=cache_index)
+    return self.logits(self._final_norm(x)), extras["cache"]
+
   def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-               positions: jax.Array | None = None) -> jax.Array:
+               positions: jax.Array | None = None, **kwargs) -> jax.Array:
     """Computes next-token logits.
 
     Args:
@@ -386,9 +338,24 @@ class Transformer(nnx.Module):
         in a packed window; attention never crosses documents.
       positions: optional int32 `[batch, seq]`, each token's index in its
         document (RoPE); default 0..seq-1.
+      **kwargs: `quant_blend`, `dropout_key` (`hidden_and_statistics`).
 
     Returns:
       float32 logits `[batch, seq, vocab_size]`; position i depends only on
       tokens[:, :i + 1] (causal), and of those only on its own segment's.
     """
-    return self.logits(self.hidden(tokens, segment_ids, positions))
+    return self.logits(self.hidden(tokens, segment_ids, positions, **kwargs))
+
+
+def quantization_blend(config: ml_collections.ConfigDict,
+                       step: jax.Array | int) -> jax.Array | None:
+  """lambda = min(step / model.quantization_warmup_steps, 1), float32, or
+  None when the warmup is off (plain ternary from step 0).
+
+  `step` counts the optimizer updates already applied (0 for the first
+  step), so the first step trains in full precision.
+  """
+  steps = config.model.quantization_warmup_steps
+  if not steps:
+    return None
+  return jnp.minimum(jnp.asarray(step, jnp.float32) / steps, 1.0)

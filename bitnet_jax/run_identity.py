@@ -50,7 +50,7 @@ HISTORY_NAME = "config_history.jsonl"
 TOKENIZER_NAME = "tokenizer.json"
 
 RUNTIME, SCHEDULE, IDENTITY = "runtime", "schedule", "identity"
-RUNTIME_PREFIXES = ("mesh.", "distributed.")
+RUNTIME_PREFIXES = ("mesh.", "distributed.", "health.")
 RUNTIME_KEYS = frozenset({  # (scan_layers: a resume takes its checkpoints')
     "data.data_dir", "data.prefetch_buffer_size", "model.scan_layers",
     "model.attention_implementation", "model.remat_policy",
@@ -60,7 +60,9 @@ RUNTIME_KEYS = frozenset({  # (scan_layers: a resume takes its checkpoints')
 SCHEDULE_KEYS = frozenset({
     "train.steps", "train.log_every", "train.eval_every",
     "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.divergence_factor", "train.divergence_patience"})
+    "train.divergence_factor", "train.divergence_patience",
+    "train.sample_prompts", "train.sample_prompt_tokens",
+    "train.sample_new_tokens"})
 _ABSENT = object()  # a key present in one config only
 
 

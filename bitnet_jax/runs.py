@@ -21,7 +21,8 @@ from flax import nnx
 
 from bitnet_jax import checkpoint, run_identity
 from bitnet_jax.config import ConfigError, base_config
-from bitnet_jax.model import Transformer, is_stacked, to_layout
+from bitnet_jax.layout import is_stacked, to_layout
+from bitnet_jax.model import Transformer
 
 CONFIG_JSON = run_identity.CONFIG_NAME  # written at the first start
 CONFIG_PY = "config.py"  # written by `convert import-hf`

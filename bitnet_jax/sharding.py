@@ -86,7 +86,7 @@ def parameter_spec(shape: Sequence[int], fsdp_size: int) -> P:
   return P()
 
 
-def _stacked_layer(path: tuple) -> bool:
+def stacked_layer(path: tuple) -> bool:
   """Whether a tree path lies in scanned blocks: `layers` then a module name
   (unrolled blocks have an integer index there)."""
   keys = [getattr(entry, "key", getattr(entry, "idx", None)) for entry in path]
@@ -100,7 +100,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
   fsdp_size = mesh.shape["fsdp"]
 
   def place(path, x):
-    if _stacked_layer(path):
+    if stacked_layer(path):
       return NamedSharding(mesh, P(None, *parameter_spec(x.shape[1:],
                                                          fsdp_size)))
     return NamedSharding(mesh, parameter_spec(x.shape, fsdp_size))

@@ -19,10 +19,11 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bitnet_jax import metrics, sharding
+from bitnet_jax import diagnostics, metrics, sharding
+from bitnet_jax import model as model_lib
 from bitnet_jax import optimizer as optimizer_lib
 from bitnet_jax.config import ConfigError
-from bitnet_jax.loss import next_token_sums, position_outputs, split_batch
+from bitnet_jax.loss import next_token_sums, outputs_from_hidden, split_batch
 
 State = dict[str, Any]
 
@@ -43,21 +44,24 @@ def micro_batches(batch: dict, steps: int, mesh: jax.sharding.Mesh) -> dict:
   return jax.tree.map(split, batch)
 
 
-def sum_over_micro_batches(fn: Callable[[dict], Any], batch: dict,
+def sum_over_micro_batches(fn: Callable[[dict, jax.Array], Any], batch: dict,
                            steps: int, mesh: jax.sharding.Mesh) -> Any:
-  """`fn(batch)`, a pytree of sums, as the sum of `fn` over `steps`
-  micro-batches (`micro_batches`) run one after another by `jax.lax.scan`;
-  with `steps` 1, one call on the whole batch."""
+  """`fn(batch, 0)`, a pytree of sums, as the sum of `fn(micro_batch, j)`
+  over `steps` micro-batches (`micro_batches`; j the int32 index) run one
+  after another by `jax.lax.scan`; with `steps` 1, one call on the whole
+  batch."""
   if steps == 1:
-    return fn(batch)
+    return fn(batch, jnp.int32(0))
   micro = micro_batches(batch, steps, mesh)
-  shapes = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], micro))
+  shapes = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], micro),
+                          jnp.int32(0))
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-  def add(totals, micro_batch):
-    return jax.tree.map(jnp.add, totals, fn(micro_batch)), None
+  def add(totals, xs):
+    return jax.tree.map(jnp.add, totals, fn(*xs)), None
 
-  return jax.lax.scan(add, zeros, micro)[0]
+  return jax.lax.scan(add, zeros,
+                      (micro, jnp.arange(steps, dtype=jnp.int32)))[0]
 
 
 def check_micro_batch(config: ml_collections.ConfigDict,
@@ -99,15 +103,25 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   if t.grad_accum_steps > 1:
     check_micro_batch(config, mesh)
 
+  dropout_seed = jax.random.key(config.seed)
+
   def train_step(state: State, batch: dict) -> tuple[State, dict]:
     params = state["params"]
+    blend = model_lib.quantization_blend(config, state["step"])
+    step_key = jax.random.fold_in(dropout_seed, state["step"])
 
-    def sums_and_grads(batch):  # gradients kept in the parameters' shardings
+    def sums_and_grads(batch, index):  # gradients in the params' shardings
+      model_kwargs = {"quant_blend": blend}
+      if config.model.dropout_rate > 0:
+        model_kwargs["dropout_key"] = jax.random.fold_in(step_key, index)
+
       def summed_loss(params):
         sums = next_token_sums(nnx.merge(graphdef, params), batch,
                                label_smoothing=t.label_smoothing,
                                z_loss_weight=t.z_loss_weight,
-                               chunk_size=t.loss_chunk_size)
+                               entropy_weight=t.entropy_weight,
+                               chunk_size=t.loss_chunk_size,
+                               model_kwargs=model_kwargs)
         return sums["loss"], sums
       grads, sums = jax.grad(summed_loss, has_aux=True)(params)
       return sums, jax.lax.with_sharding_constraint(grads,
@@ -119,9 +133,12 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     step_metrics = {"loss": sums["loss"] / count,
+                    "nll": sums["nll"] / count,
                     "accuracy": sums["hits"] / count,
                     "grad_norm": optax.global_norm(grads),
                     **optimizer_lib.current_hyperparams(opt_state)}
+    if blend is not None:
+      step_metrics["quantization_blend"] = blend
     new_state = {"step": state["step"] + 1,
                  "params": optax.apply_updates(params, updates),
                  "opt_state": opt_state}
@@ -138,7 +155,12 @@ def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                    ) -> Callable[[Any, dict], dict]:
   """Jits the per-batch eval statistics (summed, see `metrics`).
 
-  As in training, the logits are made `train.loss_chunk_size` positions at a
+  The eval step maps (params, batch, step) to sums: the loss, the
+  prediction statistics (`metrics.prediction_statistics`), the predictive
+  entropy and the blocks' output RMS (`Transformer.hidden_and_statistics`,
+  one value per batch, with `batches` counting them). `step` (int32) sets
+  the quantization blend of `model.quantization_warmup_steps`, so the model
+  is evaluated as it trains. As in training, the logits are made `train.loss_chunk_size` positions at a
   time and a batch runs as `train.grad_accum_steps` micro-batches (whose
   statistics add up), so evaluation fits wherever a train step does.
   """
@@ -146,39 +168,58 @@ def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   if t.grad_accum_steps > 1:
     check_micro_batch(config, mesh)
 
-  def batch_statistics(params: Any, batch: dict) -> dict:
-    inputs, targets, _, weights = split_batch(batch)
-    outputs = position_outputs(nnx.merge(graphdef, params), batch,
-                               chunk_size=t.loss_chunk_size)
+  def batch_statistics(params: Any, batch: dict, step: jax.Array) -> dict:
+    inputs, targets, features, weights = split_batch(batch)
+    if weights is None:
+      weights = jnp.ones(targets.shape, jnp.float32)
+    model = nnx.merge(graphdef, params)
+    hidden, blocks = model.hidden_and_statistics(
+        inputs, **features,
+        quant_blend=model_lib.quantization_blend(config, step))
+    outputs = outputs_from_hidden(model, hidden, targets,
+                                  chunk_size=t.loss_chunk_size)
     stats = metrics.prediction_statistics(
         outputs["prediction"], inputs, targets, config.model.vocab_size,
         weights)
-    stats["loss_sum"] = jnp.sum(outputs["nll"] * outputs["weight"])
+    stats["loss_sum"] = jnp.sum(outputs["nll"] * weights)
+    stats["entropy_sum"] = jnp.sum(outputs["entropy"] * weights)
+    stats["attention_rms"] = blocks["attention_rms"]
+    stats["ffn_rms"] = blocks["ffn_rms"]
+    stats["batches"] = jnp.float32(1.0)
     return stats
 
-  def eval_step(params: Any, batch: dict) -> dict:
-    return sum_over_micro_batches(lambda b: batch_statistics(params, b),
-                                  batch, t.grad_accum_steps, mesh)
+  def eval_step(params: Any, batch: dict, step: jax.Array) -> dict:
+    return sum_over_micro_batches(
+        lambda b, _: batch_statistics(params, b, step), batch,
+        t.grad_accum_steps, mesh)
 
   return jax.jit(eval_step,
-                 in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+                 in_shardings=(param_shardings, sharding.batch_sharding(mesh),
+                               None),
                  out_shardings=sharding.replicated(mesh))
 
 
-def evaluate(eval_step: Callable, params: Any,
-             batches: list[dict]) -> dict[str, float]:
+def evaluate(eval_step: Callable, params: Any, batches: list[dict],
+             step: int = 0) -> dict[str, float]:
   """Runs the fixed eval set; sums stay on device until one final read.
 
+  The result adds the weight statistics of every BitLinear kind
+  (`diagnostics.weight_statistics`) to `metrics.summarize_eval`'s.
+
   Args:
+    step: the train step the params come from (the quantization blend).
     batches: global batches (dicts of int32 `[batch_size, seq_len + 1]`,
       see `loss.split_batch`), already placed on the mesh (they are the same
       at every evaluation).
   """
   totals = None
   for batch in batches:
-    stats = eval_step(params, batch)
+    stats = eval_step(params, batch, jnp.int32(step))
     totals = stats if totals is None else jax.tree.map(jnp.add, totals, stats)
-  return metrics.summarize_eval(jax.device_get(totals))
+  weights = diagnostics.weight_statistics(params)
+  totals, weights = jax.device_get((totals, weights))
+  return {**metrics.summarize_eval(totals),
+          **{k: float(v) for k, v in weights.items()}}
 
 
 def matmul_params(config: ml_collections.ConfigDict, params: Any) -> int:

@@ -19,8 +19,9 @@ from absl import logging
 from clu import parameter_overview
 from jax.experimental import multihost_utils
 
-from bitnet_jax import (checkpoint, data, guards, metrics, preemption,
-                        run_identity, run_lock, runs, sharding, train_state)
+from bitnet_jax import (checkpoint, data, guards, health, metrics, preemption,
+                        run_identity, run_lock, runs, samples, sharding,
+                        train_state)
 from bitnet_jax import config as config_lib
 from bitnet_jax import optimizer as optimizer_lib
 from bitnet_jax.steps import (evaluate, make_eval_step, make_train_step,
@@ -61,7 +62,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   Writes `workdir/metrics.jsonl`, `workdir/tensorboard/`,
   `workdir/checkpoints/`, `workdir/config.json` (the first start's config),
-  `workdir/config_history.jsonl` (every start) and `workdir/tokenizer.json`,
+  `workdir/config_history.jsonl` (every start), `workdir/tokenizer.json`
+  and `workdir/samples.jsonl` (greedy continuations at each evaluation),
   and holds `workdir/run.lock` while it runs (one writer per workdir).
   SIGTERM or SIGINT ends the run after the step in flight, with a checkpoint
   of that step; a finished run started again returns its final metrics.
@@ -78,6 +80,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     CheckpointSaveError: a checkpoint cannot be written (path and cause).
     FloatingPointError: the loss became NaN/inf (or `DivergenceError`:
       diverged); the newest checkpoint predates it.
+    health.HealthAlarmError: a collapse alarm fired with
+      `health.halt_on_alarm` (the evaluated step is checkpointed first).
   """
   config_lib.validate(config)
   workdir = os.path.abspath(workdir)
@@ -157,9 +161,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                jax.process_count())
 
   train_iter = new_iterator()
-  eval_windows = [sharding.global_batch(batch, mesh) for batch in
-                  data.eval_batches(prepared, config, jax.process_index(),
-                                    jax.process_count())]
+  eval_windows_local = data.eval_batches(
+      prepared, config, jax.process_index(), jax.process_count())
+  eval_windows = [sharding.global_batch(batch, mesh)
+                  for batch in eval_windows_local]
   tokens_per_step = t.batch_size * t.seq_len
   graphdef, state, shardings = train_state.create_train_state(
       config, mesh, tx, initialize=False)
@@ -190,6 +195,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   train_step = make_train_step(config, graphdef, tx, shardings, mesh)
   eval_step = make_eval_step(config, graphdef, shardings["params"], mesh)
   writer = metrics.MetricWriter(workdir, resume_step=start_step)
+  monitor = health.HealthMonitor(config.health,
+                                 vocab_size=config.model.vocab_size,
+                                 total_steps=t.steps)
+  if start_step:  # the alarms' state survives resumes
+    monitor.replay([r for r in metrics.read_records(workdir)
+                    if r["step"] <= start_step])
+  prompts = samples.sample_prompts(config, eval_windows_local)
   guard = guards.DivergenceGuard(t.divergence_factor, t.divergence_patience)
   guard.restore(run_at_start)  # the minimum survives resumes
   throughput = metrics.Throughput(tokens_per_step, t.steps)
@@ -216,7 +228,19 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       record["mfu"] = record["tokens_per_sec"] * flops / peak
     return record
 
+  def evaluation(step: int) -> dict:
+    """Eval metrics, the alarms they raise, and the samples of `step`."""
+    record = evaluate(eval_step, state["params"], eval_windows, step)
+    writer.write_samples(step, samples.continue_prompts(
+        config, graphdef, state["params"], prompts, prepared.tokenizer,
+        step))
+    return record
+
   def emit(step: int, record: dict) -> dict:
+    if "eval_loss" in record:
+      record["health_alarms"] = monitor.observe(step, record)
+    else:
+      monitor.observe(step, record)
     writer.write(step, record)
     metrics.log_console(step, t.steps, record)
     return record
@@ -244,7 +268,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   with preemption.PreemptionWatch() as watch:
     try:
       if start_step == 0:  # baseline of the collapse diagnostics
-        last = emit(0, evaluate(eval_step, state["params"], eval_windows))
+        last = emit(0, evaluation(0))
       unread = None  # (step, metrics) read after the next step's dispatch
       first_step_started = time.perf_counter()
       for step in range(start_step + 1, t.steps + 1):
@@ -265,7 +289,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         record = None
         if step % t.eval_every == 0 or is_last:
           record = read(step, step_metrics)
-          record.update(evaluate(eval_step, state["params"], eval_windows))
+          record.update(evaluation(step))
           throughput.start(step)  # evaluation time is not training time
         elif step % t.log_every == 0:
           if saving:  # the line is on disk before the checkpoint is
@@ -274,8 +298,18 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             unread = (step, step_metrics)
         if record is not None:
           last = emit(step, record)
-        if saving:
+        halt = bool(record and record.get("health_alarms")
+                    and config.health.halt_on_alarm)
+        if saving or halt:
           saved = save(step, record, step_metrics)
+        if halt:
+          checkpointer.wait()
+          raise health.HealthAlarmError(
+              f"step {step}: {monitor.message(record['health_alarms'])} "
+              f"(health.halt_on_alarm=True; checkpoint {step} "
+              f"{'saved' if saved else 'not saved (diverged loss)'} in "
+              f"{checkpointer.directory}; set --config.health.halt_on_alarm"
+              "=False to train on)")
         if preempted:
           checkpointer.wait()
           logging.warning(

@@ -22,5 +22,7 @@ def get_config():
   c.train.eval_every = 30  # two evaluations
   c.train.eval_batches = 2  # 16 fixed validation windows
   c.train.checkpoint_every = 30  # two checkpoints
+  c.train.sample_prompt_tokens = 8  # short prompts for the 32-token context
+  c.train.sample_new_tokens = 16  # and short continuations
   c.optimizer.warmup_steps = 10  # short warmup for the short run
   return c

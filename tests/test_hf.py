@@ -29,7 +29,7 @@ from transformers.integrations.bitnet import pack_weights, unpack_weights
 from bitnet_jax import convert, gguf_export, hf, quant, runs, train
 from bitnet_jax.config import ConfigError
 from bitnet_jax.generate import greedy
-from bitnet_jax.model import unstack_layers
+from bitnet_jax.layout import unstack_layers
 from drivers import REPO, load_config
 
 TOLERANCE = 1e-4  # max |ours - theirs| / max |ours| of float32 logits

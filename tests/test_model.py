@@ -8,7 +8,8 @@ from flax import nnx
 
 from bitnet_jax import quant
 from bitnet_jax.layers import BitLinear
-from bitnet_jax.model import BITLINEAR_NAMES, Transformer, unstack_layers
+from bitnet_jax.layout import unstack_layers
+from bitnet_jax.model import BITLINEAR_NAMES, Transformer
 
 
 def _model(tiny_config, **overrides):
@@ -105,7 +106,7 @@ def test_untied_by_default_and_tying_shares_the_embedding(tiny_config):
   tokens = jnp.arange(8, dtype=jnp.int32)[None]
   hidden = tied.embed_tokens(tokens).astype(jnp.float32)
   for block in tied.layers:
-    hidden = block(hidden)
+    hidden, _ = block(hidden)
   expected = tied.norm(hidden) @ tied.embed_tokens.embedding[...].T
   np.testing.assert_allclose(tied(tokens), expected, rtol=1e-5, atol=1e-6,
                              err_msg="tied logits are not h @ E^T")
@@ -168,8 +169,8 @@ def test_packed_documents_do_not_see_each_other(tiny_config, quantization,
 def test_cudnn_attention_falls_back_to_xla_with_a_warning(tiny_config,
                                                           caplog):
   # pylint: disable-next=g-import-not-at-top
-  from bitnet_jax import model as model_lib
-  model_lib._LOGGED.clear()  # pylint: disable=protected-access
+  from bitnet_jax import attention
+  attention._LOGGED.clear()  # pylint: disable=protected-access
   model = _model(tiny_config, attention_implementation="cudnn",
                  dtype="bfloat16")
   with caplog.at_level("INFO"):
@@ -193,7 +194,7 @@ def test_cudnn_attention_falls_back_to_xla_with_a_warning(tiny_config,
 ])
 def test_cudnn_limits_are_named(dtype, head_dim, seq_len, masked, reason):
   # pylint: disable-next=g-import-not-at-top
-  from bitnet_jax.model import cudnn_unsupported
+  from bitnet_jax.attention import cudnn_unsupported
   found = cudnn_unsupported(dtype, head_dim, seq_len, masked, backend="gpu")
   assert (reason in found) if reason else found == "", found
   assert cudnn_unsupported(dtype, head_dim, seq_len, masked).startswith(

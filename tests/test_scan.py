@@ -11,7 +11,8 @@ from bitnet_jax import (checkpoint, hf, optimizer, runs, sharding, steps,
                         train_state)
 from bitnet_jax.config import REMAT_POLICIES
 from bitnet_jax.loss import next_token_loss
-from bitnet_jax.model import Transformer, stack_layers, unstack_layers
+from bitnet_jax.layout import stack_layers, unstack_layers
+from bitnet_jax.model import Transformer
 
 
 def _params(model_config, scan_layers: bool, seed: int = 0):

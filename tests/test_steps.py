@@ -77,10 +77,16 @@ def test_evaluation_in_micro_batches_sums_to_the_whole_batch(tiny_config):
     tiny_config.train.grad_accum_steps = accum
     step = steps.make_eval_step(tiny_config, graphdef, shardings["params"],
                                 mesh)
-    totals[accum] = jax.device_get(step(state["params"], placed))
+    totals[accum] = jax.device_get(step(state["params"], placed, 0))
+  per_batch = ("attention_rms", "ffn_rms", "batches")  # a value per batch
   for name, value in totals[1].items():
-    np.testing.assert_allclose(totals[2][name], value, rtol=1e-5,
-                               err_msg=f"eval {name} in 2 micro-batches")
+    if name not in per_batch:
+      np.testing.assert_allclose(totals[2][name], value, rtol=1e-5,
+                                 err_msg=f"eval {name} in 2 micro-batches")
+  assert totals[2]["batches"] == 2, totals[2]["batches"]
+  for name in per_batch[:2]:  # the mean RMS of the halves ~ the whole's
+    np.testing.assert_allclose(totals[2][name] / 2, totals[1][name],
+                               rtol=0.05, err_msg=f"eval {name} per batch")
   assert totals[1]["count"] < 16 * tiny_config.train.seq_len, (
       "no masked positions: the weights are untested")
 

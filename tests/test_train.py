@@ -15,7 +15,11 @@ from drivers import stream_config
 TRAIN_KEYS = {"step", "loss", "learning_rate", "weight_decay", "grad_norm",
               "tokens_seen", "tokens_per_sec"}
 EVAL_KEYS = {"eval_loss", "eval_accuracy", "unique_predictions", "copy_rate",
-             "top_token_share"}
+             "top_token_share", "prediction_entropy", "health_alarms",
+             "attention_rms/0", "attention_rms/1", "ffn_rms/0", "ffn_rms/1",
+             *(f"{stat}/{kind}" for stat in ("zero_share", "mean_abs_weight")
+               for kind in ("q_proj", "k_proj", "v_proj", "o_proj",
+                            "gate_proj", "up_proj", "down_proj"))}
 
 
 def _records(workdir):
@@ -58,6 +62,14 @@ def test_tiny_run_learns_and_logs_every_required_metric(tiny_config,
   assert logged[-1]["loss"] < logged[0]["loss"] - 0.3, "loss did not fall"
   assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.3, (
       "eval loss did not fall")
+  with open(os.path.join(tmp_path, "samples.jsonl")) as f:
+    samples = [json.loads(line) for line in f]
+  prompts = config.train.sample_prompts
+  assert [s["step"] for s in samples] == [0] * prompts + [30] * prompts + [
+      60] * prompts, "samples.jsonl: sample_prompts lines per evaluation"
+  assert all(s["continuation"] for s in samples), "empty continuation"
+  assert len({s["prompt"] for s in samples}) == prompts, (
+      "the prompts must stay the same at every evaluation")
   assert final["eval_loss"] == evals[-1]["eval_loss"]
   assert os.path.isdir(tmp_path / "checkpoints" / "60"), "no final checkpoint"
   assert os.listdir(tmp_path / "tensorboard"), "no TensorBoard events"
