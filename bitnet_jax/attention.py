@@ -200,6 +200,9 @@ class Attention(nnx.Module):
       out = explicit_attention(q, cache["key"].astype(q.dtype),
                                cache["value"].astype(q.dtype), mask)
     elif dropout_key is not None and self.dropout_rate > 0:
+      _log_once(logging.INFO, "attention: model.dropout_rate > 0 trains "
+                "with the written-out attention (float32 [batch, heads, seq, "
+                "seq] scores; the fused kernels have no dropout)")
       causal = jnp.tril(jnp.ones((seq, seq), bool))
       out = explicit_attention(q, k, v, causal if mask is None else
                                causal & mask, self.dropout_rate, dropout_key)

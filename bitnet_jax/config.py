@@ -289,14 +289,17 @@ def _check_remedies(config) -> None:
           "must be 2, 3 or 4 (mhc_lite mixes the streams with all n! "
           "permutation matrices)")
   _check_positive(config, "train.entropy_weight", minimum=0)
-  for key in ("train.sample_prompts", "train.sample_new_tokens"):
-    _check_positive(config, key, minimum=0)
-  _check_positive(config, "train.sample_prompt_tokens")
-  if t.sample_prompts and (
-      t.sample_prompt_tokens + t.sample_new_tokens > t.seq_len):
-    _fail("train.sample_new_tokens", t.sample_new_tokens,
-          f"train.sample_prompt_tokens + sample_new_tokens must fit in "
-          f"train.seq_len={t.seq_len} (the context the model trains on)")
+  for key in ("train.sample_prompts", "train.sample_prompt_tokens",
+              "train.sample_new_tokens"):
+    value = _get(config, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+      _fail(key, value, "must be an integer >= 0")
+  if t.sample_prompts and not (
+      1 <= t.sample_prompt_tokens < t.seq_len and t.sample_new_tokens >= 1):
+    _fail("train.sample_prompt_tokens", t.sample_prompt_tokens,
+          f"with train.sample_prompts > 0, prompts need >= 1 token, fewer "
+          f"than train.seq_len={t.seq_len}, and train.sample_new_tokens >= 1 "
+          "(set train.sample_prompts=0 to turn samples off)")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -306,6 +306,13 @@ def export_hf(workdir: str, out: str, fmt: str, *, step: int | None = None,
       quantization=None if fmt == "gguf" else hf.quantization_config(
           fmt == "packed", linear_class))
   _, params, found = runs.load_run(workdir, step)
+  warmup = config.model.get("quantization_warmup_steps", 0)
+  if found < warmup:
+    absl_logging.warning(
+        "checkpoint %d precedes the end of model.quantization_warmup_steps="
+        "%d: the run evaluates it with %.0f%% ternary blending, the export "
+        "is fully ternary (a different model); export a checkpoint >= %d",
+        found, warmup, 100 * found / warmup, warmup)
   tensors = hf.to_hf_tensors(params)
   partial = out + ".partial"
   shutil.rmtree(partial, ignore_errors=True)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 
 
@@ -37,7 +38,7 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float,
   if temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits.astype(jnp.float32) / temperature
-  if top_k:
+  if top_k and top_k < logits.shape[-1]:
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if top_p < 1.0:
@@ -145,6 +146,16 @@ def generate(model: Any, prompts: Sequence[Sequence[int]],
   tokens, starts = left_pad(prompts)
   if max_new_tokens < 1:
     raise ValueError(f"--max_new_tokens={max_new_tokens} must be >= 1")
+  if temperature < 0:
+    raise ValueError(f"--temperature={temperature} must be >= 0 (0: greedy)")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"--top_p={top_p} must lie in (0, 1] (1: no nucleus)")
+  if top_k < 0:
+    raise ValueError(f"--top_k={top_k} must be >= 0 (0: all tokens)")
+  if tokens.shape[1] >= context_len:
+    raise ValueError(
+        f"the prompt has {tokens.shape[1]} tokens; the model's context is "
+        f"{context_len} (train.seq_len): shorten --prompt / --text_file")
   if tokens.shape[1] + max_new_tokens > context_len:
     raise ValueError(
         f"--max_new_tokens={max_new_tokens} plus the prompt's "
@@ -156,6 +167,14 @@ def generate(model: Any, prompts: Sequence[Sequence[int]],
       params, jnp.asarray(tokens), jnp.asarray(starts), jax.random.key(seed),
       quant_blend, graphdef=graphdef, max_new_tokens=max_new_tokens,
       temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
-  new_tokens = np.asarray(new_tokens)
-  return (new_tokens, np.asarray(logits)) if return_logits else new_tokens
+  if return_logits:
+    return np.asarray(_host(new_tokens)), np.asarray(_host(logits))
+  return np.asarray(_host(new_tokens))
+
+
+def _host(array: jax.Array) -> jax.Array:
+  """`array` in full on every process (an allgather on several hosts)."""
+  if jax.process_count() == 1 or array.is_fully_addressable:
+    return array
+  return multihost_utils.process_allgather(array, tiled=True)
 

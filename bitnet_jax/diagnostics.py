@@ -19,15 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax import quant
-from bitnet_jax.model import BITLINEAR_NAMES
+from bitnet_jax.model import bitlinear_kind
 from bitnet_jax.sharding import stacked_layer
-
-
-def _kind(path: tuple) -> str | None:
-  keys = [getattr(entry, "key", getattr(entry, "idx", None)) for entry in path]
-  if keys[-1] != "kernel":
-    return None
-  return next((k for k in keys if k in BITLINEAR_NAMES), None)
 
 
 @jax.jit
@@ -45,7 +38,7 @@ def weight_statistics(params: Any) -> dict[str, jax.Array]:
   zeros: dict[str, list] = {}
   means: dict[str, list] = {}
   for path, kernel in jax.tree_util.tree_leaves_with_path(params):
-    kind = _kind(path)
+    kind = bitlinear_kind(path)
     if kind is None:
       continue
     codes_of = (jax.vmap(lambda w: quant.weight_codes(w)[0])

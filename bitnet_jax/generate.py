@@ -107,6 +107,8 @@ FLAGS = flags.FLAGS
 
 
 def _text() -> str:
+  if FLAGS.text_file and FLAGS.prompt:
+    raise ValueError("give --prompt or --text_file, not both")
   if FLAGS.text_file:
     try:
       with open(FLAGS.text_file, encoding="utf-8") as f:
@@ -159,8 +161,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("step", None, "Checkpoint step; default newest.")
   flags.DEFINE_bool("debug", False, "Print the per-position diagnostic "
                     "table of the text instead of generating.")
-  flags.DEFINE_string("text_file", "", "With --debug: a text file to "
-                      "diagnose instead of --prompt.")
+  flags.DEFINE_string("text_file", "", "A text file to continue (or to "
+                      "diagnose with --debug) instead of --prompt.")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,10 @@ def check_finite(step: int, values: dict, resume_hint: str) -> None:
 class DivergenceGuard:
   """Watches logged losses; raises after `patience` in a row above the line.
 
+  The train loop feeds it the cross-entropy (`nll`), not the objective: an
+  entropy bonus can take the objective to or below 0, where a multiple of
+  the minimum means nothing.
+
   The line is `factor` x the running minimum of the losses seen so far: a
   language model's training loss falls or plateaus, and noise or the
   stage-boundary drop move it by percent, not by a factor of 3. A loss that

@@ -156,8 +156,8 @@ class HealthMonitor:
                               "bitnet_jax/health.py).")
 
   def _observe(self, step: int, record: Mapping, log: bool) -> list[str]:
-    if "loss" in record:
-      self._recent.append(float(record["loss"]))
+    if "loss" in record:  # the cross-entropy, without the regularizers
+      self._recent.append(float(record.get("nll", record["loss"])))
       if step <= self.health.loss_too_fast_steps:
         mean = sum(self._recent) / len(self._recent)
         self._early = mean if self._early is None else min(self._early, mean)

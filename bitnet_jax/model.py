@@ -40,6 +40,16 @@ BITLINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj",
 SAVED_BY_QKV_OUT = ("query_proj", "key_proj", "value_proj", "out_proj")
 
 
+def bitlinear_kind(path: tuple) -> str | None:
+  """The `BITLINEAR_NAMES` entry of a parameter-tree path that ends in a
+  BitLinear `kernel` (either layer layout), None for any other parameter."""
+  keys = [str(getattr(entry, "key", getattr(entry, "idx", entry)))
+          for entry in path]
+  if len(keys) >= 2 and keys[-1] == "kernel" and keys[-2] in BITLINEAR_NAMES:
+    return keys[-2]
+  return None
+
+
 def checkpoint_policy(name: str) -> Any:
   """The `jax.checkpoint` policy of `model.remat_policy` (None: no remat).
 
@@ -113,7 +123,8 @@ class Block(nnx.Module):
   out (`model.dropout_rate`) before it joins the stream.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+  def __init__(self, config: ml_collections.ConfigDict,
+               index: int | jax.Array = 0, *, rngs: nnx.Rngs):
     dtype = jnp.dtype(config.dtype)
     self.input_layernorm = rms_norm(config.d_model, eps=config.norm_eps,
                                     dtype=dtype, rngs=rngs)
@@ -122,11 +133,11 @@ class Block(nnx.Module):
         config.d_model, eps=config.norm_eps, dtype=dtype, rngs=rngs)
     self.mlp = FeedForward(config, rngs=rngs)
     self.dropout_rate = config.dropout_rate
-    hyper = config.residual == "mhc_lite"
+    hyper = config.residual == "mhc_lite"  # index: the block's depth
     self.attn_hc = residual.HyperConnection(
-        config.residual_streams) if hyper else None
+        config.residual_streams, 2 * index) if hyper else None
     self.mlp_hc = residual.HyperConnection(
-        config.residual_streams) if hyper else None
+        config.residual_streams, 2 * index + 1) if hyper else None
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                positions: jax.Array | None = None, *,
@@ -195,13 +206,15 @@ class Transformer(nnx.Module):
         param_dtype=jnp.float32, rngs=rngs)
     keys = jax.random.split(rngs.params(), config.n_layers)
 
-    def block(key: jax.Array) -> Block:  # block i's weights come from keys[i]
-      return Block(config, rngs=nnx.Rngs(params=key))
+    def block(key: jax.Array, index) -> Block:  # block i: keys[i]
+      return Block(config, index, rngs=nnx.Rngs(params=key))
 
     if config.scan_layers:
-      self.layers = nnx.vmap(block, in_axes=0, out_axes=0)(keys)
+      self.layers = nnx.vmap(block, in_axes=0, out_axes=0)(
+          keys, jnp.arange(config.n_layers))
     else:
-      self.layers = nnx.List([block(keys[i]) for i in range(config.n_layers)])
+      self.layers = nnx.List([block(keys[i], i)
+                              for i in range(config.n_layers)])
     self.n_layers = config.n_layers
     self.cache_entry = (kv_heads(config), config.d_model // config.n_heads)
     self.dtype = jnp.dtype(config.dtype)

@@ -23,7 +23,7 @@ import ml_collections
 import optax
 
 from bitnet_jax import checkpoint
-from bitnet_jax.model import BITLINEAR_NAMES
+from bitnet_jax.model import bitlinear_kind
 
 
 def stage_boundary_step(config: ml_collections.ConfigDict) -> int:
@@ -76,7 +76,8 @@ def weight_decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
 
   Decayed: the `kernel` of every BitLinear (q/k/v/o, gate/up/down; `[in,
   out]`, or `[n_layers, in, out]` when scanned), and
-  with `decay_embeddings` also embed_tokens and lm_head. Never norms.
+  with `decay_embeddings` also embed_tokens and lm_head. Never norms, nor
+  the mHC-lite logits (decay would pull them to a uniform mix).
 
   Args:
     params: the parameter pytree (a nested dict of arrays, as from
@@ -88,9 +89,9 @@ def weight_decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
 
   def decays(path, leaf) -> bool:
     del leaf  # by name: a scanned kernel is [n_layers, in, out]
+    if bitlinear_kind(path):
+      return True
     names = checkpoint.path_name(path).split("/")
-    if len(names) >= 2 and names[-2] in BITLINEAR_NAMES:
-      return names[-1] == "kernel"
     return decay_embeddings and names[0] in ("embed_tokens", "lm_head") and (
         names[-1] in ("embedding", "kernel"))
 

@@ -20,11 +20,18 @@ convex combination of the n! permutation matrices (Birkhoff-von Neumann):
 For 2 streams this is alpha I + (1 - alpha) S with S the swap and
 alpha = sigmoid(res_logits[identity] - res_logits[swap]).
 
-Every logit starts at 0: alpha = 0.5 (the streams are averaged), pre = 0.5,
-post = 1. The seeds' identity-bypass bug was an alpha_logit initialized at
-5.0: alpha ~ 0.993, H_res ~ I, and the blocks' outputs hardly mixed in.
-The logits are static learned parameters (one set per sublayer); the
-papers' input-dependent terms are left out.
+The mixing logits start at 0: alpha = 0.5 (H_res averages the streams)
+and post = 1. The seeds' identity-bypass bug was an alpha_logit initialized
+at 5.0: alpha ~ 0.993, H_res ~ I, and the blocks' outputs hardly mixed in.
+The streams start as copies of the embedding, so identical reads would keep
+them identical forever (and every H_res gradient 0); as in hyper-
+connections' init (A_m = e_{k mod n}), sublayer k reads mainly from stream
+k mod n: pre_logits = +2 there and -2 elsewhere (pre 0.88 / 0.12), which
+makes the streams' gradients, then the streams, differ from the first
+update on. (The first sublayer's H_res mixes identical copies and the
+last one's feeds the streams' sum, which a doubly stochastic matrix keeps:
+those two have no effect.) The logits are static learned parameters (one set per
+sublayer); the papers' input-dependent terms are left out.
 """
 
 from __future__ import annotations
@@ -63,21 +70,35 @@ def mixing_matrix(res_logits: jax.Array) -> jax.Array:
   return jnp.einsum("k,kij->ij", weights, perms)
 
 
+READ_LOGIT = 2.0  # pre logit of a sublayer's own stream (-2 elsewhere)
+
+
 class HyperConnection(nnx.Module):
   """The mHC-lite read (pre) and write (H_res, post) of one sublayer.
 
+  Args:
+    streams: n, 2 to 4.
+    sublayer: the sublayer's index k in the whole model (2 x block index,
+      +1 for the FFN); an int, or an int32 scalar under `nnx.vmap`.
+
   Attributes:
     res_logits: float32 `[n!]`, the mixing logits (init 0).
-    pre_logits: float32 `[n]`, input weights pre = sigmoid (init 0: 0.5).
+    pre_logits: float32 `[n]`, input weights pre = sigmoid (init +2 on
+      stream k mod n, -2 elsewhere).
     post_logits: float32 `[n]`, output weights post = 2 sigmoid (init 0: 1).
+
+  Raises:
+    ValueError: naming `model.residual_streams` unless n is 2, 3 or 4.
   """
 
-  def __init__(self, streams: int):
+  def __init__(self, streams: int, sublayer: int | jax.Array):
     if streams not in (2, 3, 4):
       raise ValueError(f"model.residual_streams={streams}: use 2, 3 or 4")
     count = len(permutation_matrices(streams))
+    own = jnp.arange(streams) == jnp.asarray(sublayer) % streams
     self.res_logits = nnx.Param(jnp.zeros((count,), jnp.float32))
-    self.pre_logits = nnx.Param(jnp.zeros((streams,), jnp.float32))
+    self.pre_logits = nnx.Param(
+        jnp.where(own, READ_LOGIT, -READ_LOGIT).astype(jnp.float32))
     self.post_logits = nnx.Param(jnp.zeros((streams,), jnp.float32))
 
   def read(self, streams: jax.Array) -> jax.Array:

@@ -3,7 +3,8 @@
 The prompts are the first `train.sample_prompt_tokens` tokens of the first
 `train.sample_prompts` validation windows (the same at every evaluation and
 after a resume). Each evaluation continues them greedily by
-`train.sample_new_tokens` tokens (`bitnet_jax.decode`, KV cache) and writes
+`train.sample_new_tokens` tokens (fewer when prompt and continuation would
+exceed `train.seq_len`; `bitnet_jax.decode`, KV cache) and writes
 one JSON line per prompt to `WORKDIR/samples.jsonl`:
 
   {"step": 1000, "prompt": "...", "continuation": "..."}
@@ -57,9 +58,11 @@ def continue_prompts(config: ml_collections.ConfigDict,
   """
   if not len(prompts):
     return []
+  t = config.train
   new = decode.generate(
-      (graphdef, params), prompts.tolist(), config.train.sample_new_tokens,
-      context_len=config.train.seq_len,
+      (graphdef, params), prompts.tolist(),
+      min(t.sample_new_tokens, t.seq_len - prompts.shape[1]),
+      context_len=t.seq_len,
       quant_blend=model_lib.quantization_blend(config, step))
   return [{"prompt": tokenizer.decode(prompt.tolist()),
            "continuation": tokenizer.decode(row.tolist())}

@@ -103,7 +103,8 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   if t.grad_accum_steps > 1:
     check_micro_batch(config, mesh)
 
-  dropout_seed = jax.random.key(config.seed)
+  # its own stream: not the parameter init's key(seed)
+  dropout_seed = jax.random.fold_in(jax.random.key(config.seed), 0x64726F70)
 
   def train_step(state: State, batch: dict) -> tuple[State, dict]:
     params = state["params"]
@@ -200,7 +201,7 @@ def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
 
 
 def evaluate(eval_step: Callable, params: Any, batches: list[dict],
-             step: int = 0) -> dict[str, float]:
+             step: int) -> dict[str, float]:
   """Runs the fixed eval set; sums stay on device until one final read.
 
   The result adds the weight statistics of every BitLinear kind

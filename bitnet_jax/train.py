@@ -221,7 +221,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Host copy of a step's metrics (blocks until that step is done)."""
     record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
     guards.check_finite(step, record, kept())
-    guard.observe(step, record["loss"], kept())
+    guard.observe(step, record["nll"], kept())  # (loss - regularizers)
     record["tokens_seen"] = tokens_seen(step)
     record.update(throughput.measure(step))
     if peak and "tokens_per_sec" in record:
@@ -250,13 +250,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     values = record  # read() checked it already
     if values is None:
       values = {k: float(v) for k, v in jax.device_get(
-          {"loss": step_metrics["loss"],
+          {"loss": step_metrics["loss"], "nll": step_metrics["nll"],
            "grad_norm": step_metrics["grad_norm"]}).items()}
       guards.check_finite(step, values, kept())  # never save NaNs
-    if guard.is_diverged(values["loss"]):
+    if guard.is_diverged(values["nll"]):
       logging.warning("not saving checkpoint %d: loss %.4g lies above %.4g "
                       "(train.divergence_factor x its running minimum)",
-                      step, values["loss"], guard.threshold())
+                      step, values["nll"], guard.threshold())
       return False
     run = {"tokens_seen": tokens_seen(step), **guard.state()}
     if record and "eval_loss" in record:
@@ -300,6 +300,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           last = emit(step, record)
         halt = bool(record and record.get("health_alarms")
                     and config.health.halt_on_alarm)
+        if jax.process_count() > 1:  # process 0's alarms decide for all
+          halt = bool(multihost_utils.broadcast_one_to_all(np.int32(halt)))
         if saving or halt:
           saved = save(step, record, step_metrics)
         if halt:

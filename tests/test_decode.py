@@ -61,6 +61,22 @@ def test_prompt_plus_new_tokens_beyond_the_context_names_the_flag(
     decode.generate(model, [[1, 2, 3]], 30, context_len=32)
 
 
+@pytest.mark.parametrize("kwargs,flag", [
+    ({"temperature": -1.0}, "--temperature"), ({"top_p": 0.0}, "--top_p"),
+    ({"top_p": 1.5}, "--top_p"), ({"top_k": -2}, "--top_k")])
+def test_invalid_sampling_settings_name_their_flag(tiny_config, kwargs,
+                                                   flag):
+  model = _model(tiny_config)
+  with pytest.raises(ValueError, match=flag):
+    decode.generate(model, [[1, 2, 3]], 4, context_len=32, **kwargs)
+
+
+def test_a_prompt_longer_than_the_context_names_the_prompt(tiny_config):
+  model = _model(tiny_config)
+  with pytest.raises(ValueError, match="shorten --prompt"):
+    decode.generate(model, [list(range(40))], 1, context_len=32)
+
+
 def test_top_k_1_and_a_tiny_nucleus_are_greedy():
   logits = jax.random.normal(jax.random.key(0), (64, 50))
   greedy = np.asarray(jnp.argmax(logits, -1))

@@ -358,3 +358,14 @@ def test_invalid_values_name_the_key(key, value):
 
 def test_defaults_validate():
   validate(base_config())
+
+
+def test_the_regularizers_do_not_count_as_train_loss():
+  """An entropy bonus lowers `loss` below the cross-entropy (`nll`): the
+  alarms compare the cross-entropy, so a healthy run stays silent."""
+  healthy = records(TINY, TRAIN_TINY)
+  bonus = [{**r, "nll": r["loss"], "loss": r["loss"] - 3.0}
+           if "loss" in r else r for r in healthy]
+  fired, _ = run(bonus, 500)
+  assert not any(fired.values()), (
+      f"loss 3 nats below nll (an entropy bonus) raised alarms: {fired}")

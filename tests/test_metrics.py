@@ -205,3 +205,14 @@ def test_performance_summary_line():
   assert f"MFU {tokens_per_sec * 1e9 / 1e15:.1%}" in line, line
   assert "first step (compilation) 4.5 s" in line, line
   assert "MFU unknown" in throughput.summary(1e9, None, "cpu")
+
+
+def test_samples_of_steps_after_the_resume_point_are_dropped(tmp_path):
+  writer = metrics.MetricWriter(str(tmp_path))
+  for step in (0, 30, 60):
+    writer.write_samples(step, [{"prompt": "a", "continuation": f"{step}"}])
+  writer.close()
+  metrics.MetricWriter(str(tmp_path), resume_step=30).close()
+  with open(tmp_path / "samples.jsonl") as f:
+    steps = [json.loads(line)["step"] for line in f]
+  assert steps == [0, 30], f"samples after a resume from 30: {steps}"

@@ -152,6 +152,31 @@ def test_mhc_lite_starts_at_alpha_half_and_bypasses_no_block(tiny_config):
       assert norm > 1e-6, f"block {i} {name}: no gradient (bypassed)"
 
 
+def test_mhc_lite_streams_separate_and_their_mixing_learns(tiny_config):
+  model = _model(tiny_config, residual="mhc_lite", residual_streams=2,
+                 scan_layers=False)
+  graphdef, params = nnx.split(model, nnx.Param)
+  tokens = _tokens(tiny_config)
+  window = {"tokens": jnp.concatenate([tokens, tokens[:, :1]], axis=1)}
+
+  def objective(params):
+    return loss.next_token_loss(nnx.merge(graphdef, params), window)[0]
+
+  params = jax.tree.map(lambda p, g: p - 0.5 * g, params,
+                        jax.grad(objective)(params))  # one SGD step
+  grads = nnx.to_pure_dict(jax.grad(objective)(params))
+  for i, block in grads["layers"].items():
+    for name in ("attn_hc", "mlp_hc"):
+      # The first H_res mixes n copies of the embedding and the last one
+      # feeds the streams' sum: doubly stochastic, they act as the identity.
+      if (i, name) in ((0, "attn_hc"), (len(grads["layers"]) - 1, "mlp_hc")):
+        continue
+      norm = float(jnp.linalg.norm(block[name]["res_logits"]))
+      assert norm > 1e-7, (
+          f"block {i} {name}: no gradient on the mixing logits after a "
+          "step: the streams are still identical copies")
+
+
 def test_mhc_lite_model_trains(tiny_config):
   from bitnet_jax import train  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
@@ -175,3 +200,14 @@ def test_an_mhc_lite_model_refuses_the_hf_export(tiny_config):
     hf.hf_config(tiny_config.model, max_position_embeddings=32,
                  bos_token_id=0, eos_token_id=0, torch_dtype="float32",
                  quantization=None)
+
+
+def test_mhc_lite_logits_get_no_weight_decay(tiny_config):
+  from bitnet_jax import optimizer  # pylint: disable=g-import-not-at-top
+  model = _model(tiny_config, residual="mhc_lite")
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  mask = optimizer.weight_decay_mask(params, decay_embeddings=True)
+  hyper = mask["layers"]["attn_hc"]
+  assert not any(jax.tree.leaves(hyper)), f"mHC logits decayed: {hyper}"
+  assert mask["layers"]["self_attn"]["q_proj"]["kernel"], (
+      "the BitLinear kernels must still be decayed")

@@ -255,7 +255,7 @@ def test_a_diverged_run_stops_before_checkpointing_the_diverged_state(
     def run(state, window):
       state, out = step_fn(state, window)
       if int(state["step"]) > 9:  # finite, but 1e6 times larger
-        out = {**out, "loss": out["loss"] * 1e6}
+        out = {**out, "loss": out["loss"] * 1e6, "nll": out["nll"] * 1e6}
       return state, out
     return run
 
