@@ -139,7 +139,7 @@ def base_config() -> ml_collections.ConfigDict:
   h.copy_rate_floor = 0.2  # copying: copy_rate >= this and >= eval_accuracy
   h.min_unique_predictions = 12  # vocabulary_collapse below (seeds: 2-8)
   h.max_top_token_share = 0.5  # frequency_collapse above (unigram phase: 1)
-  h.memorization_gap = 1.0  # nats of eval_loss above the recent train loss
+  h.memorization_gap = 1.5  # nats of eval_loss above the recent train loss
   h.loss_too_fast_fraction = 0.45  # x ln(vocab_size) nats: loss_too_fast ...
   h.loss_too_fast_steps = 500  # ... when the train loss is below it by here
   return c
