@@ -98,3 +98,20 @@ def test_the_int8_matmul_needs_ternary_weights(tiny_config):
   tiny_config.model.bitlinear_matmul = "int8"
   with pytest.raises(ConfigError, match="config.model.bitlinear_matmul"):
     config_lib.validate(tiny_config)
+
+
+def test_the_train_step_applies_dropout_reproducibly(tiny_config):
+  tiny_config.mesh.data = 1
+  batch = _packed_batch(tiny_config)
+  devices = jax.devices()[:1]
+  _, plain = _one_step(tiny_config, batch, devices)
+  tiny_config.model.dropout_rate = 0.3
+  _, dropped = _one_step(tiny_config, batch, devices)
+  _, again = _one_step(tiny_config, batch, devices)
+  assert abs(dropped["nll"] - plain["nll"]) > 1e-3, (
+      f"dropout 0.3 left the step's loss at {plain['nll']:.5f}")
+  assert dropped["nll"] == again["nll"], "the dropout masks are not seeded"
+  tiny_config.train.grad_accum_steps = 2
+  _, micro = _one_step(tiny_config, batch, devices)
+  assert abs(micro["nll"] - plain["nll"]) > 1e-3, (
+      "no dropout in accumulated micro-batches")
