@@ -81,15 +81,17 @@ def _mask(starts: jax.Array, first: jax.Array, seq: int, max_len: int
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "graphdef", "max_new_tokens", "temperature", "top_k", "top_p"))
+    "graphdef", "max_new_tokens", "temperature", "top_k", "top_p",
+    "return_logits"))
 def _prefill_and_decode(params: Any, tokens: jax.Array, starts: jax.Array,
                         key: jax.Array, quant_blend: jax.Array | None, *,
                         graphdef: nnx.GraphDef, max_new_tokens: int,
-                        temperature: float, top_k: int, top_p: float
-                        ) -> tuple[jax.Array, jax.Array]:
+                        temperature: float, top_k: int, top_p: float,
+                        return_logits: bool
+                        ) -> tuple[jax.Array, jax.Array | None]:
   """The prefill and the decode loop: (int32 `[batch, max_new_tokens]`
   tokens, float32 `[batch, max_new_tokens, vocab_size]` logits they were
-  drawn from)."""
+  drawn from, or None without `return_logits`)."""
   model = nnx.merge(graphdef, params)
   batch, length = tokens.shape
   max_len = length + max_new_tokens
@@ -99,21 +101,32 @@ def _prefill_and_decode(params: Any, tokens: jax.Array, starts: jax.Array,
       tokens, positions, _mask(starts, 0, length, max_len), cache,
       jnp.int32(0), quant_blend=quant_blend)
 
-  def step(carry, index):
-    cache, last, key = carry
-    key, draw = jax.random.split(key)
-    token = sample_logits(last, draw, temperature=temperature, top_k=top_k,
-                          top_p=top_p)
+  def draw(logits, key):
+    return sample_logits(logits, key, temperature=temperature, top_k=top_k,
+                         top_p=top_p)
+
+  def step(carry, index):  # feeds new token `index`, draws token index + 1
+    cache, token, key = carry
     slot = length + index
     logits, cache = model.decode(
         token[:, None], (slot - starts)[:, None],
         _mask(starts, slot, 1, max_len), cache, slot,
         quant_blend=quant_blend)
-    return (cache, logits[:, 0], key), (token, last)
+    key, subkey = jax.random.split(key)
+    following = draw(logits[:, 0], subkey)
+    return (cache, following, key), (
+        following, logits[:, 0] if return_logits else None)
 
-  _, (new_tokens, step_logits) = jax.lax.scan(
-      step, (cache, logits[:, -1], key), jnp.arange(max_new_tokens))
-  return new_tokens.T, jnp.swapaxes(step_logits, 0, 1)
+  key, subkey = jax.random.split(key)
+  first = draw(logits[:, -1], subkey)
+  _, (rest, rest_logits) = jax.lax.scan(
+      step, (cache, first, key), jnp.arange(max_new_tokens - 1))
+  tokens = jnp.concatenate([first[:, None], rest.T], axis=1)
+  if not return_logits:
+    return tokens, None
+  logits = jnp.concatenate([logits[:, -1:], jnp.swapaxes(rest_logits, 0, 1)],
+                           axis=1)
+  return tokens, logits
 
 
 def generate(model: Any, prompts: Sequence[Sequence[int]],
@@ -166,7 +179,8 @@ def generate(model: Any, prompts: Sequence[Sequence[int]],
   new_tokens, logits = _prefill_and_decode(
       params, jnp.asarray(tokens), jnp.asarray(starts), jax.random.key(seed),
       quant_blend, graphdef=graphdef, max_new_tokens=max_new_tokens,
-      temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+      temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+      return_logits=return_logits)
   if return_logits:
     return np.asarray(_host(new_tokens)), np.asarray(_host(logits))
   return np.asarray(_host(new_tokens))
