@@ -191,7 +191,7 @@ class Transformer(nnx.Module):
   """BitNet b1.58 language model: tokens `[batch, seq]` -> logits.
 
   Args:
-    config: `config.model` (see `bitnet_jax.config.base_config`);
+    config: `config.model` (see `bitnet_jax.defaults.base_config`);
       `scan_layers` picks the parameter layout (module docstring),
       `remat_policy` what the backward pass recomputes (`checkpoint_policy`),
       `residual` the residual stream (standard or mHC-lite).
