@@ -216,3 +216,15 @@ def test_samples_of_steps_after_the_resume_point_are_dropped(tmp_path):
   with open(tmp_path / "samples.jsonl") as f:
     steps = [json.loads(line)["step"] for line in f]
   assert steps == [0, 30], f"samples after a resume from 30: {steps}"
+
+
+def test_samples_reach_tensorboard_as_text(tmp_path):
+  writer = metrics.MetricWriter(str(tmp_path))
+  writer.write_samples(30, [{"prompt": "def f(", "continuation": "x):"}])
+  writer.close()
+  texts = [(e.step, v.tag, v.tensor.string_val[0].decode())
+           for e in _tensorboard_events(tmp_path) for v in e.summary.value
+           if v.tensor.string_val]
+  assert texts and texts[0][0] == 30, f"no text summary at step 30: {texts}"
+  assert texts[0][1].startswith("samples/0"), texts
+  assert "def f(" in texts[0][2] and "x):" in texts[0][2], texts
