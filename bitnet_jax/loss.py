@@ -162,7 +162,8 @@ def outputs_from_hidden(model: Any, hidden: jax.Array, targets: jax.Array,
 def position_outputs(model: Any, batch: Mapping[str, jax.Array], *,
                      label_smoothing: float = 0.0, z_loss_weight: float = 0.0,
                      entropy_weight: float = 0.0, chunk_size: int = 0,
-                     model_kwargs: Mapping[str, Any] | None = None
+                     model_kwargs: Mapping[str, Any] | None = None,
+                     block_statistics: bool = False
                      ) -> dict[str, jax.Array]:
   """Per-position losses and predictions of `model` on a batch of windows.
 
@@ -182,6 +183,9 @@ def position_outputs(model: Any, batch: Mapping[str, jax.Array], *,
     chunk_size: positions per chunk; must divide seq_len (0: no chunks).
     model_kwargs: extra keywords of the forward pass (`quant_blend`,
       `dropout_key`).
+    block_statistics: also return the blocks' float32 `[n_layers]`
+      `attention_rms` and `ffn_rms` (`Transformer.hidden_and_statistics`;
+      needs a Transformer).
 
   Returns:
     float32 `[batch, seq_len]` arrays: `loss` (nats, with label smoothing,
@@ -201,14 +205,16 @@ def position_outputs(model: Any, batch: Mapping[str, jax.Array], *,
                   "z_loss_weight": z_loss_weight,
                   "entropy_weight": entropy_weight}
   features = {**features, **(model_kwargs or {})}
-  if not chunk_size or chunk_size >= targets.shape[1]:
+  blocks = {}
+  if block_statistics or 0 < chunk_size < targets.shape[1]:
+    hidden, blocks = model.hidden_and_statistics(inputs, **features)
+    outputs = outputs_from_hidden(model, hidden, targets,
+                                  chunk_size=chunk_size, **loss_weights)
+  else:
     outputs = logit_outputs(model(inputs, **features), targets,
                             **loss_weights)
-  else:
-    outputs = outputs_from_hidden(model, model.hidden(inputs, **features),
-                                  targets, chunk_size=chunk_size,
-                                  **loss_weights)
-  return {**outputs, "weight": weights}
+  return {**outputs, "weight": weights,
+          **(blocks if block_statistics else {})}
 
 
 def next_token_sums(model: Any, batch: Mapping[str, jax.Array],

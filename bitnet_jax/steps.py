@@ -23,7 +23,7 @@ from bitnet_jax import diagnostics, metrics, sharding
 from bitnet_jax import model as model_lib
 from bitnet_jax import optimizer as optimizer_lib
 from bitnet_jax.config import ConfigError
-from bitnet_jax.loss import next_token_sums, outputs_from_hidden, split_batch
+from bitnet_jax.loss import next_token_sums, position_outputs, split_batch
 
 State = dict[str, Any]
 
@@ -161,31 +161,30 @@ def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   entropy and the blocks' output RMS (`Transformer.hidden_and_statistics`,
   one value per batch, with `batches` counting them). `step` (int32) sets
   the quantization blend of `model.quantization_warmup_steps`, so the model
-  is evaluated as it trains. As in training, the logits are made `train.loss_chunk_size` positions at a
-  time and a batch runs as `train.grad_accum_steps` micro-batches (whose
-  statistics add up), so evaluation fits wherever a train step does.
+  is evaluated as it trains. As in training, the logits are made
+  `train.loss_chunk_size` positions at a time and a batch runs as
+  `train.grad_accum_steps` micro-batches (whose statistics add up), so
+  evaluation fits wherever a train step does.
   """
   t = config.train
   if t.grad_accum_steps > 1:
     check_micro_batch(config, mesh)
 
   def batch_statistics(params: Any, batch: dict, step: jax.Array) -> dict:
-    inputs, targets, features, weights = split_batch(batch)
-    if weights is None:
-      weights = jnp.ones(targets.shape, jnp.float32)
-    model = nnx.merge(graphdef, params)
-    hidden, blocks = model.hidden_and_statistics(
-        inputs, **features,
-        quant_blend=model_lib.quantization_blend(config, step))
-    outputs = outputs_from_hidden(model, hidden, targets,
-                                  chunk_size=t.loss_chunk_size)
+    inputs, targets, _, _ = split_batch(batch)
+    outputs = position_outputs(
+        nnx.merge(graphdef, params), batch, chunk_size=t.loss_chunk_size,
+        model_kwargs={"quant_blend": model_lib.quantization_blend(config,
+                                                                  step)},
+        block_statistics=True)
+    weights = outputs["weight"]
     stats = metrics.prediction_statistics(
         outputs["prediction"], inputs, targets, config.model.vocab_size,
         weights)
     stats["loss_sum"] = jnp.sum(outputs["nll"] * weights)
     stats["entropy_sum"] = jnp.sum(outputs["entropy"] * weights)
-    stats["attention_rms"] = blocks["attention_rms"]
-    stats["ffn_rms"] = blocks["ffn_rms"]
+    stats["attention_rms"] = outputs["attention_rms"]
+    stats["ffn_rms"] = outputs["ffn_rms"]
     stats["batches"] = jnp.float32(1.0)
     return stats
 
