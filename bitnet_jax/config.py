@@ -173,12 +173,15 @@ def _check_remedies(config) -> None:
     value = _get(config, key)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
       _fail(key, value, "must be an integer >= 0")
-  if t.sample_prompts and not (
-      1 <= t.sample_prompt_tokens < t.seq_len and t.sample_new_tokens >= 1):
+  if t.sample_prompts and not 1 <= t.sample_prompt_tokens < t.seq_len:
     _fail("train.sample_prompt_tokens", t.sample_prompt_tokens,
-          f"with train.sample_prompts > 0, prompts need >= 1 token, fewer "
-          f"than train.seq_len={t.seq_len}, and train.sample_new_tokens >= 1 "
-          "(set train.sample_prompts=0 to turn samples off)")
+          f"with train.sample_prompts > 0, prompts need >= 1 token and fewer "
+          f"than train.seq_len={t.seq_len} (set train.sample_prompts=0 to "
+          "turn samples off)")
+  if t.sample_prompts and t.sample_new_tokens < 1:
+    _fail("train.sample_new_tokens", t.sample_new_tokens,
+          "with train.sample_prompts > 0, samples need >= 1 new token (set "
+          "train.sample_prompts=0 to turn samples off)")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -153,8 +153,10 @@ def generate(model: Any, prompts: Sequence[Sequence[int]],
     (tokens, float32 `[batch, max_new_tokens, vocab_size]`).
 
   Raises:
-    ValueError: naming `--max_new_tokens` when the prompt plus
-      max_new_tokens exceed `context_len`, or when it is < 1.
+    ValueError: naming the flag: `--max_new_tokens` when it is < 1 or the
+      prompt plus it exceed `context_len`; `--prompt` / `--text_file` for an
+      empty prompt or one of `context_len` tokens or more; `--temperature`
+      < 0, `--top_p` outside (0, 1], `--top_k` < 0.
   """
   tokens, starts = left_pad(prompts)
   if max_new_tokens < 1:

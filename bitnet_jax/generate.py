@@ -15,7 +15,8 @@ must fit in the context the model trained on (`train.seq_len`).
 diagnostic table: per position the input token, the actual next token, the
 top-5 predictions with their probabilities, "copy" where the prediction is
 the input token and "hit" where it is the next token; then the copy rate and
-the accuracy over the text. A copying model (the seeds' tied-embedding and
+the accuracy over the text. A text longer than the model's context is cut to
+its first `train.seq_len + 1` tokens (one training window), and a line says so. A copying model (the seeds' tied-embedding and
 unshifted-label bugs) shows copy rate >= accuracy.
 """
 
@@ -64,8 +65,12 @@ def debug_table(model: Transformer, tokens: list[int], tokenizer,
   """The notes' per-position diagnostic table of `tokens`.
 
   Args:
+    model: a `bitnet_jax.model.Transformer` (one forward pass).
     tokens: the text's token ids (>= 2: position i is scored against
-      token i + 1).
+      token i + 1), at most the model's context + 1.
+    tokenizer: a `tokenizers.Tokenizer` (shows each id as text).
+    quant_blend: see `bitnet_jax.model.quantization_blend` (None: 1).
+    top: how many predictions per position to list, with probabilities.
 
   Returns:
     (the table as text, {"copy_rate", "accuracy", "positions"}); copy_rate
@@ -129,10 +134,13 @@ def main(argv):
     text = _text()
     tokens = tokenizer.encode(text).ids
     if FLAGS.debug:
-      table, _ = debug_table(model, tokens[:config.train.seq_len + 1],
-                             tokenizer, blend)
+      window = config.train.seq_len + 1
+      table, _ = debug_table(model, tokens[:window], tokenizer, blend)
       absl_logging.info("checkpoint %d of %s", step, FLAGS.workdir)
       print(table)
+      if len(tokens) > window:
+        print(f"scored the first {window} of {len(tokens)} tokens "
+              f"(train.seq_len + 1: one training window)")
       return
     if not tokens:
       raise ValueError("--prompt is empty: give text to continue")

@@ -25,8 +25,9 @@ d20:cpu: the issue's numbers; tables and commands in tests/test_health.py):
   one token takes most positions (seeds: spaces everywhere). Healthy tiny:
   0.8-1.0 at steps 25-100, <= 0.27 from step 275.
 * `memorization` -- eval_loss - train loss > `memorization_gap` (1.5 nats):
-  repeated data. Healthy tiny: <= 0.32 nats; healthy d20:cpu: 1.12 at step
-  275, 0.98 at 550 (held-out files differ from the train text, < 1 epoch);
+  repeated data. Healthy tiny: <= 0.32 nats; healthy d20:cpu: 0.85, 0.87,
+  0.89 and 1.17 at steps 275, 550, 825 and 1100, growing as it trains
+  (held-out files differ from the train text, < 1 epoch);
   tiny trained on 4 documents (a window repeats every ~10 steps): 1.32 at
   step 200, 1.69 at 225, 1.88 at 250, 3.2 at 500.
 * `loss_too_fast` -- the train loss at a step <= `loss_too_fast_steps`

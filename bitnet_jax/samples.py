@@ -50,11 +50,21 @@ def continue_prompts(config: ml_collections.ConfigDict,
   """Greedy continuations of `prompts` by the model `params` of `step`.
 
   Args:
+    config: the run's config (train.seq_len, train.sample_new_tokens, the
+      quantization warmup).
+    graphdef, params: the model (`nnx.split`), params possibly sharded.
     prompts: int32 `[n, prompt_tokens]` from `sample_prompts`.
     tokenizer: a `tokenizers.Tokenizer` (decodes the ids).
+    step: the train step of `params` (sets the quantization blend).
 
   Returns:
-    One {"prompt", "continuation"} dict of text per prompt ([] for none).
+    One {"prompt", "continuation"} dict of text per prompt ([] for none);
+    continuations have train.sample_new_tokens tokens, fewer when the
+    prompt leaves less room in train.seq_len.
+
+  Raises:
+    ValueError: from `decode.generate` for prompts of train.seq_len tokens
+      or more (`config.validate` rules them out).
   """
   if not len(prompts):
     return []

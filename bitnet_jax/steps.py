@@ -208,9 +208,17 @@ def evaluate(eval_step: Callable, params: Any, batches: list[dict],
 
   Args:
     step: the train step the params come from (the quantization blend).
+    eval_step: `make_eval_step`'s function (params, batch, step) -> sums.
+    params: the model parameters (pure dict, sharded).
     batches: global batches (dicts of int32 `[batch_size, seq_len + 1]`,
       see `loss.split_batch`), already placed on the mesh (they are the same
       at every evaluation).
+
+  Returns:
+    Python floats: `metrics.summarize_eval`'s keys (eval_loss nats,
+    eval_accuracy, unique_predictions, copy_rate, top_token_share,
+    prediction_entropy nats, attention_rms/i, ffn_rms/i) and
+    `zero_share/<kind>`, `mean_abs_weight/<kind>` per BitLinear kind.
   """
   totals = None
   for batch in batches:

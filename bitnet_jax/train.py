@@ -287,7 +287,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         is_last = step == t.steps
         saving = step % t.checkpoint_every == 0 or is_last or preempted
         record = None
-        if step % t.eval_every == 0 or is_last:
+        evaluating = step % t.eval_every == 0 or is_last  # same on all hosts
+        if evaluating:
           record = read(step, step_metrics)
           record.update(evaluation(step))
           throughput.start(step)  # evaluation time is not training time
@@ -300,7 +301,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           last = emit(step, record)
         halt = bool(record and record.get("health_alarms")
                     and config.health.halt_on_alarm)
-        if jax.process_count() > 1:  # process 0's alarms decide for all
+        if (jax.process_count() > 1 and evaluating
+            and config.health.halt_on_alarm):  # process 0's alarms decide
           halt = bool(multihost_utils.broadcast_one_to_all(np.int32(halt)))
         if saving or halt:
           saved = save(step, record, step_metrics)

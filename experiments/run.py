@@ -51,7 +51,7 @@ PRESETS = {
         "train.steps": 600,  # ~0.8 s/step at batch 8; boundary at step 300
         "train.batch_size": 8,  # 1k tokens per step (seq_len 128)
         "optimizer.warmup_steps": 60,  # 10% of the run
-        "train.log_every": 10,  # 40 points per loss curve
+        "train.log_every": 10,  # 60 points per loss curve
         "train.eval_every": 50,  # 13 evaluations (with the one at step 0)
         "train.eval_batches": 4,  # 32 validation windows
         "train.checkpoint_every": 100,  # a resume point every ~1.5 minutes

@@ -74,6 +74,8 @@ def test_unknown_variant_is_rejected(load_config):
     ("train.loss_chunk_size", -8, "divide train.seq_len=32"),
     ("train.grad_accum_steps", 3, "dividing train.batch_size=8"),
     ("train.grad_accum_steps", 0, "dividing train.batch_size=8"),
+    ("train.sample_prompt_tokens", 32, "fewer than train.seq_len=32"),
+    ("train.sample_new_tokens", 0, ">= 1 new token"),
 ])
 def test_bad_value_names_the_key_and_the_allowed_values(tiny_config, key,
                                                         value, allowed):

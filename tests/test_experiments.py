@@ -129,8 +129,12 @@ def test_rerun_skips_finished_variants_and_report_only_rebuilds(smoke_run,
   run.run_experiment(SMOKE, "smoke", out, report_only=True)
   after = {name: _read(paths[name]) for name in before}
   assert after == before, "--report_only did not rebuild the same report"
+  logs = [os.path.join(out, SMOKE, v, "metrics.jsonl") for v in TRAINED]
+  stamps = [os.stat(path).st_mtime_ns for path in logs]
   run.run_experiment(SMOKE, "smoke", out, variants=TRAINED,
                      extra={"data.data_dir": data_dir})  # finished: no steps
+  assert [os.stat(path).st_mtime_ns for path in logs] == stamps, (
+      "rerunning finished variants wrote their metrics.jsonl again")
   assert _read(paths["csv"]) == before["csv"], (
       "rerunning finished variants changed their metrics")
 

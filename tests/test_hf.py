@@ -383,6 +383,13 @@ def test_command_lines_import_generate_and_export_gguf(trained_run,
               "--max_new_tokens=5")
   assert done.returncode == 0, f"generate failed:\n{done.stderr[-2000:]}"
   assert done.stdout.startswith("def "), f"no continuation: {done.stdout!r}"
+  text = tmp_path / "long.py"
+  text.write_text("def main(argv):\n  return len(argv)\n" * 200)
+  done = _cli("bitnet_jax.generate", f"--workdir={run}", "--debug",
+              f"--text_file={text}")
+  assert done.returncode == 0, f"generate --debug failed:\n{done.stderr}"
+  assert "copy rate" in done.stdout and "scored the first" in done.stdout, (
+      f"--debug did not say it cut the long text:\n{done.stdout[-600:]}")
   out = str(tmp_path / "gguf")
   done = _cli("bitnet_jax.convert", "export-hf", f"--workdir={trained_run}",
               f"--out={out}", "--format=gguf")

@@ -60,8 +60,9 @@ def _start_workers(overrides: dict, workdir: str,
           for i in range(2)]
 
 
-def _run_workers(overrides: dict, workdir: str,
-                 workers: list | None = None) -> list[str]:
+def _run_workers(overrides: dict, workdir: str, workers: list | None = None,
+                 fail: bool = False) -> list[str]:
+  """Waits for both workers; each must exit 0 (with `fail`: not 0)."""
   workers = workers or _start_workers(overrides, workdir)
   logs = []
   for worker in workers:
@@ -72,7 +73,8 @@ def _run_workers(overrides: dict, workdir: str,
         w.kill()
       pytest.fail("multi-host workers timed out")
   for i, (worker, log) in enumerate(zip(workers, logs)):
-    assert worker.returncode == 0, f"worker {i} failed:\n{log[-4000:]}"
+    assert (worker.returncode != 0) == fail, (
+        f"worker {i} exited {worker.returncode}:\n{log[-4000:]}")
   return logs
 
 
@@ -166,3 +168,24 @@ def test_two_hosts_stream_their_own_files_and_resume_their_own_positions(
   assert sorted(resumed) == list(range(7)), "steps 5-6 not logged once"
   assert [resumed[s] for s in (5, 6)] == [uninterrupted[s] for s in (5, 6)], (
       "after the resume the hosts trained on other batches than before")
+
+
+def test_an_alarm_with_halt_on_alarm_stops_every_host_at_one_eval(
+    tiny_config, tmp_path):
+  # frequency_collapse at once: any top-token share > 0.01, no grace period.
+  overrides = {"data.data_dir": tiny_config.data.data_dir,
+               "model.quantization": "none", "train.steps": 6,
+               "train.log_every": 1, "train.eval_every": 3,
+               "train.checkpoint_every": 6, "optimizer.warmup_steps": 2,
+               "health.halt_on_alarm": True, "health.grace_steps": 0,
+               "health.grace_fraction": 0.0, "health.patience": 1,
+               "health.max_top_token_share": 0.01}
+  data.prepare(tiny_config)
+  workdir = str(tmp_path / "run")
+  logs = _run_workers(overrides, workdir, fail=True)
+  for i, log in enumerate(logs):
+    assert "HealthAlarmError: step 3:" in log, (
+        f"worker {i} did not halt on the alarm at step 3:\n{log[-3000:]}")
+  saved = os.path.join(workdir, "checkpoints", "3", "data")
+  assert sorted(n for n in os.listdir(saved) if n.endswith(".json")) == [
+      "process_0-of-2.json", "process_1-of-2.json"], "not both hosts saved"

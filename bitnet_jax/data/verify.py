@@ -7,8 +7,9 @@ Draws `--batches` global batches exactly as training does (`data.prepare`,
 `data.train_iterator` for process 0 of 1, `data.eval_batches`) and prints one
 line per figure: windows drawn; duplicate windows within a batch, across
 batches within an epoch, and repeated from an earlier epoch; drawn train
-windows that are also eval windows, and (prepared mode) eval windows found
-anywhere in the train token file; a token frequency summary (of the targets,
+windows that are also eval windows, and (prepared mode) eval windows that
+are windows of the train token file (at any of its window offsets, multiples
+of seq_len, drawn or not; a copy at another offset is not looked for); a token frequency summary (of the targets,
 `tokens[:, 1:]`); windows per epoch and `epochs = train.steps x
 train.batch_size / windows`, with a WARNING above 1 (repeated data: the
 seeds' memorization risk). Windows are compared by a hash of their tokens.
@@ -253,7 +254,7 @@ def format_report(report: dict) -> list[str]:
       f"{r['train_eval_shared']}",
   ]
   if r["eval_windows_in_train_file"] is not None:
-    lines.append(f"eval windows found anywhere in the train token file: "
+    lines.append(f"eval windows that are windows of the train token file: "
                  f"{r['eval_windows_in_train_file']} of "
                  f"{r['eval_windows_looked_up']} looked up")
   lines += [
