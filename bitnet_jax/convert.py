@@ -306,7 +306,7 @@ def export_hf(workdir: str, out: str, fmt: str, *, step: int | None = None,
       quantization=None if fmt == "gguf" else hf.quantization_config(
           fmt == "packed", linear_class))
   _, params, found = runs.load_run(workdir, step)
-  warmup = config.model.get("quantization_warmup_steps", 0)
+  warmup = config.model.quantization_warmup_steps
   if found < warmup:
     absl_logging.warning(
         "checkpoint %d precedes the end of model.quantization_warmup_steps="

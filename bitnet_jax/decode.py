@@ -25,7 +25,6 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 
-
 def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float,
                   top_k: int = 0, top_p: float = 1.0) -> jax.Array:
   """Draws one token per row of `logits` float32 `[batch, vocab_size]`.

@@ -16,8 +16,9 @@ diagnostic table: per position the input token, the actual next token, the
 top-5 predictions with their probabilities, "copy" where the prediction is
 the input token and "hit" where it is the next token; then the copy rate and
 the accuracy over the text. A text longer than the model's context is cut to
-its first `train.seq_len + 1` tokens (one training window), and a line says so. A copying model (the seeds' tied-embedding and
-unshifted-label bugs) shows copy rate >= accuracy.
+its first `train.seq_len + 1` tokens (one training window), and a line says
+so. A copying model (the seeds' tied-embedding and unshifted-label bugs)
+shows copy rate >= accuracy.
 """
 
 from __future__ import annotations
@@ -142,8 +143,6 @@ def main(argv):
         print(f"scored the first {window} of {len(tokens)} tokens "
               f"(train.seq_len + 1: one training window)")
       return
-    if not tokens:
-      raise ValueError("--prompt is empty: give text to continue")
     out = decode.generate(
         model, [tokens], FLAGS.max_new_tokens,
         context_len=config.train.seq_len, temperature=FLAGS.temperature,

@@ -311,7 +311,7 @@ def hf_config(model: Any, *, max_position_embeddings: int, bos_token_id: int,
   if model.quantization != "ternary":
     raise ConversionError("config.model.quantization='none': only ternary "
                           "models export as BitNetForCausalLM")
-  if model.get("residual", "standard") != "standard":
+  if model.residual != "standard":
     raise ConversionError(
         f"config.model.residual={model.residual!r}: BitNetForCausalLM has "
         "one residual stream; only model.residual='standard' models export")

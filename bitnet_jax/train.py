@@ -237,10 +237,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     return record
 
   def emit(step: int, record: dict) -> dict:
+    alarms = monitor.observe(step, record)  # [] for a train-only record
     if "eval_loss" in record:
-      record["health_alarms"] = monitor.observe(step, record)
-    else:
-      monitor.observe(step, record)
+      record["health_alarms"] = alarms
     writer.write(step, record)
     metrics.log_console(step, t.steps, record)
     return record
