@@ -12,6 +12,15 @@ sub-norm before o_proj). It runs three ways:
   preallocated cache `[batch, max_len, n_kv_heads, head_dim]` at
   `cache_index`, and the queries attend over the whole cache under an
   explicit mask (left padding, causality).
+
+Shape legend for the suffixed names (`q_BxLxHxD`): B batch, L query length
+(the window, or the tokens decoded this call), S key length (L, or the
+cache's max_len), H n_heads, K n_kv_heads, D head_dim, M d_model.
+
+The implementation ("xla" or "cudnn") of `model.attention_implementation`
+is resolved per traced shape, not once at build: "auto" and cuDNN's limits
+depend on the sequence length and the mask, which differ between training
+and decoding (`attention_implementation`).
 """
 
 from __future__ import annotations
@@ -35,6 +44,10 @@ def _log_once(level: int, message: str) -> None:
   if message not in _LOGGED:
     _LOGGED.add(message)
     logging.log(level, message)
+
+# `model.attention_implementation`'s values; `config.ATTENTION_IMPLEMENTATIONS`
+# is the same tuple (tests/test_model.py checks they agree).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 
 def cudnn_unsupported(dtype: jnp.dtype, head_dim: int, seq_len: int,
@@ -119,16 +132,18 @@ def explicit_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     `[batch, q_len, n_heads, head_dim]` in q's dtype; softmax in float32.
   """
   groups = q.shape[2] // k.shape[2]
-  k = jnp.repeat(k, groups, axis=2)
-  v = jnp.repeat(v, groups, axis=2)
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k,
-                      preferred_element_type=jnp.float32)
-  scores = scores / jnp.sqrt(jnp.float32(q.shape[-1]))
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1)
+  k_BxSxHxD = jnp.repeat(k, groups, axis=2)
+  v_BxSxHxD = jnp.repeat(v, groups, axis=2)
+  scores_BxHxLxS = jnp.einsum("bqhd,bkhd->bhqk", q, k_BxSxHxD,
+                              preferred_element_type=jnp.float32)
+  scores_BxHxLxS = scores_BxHxLxS / jnp.sqrt(jnp.float32(q.shape[-1]))
+  scores_BxHxLxS = jnp.where(mask, scores_BxHxLxS,
+                             jnp.finfo(jnp.float32).min)
+  probs_BxHxLxS = jax.nn.softmax(scores_BxHxLxS, axis=-1)
   if dropout_key is not None and dropout_rate > 0:
-    probs = dropout(probs, dropout_rate, dropout_key)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    probs_BxHxLxS = dropout(probs_BxHxLxS, dropout_rate, dropout_key)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs_BxHxLxS.astype(v.dtype),
+                    v_BxSxHxD)
 
 
 class Attention(nnx.Module):
@@ -152,6 +167,11 @@ class Attention(nnx.Module):
                                   rngs=rngs)
     self.o_proj = BitLinear(d, d, **linear)
     self.rope_theta = config.rope_theta
+    if config.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(
+          f"model.attention_implementation="
+          f"{config.attention_implementation!r}: use one of "
+          f"{', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))}")
     self.requested_implementation = config.attention_implementation
     self.dropout_rate = config.dropout_rate
 
@@ -184,35 +204,43 @@ class Attention(nnx.Module):
     kv_shape = (batch, seq, self.n_kv_heads, head_dim)
     if positions is None:
       positions = jnp.arange(seq, dtype=jnp.int32)
-    q = checkpoint_name(self.q_proj(x, quant_blend), "query_proj")
-    k = checkpoint_name(self.k_proj(x, quant_blend), "key_proj")
-    v = checkpoint_name(self.v_proj(x, quant_blend), "value_proj")
-    q = apply_rope(q.reshape(batch, seq, self.n_heads, head_dim), positions,
-                   self.rope_theta)
-    k = apply_rope(k.reshape(kv_shape), positions, self.rope_theta)
-    v = v.reshape(kv_shape)
-    if cache is not None:
+    q_BxLxM = checkpoint_name(self.q_proj(x, quant_blend), "query_proj")
+    k_BxLxKD = checkpoint_name(self.k_proj(x, quant_blend), "key_proj")
+    v_BxLxKD = checkpoint_name(self.v_proj(x, quant_blend), "value_proj")
+    q_BxLxHxD = apply_rope(
+        q_BxLxM.reshape(batch, seq, self.n_heads, head_dim), positions,
+        self.rope_theta)
+    k_BxLxKxD = apply_rope(k_BxLxKD.reshape(kv_shape), positions,
+                           self.rope_theta)
+    v_BxLxKxD = v_BxLxKD.reshape(kv_shape)
+    if cache is not None:  # cache["key"], cache["value"]: [B, S, K, D]
       start = (0, cache_index, 0, 0)
       cache = {"key": jax.lax.dynamic_update_slice(
-                   cache["key"], k.astype(cache["key"].dtype), start),
+                   cache["key"], k_BxLxKxD.astype(cache["key"].dtype), start),
                "value": jax.lax.dynamic_update_slice(
-                   cache["value"], v.astype(cache["value"].dtype), start)}
-      out = explicit_attention(q, cache["key"].astype(q.dtype),
-                               cache["value"].astype(q.dtype), mask)
+                   cache["value"], v_BxLxKxD.astype(cache["value"].dtype),
+                   start)}
+      out_BxLxHxD = explicit_attention(
+          q_BxLxHxD, cache["key"].astype(q_BxLxHxD.dtype),
+          cache["value"].astype(q_BxLxHxD.dtype), mask)
     elif dropout_key is not None and self.dropout_rate > 0:
       _log_once(logging.INFO, "attention: model.dropout_rate > 0 trains "
                 "with the written-out attention (float32 [batch, heads, seq, "
                 "seq] scores; the fused kernels have no dropout)")
-      causal = jnp.tril(jnp.ones((seq, seq), bool))
-      out = explicit_attention(q, k, v, causal if mask is None else
-                               causal & mask, self.dropout_rate, dropout_key)
+      causal_1x1xLxL = jnp.tril(jnp.ones((seq, seq), bool))[None, None]
+      out_BxLxHxD = explicit_attention(
+          q_BxLxHxD, k_BxLxKxD, v_BxLxKxD,
+          causal_1x1xLxL if mask is None else causal_1x1xLxL & mask,
+          self.dropout_rate, dropout_key)
     else:
       implementation = attention_implementation(
-          self.requested_implementation, q.dtype, head_dim, seq,
+          self.requested_implementation, q_BxLxHxD.dtype, head_dim, seq,
           mask is not None)
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                         implementation=implementation)
-    out = self.o_proj(self.attn_sub_norm(out.reshape(batch, seq, d_model)),
-                      quant_blend)
+      out_BxLxHxD = jax.nn.dot_product_attention(
+          q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, mask=mask, is_causal=True,
+          implementation=implementation)
+    out = self.o_proj(
+        self.attn_sub_norm(out_BxLxHxD.reshape(batch, seq, d_model)),
+        quant_blend)
     out = checkpoint_name(out, "out_proj")
     return out if cache is None else (out, cache)

@@ -37,7 +37,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from bitnet_jax.layout import is_stacked
+from bitnet_jax.multihost import any_process
+from bitnet_jax.tree_paths import is_stacked, path_name
 
 DAMAGED_DIR = "damaged_checkpoints"  # beside checkpoints/, never deleted
 MAX_MISMATCH_LINES = 40  # differing arrays listed before "... and N more"
@@ -63,17 +64,6 @@ class Restored:
   state: Any
   step: int
   run: dict
-
-
-def path_name(path) -> str:
-  """'params/layers_0/kernel' for a tree path (dict keys, attributes, idx)."""
-  parts = []
-  for entry in path:
-    for attribute in ("key", "name", "idx"):
-      if hasattr(entry, attribute):
-        parts.append(str(getattr(entry, attribute)))
-        break
-  return "/".join(parts)
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -115,13 +105,6 @@ def describe_mismatch(saved: Any, expected: Any) -> list[str]:
     lines.append(f"{name}: checkpoint {describe(old.get(name))}, config "
                  f"{describe(new.get(name))}")
   return lines
-
-
-def _any_process(flag: bool) -> bool:
-  """True on every process when `flag` is true on at least one."""
-  if jax.process_count() == 1:
-    return flag
-  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 class Checkpointer:
@@ -337,7 +320,7 @@ class Checkpointer:
               data=grain.checkpoint.CheckpointRestore(data_iterator)))
         except Exception as e:  # pylint: disable=broad-except
           problem = f"it cannot be read ({type(e).__name__}: {e})"
-      if not _any_process(problem is not None):
+      if not any_process(problem is not None):
         logging.info("restored checkpoint %s", path)
         return Restored(state=restored.state, step=step,
                         run=self._runs.get(step, {}))

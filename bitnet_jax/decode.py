@@ -73,9 +73,9 @@ def _mask(starts: jax.Array, first: jax.Array, seq: int, max_len: int
   """bool `[batch, 1, seq, max_len]`: query slot i (= first + row) sees key
   slot j when j <= i and j >= its row's start (a padding query only sees
   itself, so its softmax is defined)."""
-  query = first + jnp.arange(seq)[:, None]
-  key = jnp.arange(max_len)[None, :]
-  valid = (key <= query) & (key >= starts[:, None, None])
+  query = first + jnp.arange(seq)[None, :, None]  # [1, seq, 1]
+  key = jnp.arange(max_len)[None, None, :]  # [1, 1, max_len]
+  valid = (key <= query) & (key >= starts[:, None, None])  # [batch, ...]
   return (valid | (key == query))[:, None]
 
 

@@ -1,125 +1,245 @@
-"""The defaults shared by every config: `base_config()`, one comment per field.
+"""The config's field table and `base_config()`, the defaults it holds.
 
-Configs import it from `bitnet_jax.config`, which validates them
-(`bitnet_jax.config.validate`).
+`FIELDS` has one entry per config key: key, default, allowed values (a
+`bitnet_jax.config_fields.Rule`), resume class and a one-line doc.
+`base_config()` is built from it, `bitnet_jax.config.validate` checks every
+field with its rule, and `bitnet_jax.run_identity` reads the resume classes.
+A new field gets its default, range and doc on one entry here, or none.
+
+Sources: Microsoft, "The Era of 1-bit LLMs: Training Tips, Code and FAQ"
+(microsoft/unilm, bitnet/) for the optimizer; "BitNet b1.58 2B4T Technical
+Report" (arXiv 2504.12285) for the block layout.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
+from bitnet_jax.config_fields import (FLAG, IDENTITY, RUNTIME, SCHEDULE, TEXT,
+                                      choice, field_table, integer, number)
+from bitnet_jax.config_fields import Field as F
+
+# The allowed values of the choice fields (also imported from bitnet_jax.config
+# by the modules that branch on them).
+QUANTIZATIONS = ("ternary", "none")
+FFN_ACTIVATIONS = ("swiglu", "relu2")
+DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "save_qkv_out")
+BITLINEAR_MATMULS = ("fake_quant", "int8")
+RESIDUALS = ("standard", "mhc_lite")
+# data.dataset schemes: random-access sources, and sharded file sources that
+# can stream (see bitnet_jax.data.sources).
+DATASET_SCHEMES = ("tfds", "files")
+STREAM_SCHEMES = ("parquet", "jsonl", "arrayrecord")
+DATA_MODES = ("auto", "stream", "prepared")
+PACKINGS = ("concat", "document")
+
+# F(key, default, allowed values, resume class, doc). A number field's default
+# is a float (ConfigDict then casts an int assigned to it); ranges that depend
+# on another field (e.g. loss_chunk_size divides seq_len) are checked by
+# bitnet_jax.config.validate, and the rule here gives the type.
+FIELDS = field_table(
+    F("seed", 0, integer(">= 0"), IDENTITY,
+      "PRNG seed for parameter initialization"),
+
+    F("model.vocab_size", 8192, integer(">= 1"), IDENTITY,
+      "logits width; must be >= the tokenizer's vocabulary"),
+    F("model.d_model", 256, integer(">= 1"), IDENTITY,
+      "residual stream width; divisible by n_heads"),
+    F("model.n_layers", 6, integer(">= 1"), IDENTITY, "transformer blocks"),
+    F("model.n_heads", 4, integer(">= 1"), IDENTITY,
+      "attention heads; d_model / n_heads even (RoPE)"),
+    F("model.n_kv_heads", 0, integer(), IDENTITY,
+      "key/value heads (GQA); 0 = n_heads; divides n_heads"),
+    F("model.ffn_dim", 768, integer(">= 1"), IDENTITY,
+      "hidden width of the gated feed-forward"),
+    F("model.ffn_activation", "swiglu", choice(FFN_ACTIVATIONS), IDENTITY,
+      "'swiglu' (b1.58 paper) or 'relu2' (2B4T)"),
+    F("model.quantization", "ternary", choice(QUANTIZATIONS), IDENTITY,
+      "'ternary' (BitLinear) or 'none' (fp baseline)"),
+    F("model.tie_embeddings", False, FLAG, IDENTITY,
+      "share embed_tokens with lm_head (README failure table: tied ->"
+      " copying)"),
+    F("model.rope_theta", 10000.0, number("> 0"), IDENTITY,
+      "RoPE base frequency"),
+    F("model.norm_eps", 1e-5, number("> 0"), IDENTITY, "RMSNorm epsilon"),
+    F("model.init_std", 0.02, number("> 0"), IDENTITY,
+      "stddev of the normal init of every weight"),
+    F("model.dtype", "float32", choice(DTYPES), IDENTITY,
+      "compute dtype; parameters are float32"),
+    F("model.attention_implementation", "auto",
+      choice(ATTENTION_IMPLEMENTATIONS), RUNTIME,
+      "'auto': cudnn on GPU with bfloat16, else xla"),
+    F("model.scan_layers", True, FLAG,
+      RUNTIME,  # a resume takes its checkpoints' layout (run.py)
+      "stack blocks on a layers axis and jax.lax.scan them"),
+    F("model.remat_policy", "none", choice(REMAT_POLICIES), RUNTIME,
+      "what the backward pass recomputes instead of storing"),
+    F("model.bitlinear_matmul", "fake_quant", choice(BITLINEAR_MATMULS),
+      RUNTIME, "'int8': ternary x int8 with int32 accumulation"),
+    F("model.dropout_rate", 0.0, number("[0, 1)"), IDENTITY,
+      "residual + attention dropout in training; 0 = off"),
+    F("model.quantization_warmup_steps", 0, integer(">= 0"), IDENTITY,
+      "blend fp -> ternary over this many steps; 0 = off"),
+    F("model.residual", "standard", choice(RESIDUALS), IDENTITY,
+      "'mhc_lite': manifold-constrained hyper-connections"),
+    F("model.residual_streams", 2, integer("[2, 4]"), IDENTITY,
+      "mhc_lite: parallel residual streams, mixed by all n! permutations"),
+
+    F("data.dataset", "stdlib", TEXT, IDENTITY,
+      "'stdlib', 'tfds:NAME' or 'SCHEME:GLOB' (see README)"),
+    F("data.eval_dataset", "", TEXT, IDENTITY,
+      "'SCHEME:GLOB' of eval files; '' = held out by hash"),
+    F("data.mode", "auto", choice(DATA_MODES), IDENTITY,
+      "'stream', 'prepared' (token cache); 'auto': stream for globs"),
+    F("data.packing", "concat", choice(PACKINGS), IDENTITY,
+      "'document': no attention across documents"),
+    F("data.data_dir", "", TEXT, RUNTIME,
+      "corpora, tokenizers, tokens; '' = ~/.cache/bitnet_jax"),
+    F("data.text_feature", "text", TEXT, IDENTITY,
+      "text column / field / feature (tfds, parquet, ...)"),
+    F("data.train_split", "train", TEXT, IDENTITY, "TFDS split to train on"),
+    F("data.eval_split", "validation", TEXT, IDENTITY,
+      "TFDS split to evaluate on"),
+    F("data.eval_fraction", 0.05, number("(0, 1)"), IDENTITY,
+      "files held out by path hash (all but tfds:)"),
+    F("data.tokenizer_path", "", TEXT, IDENTITY,
+      "a tokenizer.json; '' = train a byte-level BPE"),
+    F("data.shuffle_seed", 0, integer(">= 0"), IDENTITY,
+      "seed of the window shuffle (a new order every epoch)"),
+    F("data.worker_count", 0, integer(">= 0"), IDENTITY,
+      "grain worker processes; 0 = threads in this process"),
+    F("data.prefetch_buffer_size", 4, integer(">= 1"), RUNTIME,
+      "batches prepared ahead of the train step"),
+    F("data.shuffle_buffer_size", 1024, integer(">= 1"), IDENTITY,
+      "stream: documents per shuffled window"),
+    F("data.read_concurrency", 4, integer(">= 1"), IDENTITY,
+      "stream: files read at once per worker (interleave)"),
+
+    F("train.steps", 20000, integer(">= 1"), SCHEDULE,
+      "optimizer steps in the whole run"),
+    F("train.batch_size", 256, integer(">= 1"), IDENTITY,
+      "global batch, in sequences, across all hosts"),
+    F("train.seq_len", 256, integer(">= 1"), IDENTITY,
+      "tokens per training sequence (windows hold seq_len + 1)"),
+    F("train.label_smoothing", 0.0, number("[0, 1)"), IDENTITY,
+      "label-smoothing weight in the cross-entropy"),
+    F("train.z_loss_weight", 0.0, number(">= 0"), IDENTITY,
+      "weight of the z-loss, logsumexp(logits)**2"),
+    F("train.entropy_weight", 0.0, number(">= 0"), IDENTITY,
+      "beta in loss - beta x mean predictive entropy"),
+    F("train.loss_chunk_size", 0, integer(), RUNTIME,
+      "positions per chunk of the loss's logits; 0 = all"),
+    F("train.grad_accum_steps", 1, integer(), RUNTIME,
+      "micro-batches per optimizer step (same batch_size)"),
+    F("train.log_every", 50, integer(">= 1"), SCHEDULE,
+      "steps between metric lines"),
+    F("train.eval_every", 1000, integer(">= 1"), SCHEDULE,
+      "steps between evaluations (and one at the end)"),
+    F("train.eval_batches", 8, integer(">= 1"), SCHEDULE,
+      "batches of fixed validation windows per evaluation"),
+    F("train.sample_prompts", 3, integer(">= 0"), SCHEDULE,
+      "validation prompts continued at each eval; 0 = off"),
+    F("train.sample_prompt_tokens", 16, integer(">= 0"), SCHEDULE,
+      "tokens of each prompt (a validation window's)"),
+    F("train.sample_new_tokens", 32, integer(">= 0"), SCHEDULE,
+      "greedy tokens generated per prompt"),
+    F("train.checkpoint_every", 1000, integer(">= 1"), SCHEDULE,
+      "steps between checkpoints (and one at the end)"),
+    F("train.keep_checkpoints", 3, integer(">= 1"), SCHEDULE,
+      "newest checkpoints kept (plus the best eval one)"),
+    F("train.allow_config_change", False, FLAG, RUNTIME,
+      "resume despite changed identity keys"),
+    F("train.divergence_factor", 3.0, number("> 1", special=(0, "off")),
+      SCHEDULE, "stop when the loss exceeds this x its running minimum"),
+    F("train.divergence_patience", 3, integer(">= 1"), SCHEDULE,
+      "consecutive losses above that limit before stopping"),
+    F("train.lock_stale_seconds", 600.0, number("> 0"), RUNTIME,
+      "seconds after which another host's unrefreshed lock is stale"),
+    F("train.init_from", "", TEXT,
+      RUNTIME,  # read at step 0 only: a resume restores its checkpoint
+      "run dir or checkpoint whose params start a new run"),
+
+    F("optimizer.learning_rate", 1.5e-3, number(">= 0"), IDENTITY,
+      "stage-1 peak learning rate"),
+    F("optimizer.stage2_learning_rate", 1.0e-3, number(">= 0"), IDENTITY,
+      "stage-2 peak (FAQ: 1.5e-3 -> 1e-3 at 700M)"),
+    F("optimizer.warmup_steps", 375, integer(">= 0"), IDENTITY,
+      "linear warmup from 0 to learning_rate; ends in stage 1"),
+    F("optimizer.stage_boundary", 0.5, number("(0, 1)"), IDENTITY,
+      "stage 2 starts at this fraction of train.steps"),
+    F("optimizer.final_learning_rate_fraction", 0.0, number("[0, 1]"),
+      IDENTITY, "end of the linear decay, x the stage peak"),
+    F("optimizer.weight_decay", 0.1, number(">= 0"), IDENTITY,
+      "stage-1 decoupled weight decay"),
+    F("optimizer.stage2_weight_decay", 0.0, number(">= 0"), IDENTITY,
+      "stage-2 weight decay (FAQ recipe: none in stage 2)"),
+    F("optimizer.decay_embeddings", False, FLAG, IDENTITY,
+      "also decay embed_tokens and lm_head"),
+    F("optimizer.b1", 0.9, number("[0, 1)"), IDENTITY, "Adam beta1"),
+    F("optimizer.b2", 0.95, number("[0, 1)"), IDENTITY, "Adam beta2"),
+    F("optimizer.eps", 1e-8, number(">= 0"), IDENTITY, "Adam epsilon"),
+    F("optimizer.grad_clip_norm", 1.0, number(">= 0"), IDENTITY,
+      "global-norm gradient clipping; 0 disables"),
+
+    F("mesh.data", -1, integer(">= 1", special=(-1, "fill")), RUNTIME,
+      "data-parallel axis size; -1 = the remaining devices"),
+    F("mesh.fsdp", 1, integer(">= 1", special=(-1, "fill")), RUNTIME,
+      "parameter-sharding axis size; -1 = the remaining devices"),
+
+    F("distributed.initialize", False, FLAG, RUNTIME,
+      "multi-host: call jax.distributed.initialize"),
+    F("distributed.coordinator_address", "", TEXT, RUNTIME,
+      "'host:port'; '' = auto-detect"),
+    F("distributed.num_processes", 0, integer(">= 0"), RUNTIME,
+      "processes in the job; 0 = auto-detect"),
+    F("distributed.process_id", -1, integer(">= 0", special=(-1, "auto")),
+      RUNTIME, "this process's index; -1 = auto-detect"),
+
+    # Collapse alarms on every eval (bitnet_jax/health.py: the runs behind
+    # these defaults and what each alarm says on the tiny config).
+    F("health.halt_on_alarm", False, FLAG, RUNTIME,
+      "stop the run (HealthAlarmError) when an alarm fires"),
+    F("health.grace_steps", 400, integer(">= 0"), RUNTIME,
+      "collapse alarms wait at least this many steps (unigram phase)"),
+    F("health.grace_fraction", 0.1, number("[0, 1)"), RUNTIME,
+      "collapse alarms wait this fraction of train.steps, if longer"),
+    F("health.patience", 2, integer(">= 1"), RUNTIME,
+      "consecutive evals an alarm must hold (loss_too_fast: 1)"),
+    F("health.copy_rate_floor", 0.2, number("(0, 1]"), RUNTIME,
+      "copying: copy_rate >= this and >= eval_accuracy"),
+    F("health.min_unique_predictions", 12, integer(">= 1"), RUNTIME,
+      "vocabulary_collapse below this many distinct predictions"),
+    F("health.max_top_token_share", 0.5, number("(0, 1)"), RUNTIME,
+      "frequency_collapse above this top-token share"),
+    F("health.memorization_gap", 1.5, number("> 0"), RUNTIME,
+      "nats of eval_loss above the recent train loss"),
+    F("health.loss_too_fast_fraction", 0.45, number("[0, 1)"), RUNTIME,
+      "loss_too_fast: train loss below this x ln(vocab_size); 0 = off"),
+    F("health.loss_too_fast_steps", 500, integer(">= 0"), RUNTIME,
+      "loss_too_fast is checked at steps <= this only"),
+)
+
 
 def base_config() -> ml_collections.ConfigDict:
-  """Returns the defaults shared by every config (the BitNet b1.58 recipe).
+  """The defaults shared by every config (the BitNet b1.58 recipe).
 
-  Sources: Microsoft, "The Era of 1-bit LLMs: Training Tips, Code and FAQ"
-  (microsoft/unilm, bitnet/) for the optimizer; "BitNet b1.58 2B4T Technical
-  Report" (arXiv 2504.12285) for the block layout.
+  Returns:
+    A ConfigDict with every key of `FIELDS` at its default, sections in
+    table order (`seed`, model, data, train, optimizer, mesh, distributed,
+    health).
   """
-  c = ml_collections.ConfigDict()
-  c.seed = 0  # PRNG seed for parameter initialization
-
-  c.model = m = ml_collections.ConfigDict()
-  m.vocab_size = 8192  # logits width; must be >= the tokenizer's vocabulary
-  m.d_model = 256  # residual stream width
-  m.n_layers = 6  # transformer blocks
-  m.n_heads = 4  # attention heads; d_model must be divisible by n_heads
-  m.n_kv_heads = 0  # key/value heads (GQA); 0 = n_heads; divides n_heads
-  m.ffn_dim = 768  # hidden width of the gated feed-forward
-  m.ffn_activation = "swiglu"  # "swiglu" (b1.58 paper) | "relu2" (2B4T)
-  m.quantization = "ternary"  # "ternary" (BitLinear) | "none" (fp baseline)
-  m.tie_embeddings = False  # share embed_tokens with lm_head (seeds: copying)
-  m.rope_theta = 10000.0  # RoPE base frequency
-  m.norm_eps = 1e-5  # RMSNorm epsilon
-  m.init_std = 0.02  # stddev of the normal init of every weight
-  m.dtype = "float32"  # compute dtype: "float32" | "bfloat16"; params are f32
-  m.attention_implementation = "auto"  # "auto" (cudnn if GPU+bf16), xla, cudnn
-  m.scan_layers = True  # stack blocks on a layers axis and jax.lax.scan them
-  m.remat_policy = "none"  # none | full | dots_saveable | save_qkv_out
-  m.bitlinear_matmul = "fake_quant"  # "fake_quant" | "int8" (int32 accumulate)
-  m.dropout_rate = 0.0  # residual + attention dropout in training; 0 = off
-  m.quantization_warmup_steps = 0  # blend fp -> ternary over N steps; 0 = off
-  m.residual = "standard"  # "standard" | "mhc_lite" (hyper-connections)
-  m.residual_streams = 2  # mhc_lite: parallel residual streams (2, 3 or 4)
-
-  c.data = d = ml_collections.ConfigDict()
-  d.dataset = "stdlib"  # "stdlib", "tfds:NAME", "SCHEME:GLOB" (see README)
-  d.eval_dataset = ""  # "SCHEME:GLOB" of eval files; "" = held out by hash
-  d.mode = "auto"  # "stream" | "prepared" (token cache); auto: stream for globs
-  d.packing = "concat"  # "concat" | "document" (no attention across documents)
-  d.data_dir = ""  # corpora, tokenizers, tokens; "" = ~/.cache/bitnet_jax
-  d.text_feature = "text"  # text column / field / feature (tfds, parquet, ...)
-  d.train_split = "train"  # TFDS split to train on
-  d.eval_split = "validation"  # TFDS split to evaluate on
-  d.eval_fraction = 0.05  # files held out by path hash (all but tfds:)
-  d.tokenizer_path = ""  # a tokenizer.json; "" = train a byte-level BPE
-  d.shuffle_seed = 0  # seed of the window shuffle (a new order every epoch)
-  d.worker_count = 0  # grain worker processes; 0 = threads in this process
-  d.prefetch_buffer_size = 4  # batches prepared ahead of the train step
-  d.shuffle_buffer_size = 1024  # stream: documents per shuffled window
-  d.read_concurrency = 4  # stream: files read at once per worker (interleave)
-
-  c.train = t = ml_collections.ConfigDict()
-  t.steps = 20000  # optimizer steps in the whole run
-  t.batch_size = 256  # global batch, in sequences, across all hosts
-  t.seq_len = 256  # tokens per training sequence (windows hold seq_len + 1)
-  t.label_smoothing = 0.0  # label-smoothing weight in the cross-entropy
-  t.z_loss_weight = 0.0  # weight of the z-loss, logsumexp(logits)**2
-  t.entropy_weight = 0.0  # beta in loss - beta x mean predictive entropy
-  t.loss_chunk_size = 0  # positions per chunk of the loss's logits; 0 = all
-  t.grad_accum_steps = 1  # micro-batches per optimizer step (same batch_size)
-  t.log_every = 50  # steps between metric lines
-  t.eval_every = 1000  # steps between evaluations (and one at the end)
-  t.eval_batches = 8  # batches of fixed validation windows per evaluation
-  t.sample_prompts = 3  # validation prompts continued at each eval; 0 = off
-  t.sample_prompt_tokens = 16  # tokens of each prompt (a validation window's)
-  t.sample_new_tokens = 32  # greedy tokens generated per prompt
-  t.checkpoint_every = 1000  # steps between checkpoints (and one at the end)
-  t.keep_checkpoints = 3  # newest checkpoints kept (plus the best eval one)
-  t.allow_config_change = False  # resume despite changed identity keys
-  t.divergence_factor = 3.0  # stop if loss > factor x its running min; 0: off
-  t.divergence_patience = 3  # consecutive losses above that before stopping
-  t.lock_stale_seconds = 600.0  # another host's lock unrefreshed this long
-  t.init_from = ""  # run dir or checkpoint whose params start a new run
-
-  c.optimizer = o = ml_collections.ConfigDict()
-  o.learning_rate = 1.5e-3  # stage-1 peak learning rate
-  o.stage2_learning_rate = 1.0e-3  # stage-2 peak (FAQ: 1.5e-3 -> 1e-3 at 700M)
-  o.warmup_steps = 375  # linear warmup from 0 to learning_rate
-  o.stage_boundary = 0.5  # stage 2 starts at this fraction of train.steps
-  o.final_learning_rate_fraction = 0.0  # end of the linear decay, x stage peak
-  o.weight_decay = 0.1  # stage-1 decoupled weight decay
-  o.stage2_weight_decay = 0.0  # stage-2 weight decay (seeds: must be 0.0)
-  o.decay_embeddings = False  # also decay embed_tokens and lm_head
-  o.b1 = 0.9  # Adam beta1
-  o.b2 = 0.95  # Adam beta2
-  o.eps = 1e-8  # Adam epsilon
-  o.grad_clip_norm = 1.0  # global-norm gradient clipping; 0 disables
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # data-parallel axis size; -1 = fill with remaining devices
-  c.mesh.fsdp = 1  # parameter-sharding axis size; -1 = fill
-
-  c.distributed = ml_collections.ConfigDict()
-  c.distributed.initialize = False  # multi-host: jax.distributed.initialize
-  c.distributed.coordinator_address = ""  # "host:port"; "" = auto-detect
-  c.distributed.num_processes = 0  # 0 = auto-detect
-  c.distributed.process_id = -1  # -1 = auto-detect
-
-  # Collapse alarms on every eval (bitnet_jax/health.py: the runs behind
-  # these defaults and what each alarm says on the tiny config).
-  c.health = h = ml_collections.ConfigDict()
-  h.halt_on_alarm = False  # stop the run (HealthAlarmError) when one fires
-  h.grace_steps = 400  # unigram phase after init: collapse alarms wait ...
-  h.grace_fraction = 0.1  # ... max(grace_steps, this x train.steps) steps
-  h.patience = 2  # consecutive evals an alarm must hold (not loss_too_fast)
-  h.copy_rate_floor = 0.2  # copying: copy_rate >= this and >= eval_accuracy
-  h.min_unique_predictions = 12  # vocabulary_collapse below (seeds: 2-8)
-  h.max_top_token_share = 0.5  # frequency_collapse above (unigram phase: 1)
-  h.memorization_gap = 1.5  # nats of eval_loss above the recent train loss
-  h.loss_too_fast_fraction = 0.45  # x ln(vocab_size) nats: loss_too_fast ...
-  h.loss_too_fast_steps = 500  # ... when the train loss is below it by here
-  return c
+  config = ml_collections.ConfigDict()
+  for key, field in FIELDS.items():
+    *sections, name = key.split(".")
+    node = config
+    for section in sections:
+      if section not in node:
+        node[section] = ml_collections.ConfigDict()
+      node = node[section]
+    node[name] = field.default
+  return config
 
 
 def apply_fine_tuning(c: ml_collections.ConfigDict) -> None:
@@ -136,4 +256,4 @@ def apply_fine_tuning(c: ml_collections.ConfigDict) -> None:
   o.warmup_steps = 50  # short warmup
   o.final_learning_rate_fraction = 0.1  # decay to 1.5e-5
   o.weight_decay = 0.0  # keep the pretrained weights' scale
-  o.stage2_weight_decay = 0.0
+  o.stage2_weight_decay = 0.0  # and no decay after the boundary either

@@ -7,8 +7,8 @@ For each BitLinear kind (q/k/v/o_proj, gate/up/down_proj) over all blocks:
   weight_codes`). About 0.31 for Gaussian weights (|z| < 0.5 x 0.798);
   a share drifting toward 1 means the layer is switching itself off.
 - `mean_abs_weight/<kind>`: mean |W| of the latent weights (the scale
-  gamma), which weight decay shrinks and the seeds' stage-2 collapse
-  followed.
+  gamma), which weight decay shrinks: stage-2 weight decay on ternary
+  weights drives codes to 0 (the FAQ recipe turns it off there).
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax import quant
-from bitnet_jax.model import bitlinear_kind
-from bitnet_jax.sharding import stacked_layer
+from bitnet_jax.tree_paths import bitlinear_kind, in_stacked_layers
 
 
 @jax.jit
@@ -42,7 +41,8 @@ def weight_statistics(params: Any) -> dict[str, jax.Array]:
     if kind is None:
       continue
     codes_of = (jax.vmap(lambda w: quant.weight_codes(w)[0])
-                if stacked_layer(path) else lambda w: quant.weight_codes(w)[0])
+                if in_stacked_layers(path)
+                else lambda w: quant.weight_codes(w)[0])
     codes = codes_of(kernel)
     zeros.setdefault(kind, []).append(jnp.mean(codes == 0))
     means.setdefault(kind, []).append(jnp.mean(jnp.abs(kernel)))

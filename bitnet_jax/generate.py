@@ -11,14 +11,14 @@ newest (or step N) checkpoint. Decoding uses a KV cache (`bitnet_jax.decode`);
 `--temperature=0` (the default) is greedy. The prompt plus `--max_new_tokens`
 must fit in the context the model trained on (`train.seq_len`).
 
-`--debug` runs one forward pass over the text and prints the lab notes'
+`--debug` runs one forward pass over the text and prints a per-position
 diagnostic table: per position the input token, the actual next token, the
 top-5 predictions with their probabilities, "copy" where the prediction is
 the input token and "hit" where it is the next token; then the copy rate and
 the accuracy over the text. A text longer than the model's context is cut to
 its first `train.seq_len + 1` tokens (one training window), and a line says
-so. A copying model (the seeds' tied-embedding and unshifted-label bugs)
-shows copy rate >= accuracy.
+so. A model that copies its input (tied embeddings, unshifted labels) shows
+copy rate >= accuracy.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from bitnet_jax import checkpoint, decode, runs
-from bitnet_jax.config import ConfigError
+from bitnet_jax.config import ConfigError, window_length
 from bitnet_jax.data.tokenizer import load_tokenizer
 from bitnet_jax.model import Transformer, quantization_blend
 
@@ -135,7 +135,7 @@ def main(argv):
     text = _text()
     tokens = tokenizer.encode(text).ids
     if FLAGS.debug:
-      window = config.train.seq_len + 1
+      window = window_length(config)
       table, _ = debug_table(model, tokens[:window], tokenizer, blend)
       absl_logging.info("checkpoint %d of %s", step, FLAGS.workdir)
       print(table)

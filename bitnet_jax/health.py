@@ -1,4 +1,4 @@
-"""Collapse alarms on the eval records: the seeds' silent failures, named.
+"""Collapse alarms on the eval records: silent training failures, named.
 
 Every eval record (`metrics.summarize_eval`) is checked against the
 thresholds of `config.health`; `HealthMonitor.observe` returns the names of
@@ -6,7 +6,9 @@ the alarms firing at that evaluation (stored as `record["health_alarms"]`)
 and logs one WARNING the first time each fires. "Train loss" below is the
 mean of the last 3 train records (nats). Defaults and the runs behind them
 (tiny: `configs/tiny.py`, 500 steps, an eval every 25, seeds 0-2, recorded;
-d20:cpu: the issue's numbers; tables and commands in tests/test_health.py):
+d20:cpu, recorded; tables and commands in tests/test_health.py; and the
+runs of earlier BitNet attempts in the lab notes of ../shared/seeds, "lab
+notes" below):
 
 * `copying` -- copy_rate >= eval_accuracy, copy_rate >= `copy_rate_floor`
   (0.2) and copy_rate > top_token_share: the model predicts the token it
@@ -17,13 +19,14 @@ d20:cpu: the issue's numbers; tables and commands in tests/test_health.py):
   tiny: copy_rate <= 0.084. Unshifted labels on tiny: 0.33 at step 75, 0.82
   at step 200 (top_token_share 0.18, 0.06).
 * `vocabulary_collapse` -- unique_predictions < `min_unique_predictions`
-  (12; at most vocab_size // 4). The seeds collapsed to 2-8 and wanted > 50
-  at d20 scale. Healthy tiny: 1-4 at steps 25-125, 12-19 by step 200-250,
-  22-29 from step 275 (the issue's tiny run: 19 at step 400); d20:cpu:
+  (12; at most vocab_size // 4). Lab notes: collapsed runs predicted 2-8
+  tokens, healthy ones > 50 at d20 scale. Healthy tiny: 1-4 at steps
+  25-125, 12-19 by step 200-250, 22-29 from step 275 (19 at step 400 in
+  another recorded run); d20:cpu:
   1573 at step 0, 68 in stage 1, 229 after the stage boundary.
 * `frequency_collapse` -- top_token_share > `max_top_token_share` (0.5):
-  one token takes most positions (seeds: spaces everywhere). Healthy tiny:
-  0.8-1.0 at steps 25-100, <= 0.27 from step 275.
+  one token takes most positions (lab notes: spaces everywhere). Healthy
+  tiny: 0.8-1.0 at steps 25-100, <= 0.27 from step 275.
 * `memorization` -- eval_loss - train loss > `memorization_gap` (1.5 nats):
   repeated data. Healthy tiny: <= 0.32 nats; healthy d20:cpu: 0.85, 0.87,
   0.89 and 1.17 at steps 275, 550, 825 and 1100, growing as it trains
@@ -32,18 +35,18 @@ d20:cpu: the issue's numbers; tables and commands in tests/test_health.py):
   step 200, 1.69 at 225, 1.88 at 250, 3.2 at 500.
 * `loss_too_fast` -- the train loss at a step <= `loss_too_fast_steps`
   (500) falls below `loss_too_fast_fraction` (0.45) x ln(vocab_size), the
-  loss of a uniform prediction. The seeds' fixed run: 5.5 nats = 0.51 x
-  ln(50257) at step 500; their copy bug: 1.8 nats = 0.17 x at step 120.
+  loss of a uniform prediction. Lab notes: a healthy run at 5.5 nats = 0.51 x
+  ln(50257) at step 500; unshifted labels: 1.8 nats = 0.17 x at step 120.
   Healthy tiny: >= 0.67 x ln(512); unshifted labels: 0.39 x by step 175.
   Silent when the step-0 eval_loss shows pretrained weights (< 0.9 ln V).
 
 Telling the unigram phase from a collapse: `vocabulary_collapse` and
 `frequency_collapse` fire only after the grace period, max(`grace_steps`
 (400), `grace_fraction` (0.1) x train.steps) (tiny recovers by step 275;
-the seeds' 30k-step stage-1 collapse, 4 tokens at 3k and 2 at 4k, fires at
-4k), or once armed: the metric was unhealthy (the phase) and then clearly
-healthy (2 x the unique floor, half the share limit), so a collapse that
-returns is caught early. Every alarm but `loss_too_fast` must hold at
+the lab notes' 30k-step stage-1 collapse, 4 tokens at 3k and 2 at 4k,
+fires at 4k), or once armed: the metric was unhealthy (the phase) and then
+clearly healthy (2 x the unique floor, half the share limit), so a collapse
+that returns is caught early. Every alarm but `loss_too_fast` must hold at
 `patience` (2) consecutive evals.
 
 On the tiny config: the 60-step smoke run (1 distinct prediction at steps 30
@@ -76,12 +79,12 @@ _ADVICE = {
                "shift (targets must be window[:, 1:], bitnet_jax.loss."
                "split_window) and set model.tie_embeddings=False",
     "vocabulary_collapse": "the model predicts only a handful of distinct "
-                           "tokens (the seeds' collapse to 2-8). Try: "
+                           "tokens (collapsed runs predict 2-8). Try: "
                            "optimizer.stage2_weight_decay=0, a lower "
                            "optimizer.learning_rate, train.label_smoothing "
                            "or train.entropy_weight",
-    "frequency_collapse": "one token takes most predictions (the seeds' "
-                          "spaces everywhere). Try: a lower optimizer."
+    "frequency_collapse": "one token takes most predictions (e.g. a "
+                          "space everywhere). Try: a lower optimizer."
                           "learning_rate, optimizer.stage2_weight_decay=0, "
                           "train.label_smoothing or train.entropy_weight",
     "memorization": "the train loss lies far below the eval loss: the model "
@@ -89,7 +92,7 @@ _ADVICE = {
                     "with `python -m bitnet_jax.data.verify --config=...`, "
                     "more data or fewer train.steps",
     "loss_too_fast": "the train loss fell faster than a language model "
-                     "learns (the seeds' copy bug: 1.8 nats in 120 steps). "
+                     "learns (unshifted labels: 1.8 nats in 120 steps). "
                      "Try: check the label shift (targets must be the next "
                      "token) and that train data does not repeat or leak "
                      "eval data",
@@ -103,7 +106,7 @@ class HealthAlarmError(RuntimeError):
 
 
 class HealthMonitor:
-  """Watches the metric records of one run for the seeds' collapse modes.
+  """Watches the metric records of one run for the collapse modes.
 
   Args:
     health: `config.health` (thresholds, see the module docstring).

@@ -25,12 +25,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from bitnet_jax import checkpoint
-from bitnet_jax.config import ConfigError
 from bitnet_jax.attention import kv_heads
+from bitnet_jax.config import ConfigError
 from bitnet_jax.layout import to_layout, unstack_layers
-from bitnet_jax.model import BITLINEAR_NAMES
 from bitnet_jax.quant import SCALE_EPS
+from bitnet_jax.tree_paths import BITLINEAR_NAMES, path_name
 
 VALUES_PER_BYTE = 4  # ternary codes per packed uint8
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")
@@ -69,7 +68,7 @@ def to_hf_tensors(params: Any) -> dict[str, np.ndarray]:
   tensors = {}
   params = unstack_layers(jax.device_get(params))
   for path, value in jax.tree_util.tree_leaves_with_path(params):
-    name, transpose = hf_name(checkpoint.path_name(path).split("/"))
+    name, transpose = hf_name(path_name(path).split("/"))
     array = np.asarray(value, dtype=np.float32)
     tensors[name] = np.ascontiguousarray(array.T if transpose else array)
   return tensors
@@ -92,7 +91,7 @@ def from_hf_tensors(tensors: Mapping[str, np.ndarray],
   problems = []
 
   def convert(path, abstract):
-    name, transpose = hf_name(checkpoint.path_name(path).split("/"))
+    name, transpose = hf_name(path_name(path).split("/"))
     if name not in tensors:
       problems.append(f"{name}: missing")
       return None

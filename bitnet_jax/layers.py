@@ -31,10 +31,15 @@ class BitLinear(nnx.Module):
   the activations and the weights alike, with the straight-through gradient
   (the identity); lambda = 1 is plain ternary, 0 full precision.
 
-  `matmul` picks how a ternary layer multiplies: "fake_quant" multiplies the
-  dequantized values in the compute dtype; "int8" multiplies the int8 codes
-  with int32 accumulation and rescales (`quant.int8_matmul`). Both have the
-  same straight-through gradient and agree to float rounding.
+  `matmul` picks how a ternary layer multiplies, once at build time from
+  `BITLINEAR_MATMULS`: "fake_quant" multiplies the dequantized values in the
+  compute dtype; "int8" multiplies the int8 codes with int32 accumulation
+  and rescales (`quant.int8_matmul`). Both have the same straight-through
+  gradient and agree to float rounding.
+
+  Raises:
+    ValueError: naming `model.quantization` or `model.bitlinear_matmul` for
+      an unknown value.
 
   Attributes:
     kernel: `nnx.Param` float32 `[in_features, out_features]`; the latent
@@ -45,16 +50,17 @@ class BitLinear(nnx.Module):
                quantization: str, init_std: float, dtype: jnp.dtype,
                rngs: nnx.Rngs, matmul: str = "fake_quant"):
     if quantization not in ("ternary", "none"):
-      raise ValueError(f"quantization={quantization!r}: use 'ternary' or "
-                       "'none' (config key model.quantization)")
-    if matmul not in ("fake_quant", "int8"):
-      raise ValueError(f"matmul={matmul!r}: use 'fake_quant' or 'int8' "
-                       "(config key model.bitlinear_matmul)")
+      raise ValueError(f"model.quantization={quantization!r}: use "
+                       "'ternary' or 'none'")
+    if matmul not in BITLINEAR_MATMULS:
+      raise ValueError(f"model.bitlinear_matmul={matmul!r}: use one of "
+                       f"{', '.join(map(repr, BITLINEAR_MATMULS))}")
     init = nnx.initializers.normal(stddev=init_std)
     self.kernel = nnx.Param(
         init(rngs.params(), (in_features, out_features), jnp.float32))
-    self.quantization = quantization
-    self.matmul = matmul
+    # Chosen once here, not branched on in every call.
+    self.multiply = (BITLINEAR_MATMULS[matmul] if quantization == "ternary"
+                     else full_precision_matmul)
     self.dtype = dtype
 
   def __call__(self, x: jax.Array,
@@ -64,15 +70,40 @@ class BitLinear(nnx.Module):
     `quant_blend`: None (plain ternary) or a float32 scalar lambda in [0, 1]
     (fake-quant path only; ignored without ternary quantization).
     """
-    x = x.astype(self.dtype)
-    kernel = self.kernel[...]
-    if self.quantization == "ternary" and self.matmul == "int8" and (
-        quant_blend is None):
-      return quant.int8_matmul(x, kernel)
-    if self.quantization == "ternary":
-      x = _blend(x, quant.activation_quant(x), quant_blend)
-      kernel = _blend(kernel, quant.weight_quant(kernel), quant_blend)
-    return jnp.dot(x, kernel.astype(self.dtype))
+    return self.multiply(x.astype(self.dtype), self.kernel[...], quant_blend)
+
+
+def full_precision_matmul(x: jax.Array, kernel: jax.Array,
+                          quant_blend: jax.Array | None) -> jax.Array:
+  """x @ kernel in x's dtype (`model.quantization="none"`); no quantizer, so
+  `quant_blend` is ignored. x `[..., in]`, kernel float32 `[in, out]`."""
+  del quant_blend
+  return jnp.dot(x, kernel.astype(x.dtype))
+
+
+def fake_quant_matmul(x: jax.Array, kernel: jax.Array,
+                      quant_blend: jax.Array | None) -> jax.Array:
+  """activation_quant(x) @ weight_quant(kernel) on dequantized values in x's
+  dtype, each blended with full precision by `quant_blend` (`_blend`)."""
+  x = _blend(x, quant.activation_quant(x), quant_blend)
+  kernel = _blend(kernel, quant.weight_quant(kernel), quant_blend)
+  return jnp.dot(x, kernel.astype(x.dtype))
+
+
+def int8_codes_matmul(x: jax.Array, kernel: jax.Array,
+                      quant_blend: jax.Array | None) -> jax.Array:
+  """int8 codes x ternary codes, int32 accumulation (`quant.int8_matmul`);
+  during a quantization warm-up (`quant_blend` set) the blend needs the
+  dequantized values, so it multiplies as `fake_quant_matmul`."""
+  if quant_blend is None:
+    return quant.int8_matmul(x, kernel)
+  return fake_quant_matmul(x, kernel, quant_blend)
+
+
+# `model.bitlinear_matmul` -> how a ternary BitLinear multiplies; the keys
+# are `config.BITLINEAR_MATMULS` (tests/test_model.py checks they agree).
+BITLINEAR_MATMULS = {"fake_quant": fake_quant_matmul,
+                     "int8": int8_codes_matmul}
 
 
 def _blend(value: jax.Array, quantized: jax.Array,
@@ -123,7 +154,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   half = x.shape[-1] // 2
   inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
   positions = jnp.broadcast_to(positions, x.shape[:2])  # [batch, seq]
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq[None, None]
   sin = jnp.sin(angles)[:, :, None, :]  # [batch, seq, 1, half]
   cos = jnp.cos(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)

@@ -15,11 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def is_stacked(params: Any) -> bool:
-  """Whether a parameter tree (pure dict) has the scanned layout."""
-  layers = params["layers"]
-  return "self_attn" in layers or "mlp" in layers
+from bitnet_jax.tree_paths import is_stacked
 
 
 def _leaf_slice(leaf: Any, i: int) -> Any:

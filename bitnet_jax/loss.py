@@ -8,8 +8,9 @@ the loss and the metrics (weight 0).
 
 The label shift lives here and only here: a window `[batch, seq_len + 1]` is
 split into inputs `window[:, :-1]` and targets `window[:, 1:]`, so the logits
-at position i are scored against token i + 1. (The seeds' first model was
-scored against token i, a copy task whose loss fell "too fast".)
+at position i are scored against token i + 1. (Scored against token i, the
+task is copying, and the loss falls "too fast": measured in the lab notes of
+../shared/seeds, reproduced by experiments/copy_bug.py.)
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def logit_outputs(logits: jax.Array, targets: jax.Array, *,
   """Per-position loss terms and predictions from one log-softmax.
 
   loss = token_losses(...) - entropy_weight * entropy, where entropy =
-  -sum_v p_v log p_v (nats) is the predictive distribution's: the seeds'
+  -sum_v p_v log p_v (nats) is the predictive distribution's: an
   "entropy regularization" (a bonus for spread-out predictions, against
   vocabulary collapse; Pereyra et al., "Regularizing Neural Networks by
   Penalizing Confident Output Distributions", arXiv 1701.06548).

@@ -19,6 +19,9 @@ time, nearly) does not grow with depth; "unrolled" keeps one subtree per
 block (`params["layers"][i]`) and a Python loop. Both draw block i's weights
 from the same key, so a seed gives the same model in both;
 `bitnet_jax.layout.to_layout` converts.
+
+Shape legend for the suffixed names (`gate_BxLxF`): B batch, L seq, M
+d_model, F ffn_dim (attention's own legend is in `bitnet_jax.attention`).
 """
 
 from __future__ import annotations
@@ -34,20 +37,17 @@ from bitnet_jax import residual
 from bitnet_jax.attention import Attention, document_mask, kv_heads
 from bitnet_jax.layers import BitLinear, bitlinear_arguments, dropout, rms_norm
 
-BITLINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj",
-                   "gate_proj", "up_proj", "down_proj")
 # Activations named for `model.remat_policy = "save_qkv_out"`.
 SAVED_BY_QKV_OUT = ("query_proj", "key_proj", "value_proj", "out_proj")
 
-
-def bitlinear_kind(path: tuple) -> str | None:
-  """The `BITLINEAR_NAMES` entry of a parameter-tree path that ends in a
-  BitLinear `kernel` (either layer layout), None for any other parameter."""
-  keys = [str(getattr(entry, "key", getattr(entry, "idx", entry)))
-          for entry in path]
-  if len(keys) >= 2 and keys[-1] == "kernel" and keys[-2] in BITLINEAR_NAMES:
-    return keys[-2]
-  return None
+# `model.remat_policy` -> `jax.checkpoint` policy (None: no remat); the keys
+# are `config.REMAT_POLICIES` (tests/test_model.py checks they agree).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "save_qkv_out": jax.checkpoint_policies.save_only_these_names(
+        *SAVED_BY_QKV_OUT)}
 
 
 def checkpoint_policy(name: str) -> Any:
@@ -67,46 +67,54 @@ def checkpoint_policy(name: str) -> Any:
   Raises:
     ValueError: naming `model.remat_policy` for an unknown name.
   """
-  policies = jax.checkpoint_policies
-  table = {"none": None, "full": policies.nothing_saveable,
-           "dots_saveable": policies.dots_saveable,
-           "save_qkv_out": policies.save_only_these_names(*SAVED_BY_QKV_OUT)}
-  if name not in table:
+  if name not in REMAT_POLICIES:
     raise ValueError(f"model.remat_policy={name!r}: use one of "
-                     f"{', '.join(table)}")
-  return table[name]
+                     f"{', '.join(REMAT_POLICIES)}")
+  return REMAT_POLICIES[name]
+
+
+def squared_relu(x: jax.Array) -> jax.Array:
+  """relu(x)^2, the FFN activation of BitNet b1.58 2B4T (arXiv 2504.12285,
+  Sec. 2); same shape and dtype as `x`."""
+  return jnp.square(jax.nn.relu(x))
+
+
+# `model.ffn_activation` -> the gate's activation; the keys are
+# `config.FFN_ACTIVATIONS` (tests/test_model.py checks they agree).
+FFN_ACTIVATIONS = {"swiglu": jax.nn.silu, "relu2": squared_relu}
 
 
 class FeedForward(nnx.Module):
   """Gated FFN: down(ffn_sub_norm(act(gate(x)) * up(x))).
 
-  act is SiLU ("swiglu", the b1.58 paper) or squared ReLU ("relu2", 2B4T).
+  act is SiLU ("swiglu", the b1.58 paper) or squared ReLU ("relu2", 2B4T),
+  chosen once from `FFN_ACTIVATIONS` when the module is built.
+
+  Raises:
+    ValueError: naming `model.ffn_activation` for an unknown activation.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     d, f, dtype = config.d_model, config.ffn_dim, jnp.dtype(config.dtype)
+    if config.ffn_activation not in FFN_ACTIVATIONS:
+      raise ValueError(f"model.ffn_activation={config.ffn_activation!r}: use "
+                       f"one of {', '.join(map(repr, FFN_ACTIVATIONS))}")
     linear = bitlinear_arguments(config, rngs)
     self.gate_proj = BitLinear(d, f, **linear)
     self.up_proj = BitLinear(d, f, **linear)
     self.ffn_sub_norm = rms_norm(f, eps=config.norm_eps, dtype=dtype,
                                  rngs=rngs)
     self.down_proj = BitLinear(f, d, **linear)
-    self.activation = config.ffn_activation
+    self.activation = FFN_ACTIVATIONS[config.ffn_activation]
 
   def __call__(self, x: jax.Array,
                quant_blend: jax.Array | None = None) -> jax.Array:
-    """Maps normalized `[batch, seq, d_model]` to `[batch, seq, d_model]`
+    """Maps normalized `[B, L, M]` to `[B, L, M]` through `[B, L, F]`
     (`quant_blend`: see `BitLinear`)."""
-    gate = self.gate_proj(x, quant_blend)
-    if self.activation == "swiglu":
-      gate = jax.nn.silu(gate)
-    elif self.activation == "relu2":
-      gate = jnp.square(jax.nn.relu(gate))
-    else:
-      raise ValueError(f"model.ffn_activation={self.activation!r}: use "
-                       "'swiglu' or 'relu2'")
+    gate_BxLxF = self.activation(self.gate_proj(x, quant_blend))
     return self.down_proj(
-        self.ffn_sub_norm(gate * self.up_proj(x, quant_blend)), quant_blend)
+        self.ffn_sub_norm(gate_BxLxF * self.up_proj(x, quant_blend)),
+        quant_blend)
 
 
 def _rms(x: jax.Array) -> jax.Array:
@@ -219,7 +227,8 @@ class Transformer(nnx.Module):
     self.cache_entry = (kv_heads(config), config.d_model // config.n_heads)
     self.dtype = jnp.dtype(config.dtype)
     self.scan_layers = config.scan_layers
-    self.remat_policy = config.remat_policy
+    self.remat = checkpoint_policy(config.remat_policy) if (
+        config.remat_policy != "none") else None  # chosen once, at build
     self.streams = config.residual_streams if (
         config.residual == "mhc_lite") else 0
     self.norm = rms_norm(config.d_model, eps=config.norm_eps, dtype=dtype,
@@ -236,14 +245,12 @@ class Transformer(nnx.Module):
     KV caches) handed one slice to each block; the blocks' extras come back
     stacked the same way.
     """
-    policy = checkpoint_policy(self.remat_policy)
-
     def run_block(graphdef: nnx.GraphDef, state: Any, x: jax.Array,
                   layer: dict) -> tuple[jax.Array, dict]:
       def apply(x, state, layer):
         return nnx.merge(graphdef, state)(x, **block_args, **layer)
-      if self.remat_policy != "none":
-        apply = jax.checkpoint(apply, policy=policy)
+      if self.remat is not None:
+        apply = jax.checkpoint(apply, policy=self.remat)
       return apply(x, state, layer)
 
     if self.scan_layers:

@@ -22,8 +22,7 @@ import jax
 import ml_collections
 import optax
 
-from bitnet_jax import checkpoint
-from bitnet_jax.model import bitlinear_kind
+from bitnet_jax.tree_paths import bitlinear_kind, path_keys
 
 
 def stage_boundary_step(config: ml_collections.ConfigDict) -> int:
@@ -91,9 +90,9 @@ def weight_decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
     del leaf  # by name: a scanned kernel is [n_layers, in, out]
     if bitlinear_kind(path):
       return True
-    names = checkpoint.path_name(path).split("/")
-    return decay_embeddings and names[0] in ("embed_tokens", "lm_head") and (
-        names[-1] in ("embedding", "kernel"))
+    keys = path_keys(path)
+    return decay_embeddings and keys[0] in ("embed_tokens", "lm_head") and (
+        keys[-1] in ("embedding", "kernel"))
 
   return jax.tree_util.tree_map_with_path(decays, params)
 
@@ -104,7 +103,7 @@ def make_optimizer(config: ml_collections.ConfigDict
 
   The AdamW hyperparameters are injected (`optax.inject_hyperparams`), so the
   optimizer state holds the learning rate and weight decay of the latest step
-  under `state[-1].hyperparams` (read by the trainer for its metrics).
+  (`current_hyperparams` reads them by name for the metrics).
   """
   o = config.optimizer
   adamw = optax.inject_hyperparams(optax.adamw, static_args="mask")(
@@ -118,10 +117,20 @@ def make_optimizer(config: ml_collections.ConfigDict
 
 
 def current_hyperparams(opt_state: Any) -> dict[str, jax.Array]:
-  """The learning rate and weight decay the latest update applied."""
-  hyperparams = opt_state[-1].hyperparams
-  return {"learning_rate": hyperparams["learning_rate"],
-          "weight_decay": hyperparams["weight_decay"]}
+  """The learning rate and weight decay the latest update applied.
+
+  Read by name (`optax.tree_utils.tree_get`) wherever the chain holds them,
+  so wrapping or reordering the chain cannot silently read another value.
+  `inject_hyperparams` also keeps each schedule's own state under the same
+  name (a `WrappedScheduleState`); the value is the array leaf.
+
+  Returns:
+    float32 scalars `learning_rate` and `weight_decay` (per step).
+  """
+  def is_value(_, value) -> bool:
+    return isinstance(value, jax.Array)
+  return {name: optax.tree_utils.tree_get(opt_state, name, filtering=is_value)
+          for name in ("learning_rate", "weight_decay")}
 
 
 def schedule_change_effect(old: ml_collections.ConfigDict,

@@ -53,24 +53,21 @@ def faq_config(size: str, variant: str = "") -> ml_collections.ConfigDict:
                      f" use configs/bitnet_{size}.py or "
                      f"configs/bitnet_{size}.py:fp")
   d_model, ffn_dim, n_heads, n_layers, lr, lr2, fp_lr = FAQ_SIZES[size]
+  # base_config() holds the rest of the FAQ recipe: SwiGLU, warmup 375,
+  # Adam (0.9, 0.95), weight decay 0.1 -> 0, an eval and a checkpoint every
+  # 1000 steps (each checkpoint carries an eval loss, for retention).
   c = base_config()
   m, t, o = c.model, c.train, c.optimizer
   m.vocab_size = 32000  # the LLaMA tokenizer's size, as in the FAQ runs
-  m.d_model, m.ffn_dim = d_model, ffn_dim
-  m.n_heads, m.n_layers = n_heads, n_layers
-  m.ffn_activation = "swiglu"  # the b1.58 paper's LLaMA-alike blocks
+  m.d_model, m.ffn_dim = d_model, ffn_dim  # FAQ table
+  m.n_heads, m.n_layers = n_heads, n_layers  # FAQ table
   m.dtype = "bfloat16"  # compute dtype on accelerators
   m.remat_policy = "save_qkv_out"  # recompute attention and FFN internals
   t.seq_len = 2048  # the FAQ's context
   t.batch_size = TOKENS_PER_STEP // t.seq_len  # 512 sequences
   t.steps = round(TOTAL_TOKENS / TOKENS_PER_STEP)  # 95,367: 100B tokens
   t.loss_chunk_size = 512  # [batch, 512, 32000] logits at a time
-  t.eval_every = 1000  # each checkpoint carries an eval loss (retention)
-  t.checkpoint_every = 1000  # resume points
-  o.warmup_steps = 375  # FAQ
-  o.b1, o.b2 = 0.9, 0.95  # FAQ
   o.learning_rate, o.stage2_learning_rate = lr, lr2  # FAQ stage peaks
-  o.weight_decay, o.stage2_weight_decay = 0.1, 0.0  # FAQ: 0.1 -> 0
   if variant == "fp":
     m.quantization = "none"  # the FP16 baseline's plain linear layers
     o.learning_rate = o.stage2_learning_rate = fp_lr  # one peak, no drop

@@ -21,8 +21,9 @@ For 2 streams this is alpha I + (1 - alpha) S with S the swap and
 alpha = sigmoid(res_logits[identity] - res_logits[swap]).
 
 The mixing logits start at 0: alpha = 0.5 (H_res averages the streams)
-and post = 1. The seeds' identity-bypass bug was an alpha_logit initialized
-at 5.0: alpha ~ 0.993, H_res ~ I, and the blocks' outputs hardly mixed in.
+and post = 1. An alpha_logit of 5.0 would give alpha ~ 0.993, H_res ~ I:
+the blocks' outputs hardly mix in (an identity bypass, measured in the lab
+notes of ../shared/seeds).
 The streams start as copies of the embedding, so identical reads would keep
 them identical forever (and every H_res gradient 0); as in hyper-
 connections' init (A_m = e_{k mod n}), sublayer k reads mainly from stream
@@ -119,8 +120,9 @@ class HyperConnection(nnx.Module):
     """
     mixed = jnp.einsum("ij,bsjd->bsid", mixing_matrix(self.res_logits[...]),
                        streams)
-    post = 2.0 * jax.nn.sigmoid(self.post_logits[...])
-    return mixed + post[:, None] * output.astype(jnp.float32)[:, :, None, :]
+    post = 2.0 * jax.nn.sigmoid(self.post_logits[...])  # [n]
+    return mixed + (post[None, None, :, None] *
+                    output.astype(jnp.float32)[:, :, None, :])
 
 
 def expand(x: jax.Array, streams: int) -> jax.Array:

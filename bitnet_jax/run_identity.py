@@ -14,16 +14,13 @@ Files kept in the workdir (written by process 0 only; filesystem only):
                         start.
 
 On resume, every dotted key of the flattened config is compared with
-config.json and falls in one of three classes:
-
-  RUNTIME   no effect on the math (mesh, distributed, data_dir, ...):
-            accepted with an INFO line.
-  SCHEDULE  when things happen (train.steps, log/eval/checkpoint cadence, ...):
-            accepted with a WARNING stating the effect; for train.steps the
-            learning rate jump at the resume step, computed from both configs.
-  IDENTITY  everything else, including keys unknown here or present on one
-            side only: a change is refused with `RunIdentityError` unless
-            train.allow_config_change is true.
+config.json. Its resume class, from the field table (bitnet_jax.defaults),
+decides: RUNTIME (no effect on the math) is accepted with an INFO line;
+SCHEDULE (when things happen) with a WARNING stating the effect, for
+train.steps the learning-rate jump at the resume step; IDENTITY (what the
+run trains, and keys the table lacks outside the all-RUNTIME sections) is
+refused with `RunIdentityError` unless train.allow_config_change is true.
+A key on one side only is a change too, unless it is new and at its default.
 """
 
 from __future__ import annotations
@@ -41,28 +38,20 @@ import ml_collections
 from absl import logging
 
 from bitnet_jax import optimizer as optimizer_lib
-from bitnet_jax.run_lock import utc_now
-from bitnet_jax.config import ConfigError, base_config
-from bitnet_jax.data.tokenizer import write_atomically
+from bitnet_jax.config import FIELDS, ConfigError
+from bitnet_jax.config_fields import IDENTITY, RUNTIME, SCHEDULE
+from bitnet_jax.files import utc_now, write_atomically
 
 CONFIG_NAME = "config.json"
 HISTORY_NAME = "config_history.jsonl"
 TOKENIZER_NAME = "tokenizer.json"
 
-RUNTIME, SCHEDULE, IDENTITY = "runtime", "schedule", "identity"
-RUNTIME_PREFIXES = ("mesh.", "distributed.", "health.")
-RUNTIME_KEYS = frozenset({  # (scan_layers: a resume takes its checkpoints')
-    "data.data_dir", "data.prefetch_buffer_size", "model.scan_layers",
-    "model.attention_implementation", "model.remat_policy",
-    "model.bitlinear_matmul", "train.loss_chunk_size",
-    "train.grad_accum_steps", "train.allow_config_change",
-    "train.lock_stale_seconds", "train.init_from"})  # init_from: at step 0
-SCHEDULE_KEYS = frozenset({
-    "train.steps", "train.log_every", "train.eval_every",
-    "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.divergence_factor", "train.divergence_patience",
-    "train.sample_prompts", "train.sample_prompt_tokens",
-    "train.sample_new_tokens"})
+# Sections whose every field is RUNTIME: a key unknown to the table there is
+# RUNTIME too (a field added or removed since, e.g. a new health alarm).
+RUNTIME_PREFIXES = tuple(sorted(
+    {key.split(".")[0] + "." for key in FIELDS if "." in key}
+    - {key.split(".")[0] + "." for key, field in FIELDS.items()
+       if field.resume != RUNTIME}))
 _ABSENT = object()  # a key present in one config only
 
 
@@ -71,13 +60,14 @@ class RunIdentityError(ConfigError):
 
 
 def key_class(key: str) -> str:
-  """RUNTIME, SCHEDULE or IDENTITY for a dotted config key (unknown: IDENTITY).
+  """RUNTIME, SCHEDULE or IDENTITY for a dotted config key.
+
+  A key of the field table has its class there; another key is IDENTITY,
+  or RUNTIME under `RUNTIME_PREFIXES` (mesh., distributed., health.).
   """
-  if key in RUNTIME_KEYS or key.startswith(RUNTIME_PREFIXES):
-    return RUNTIME
-  if key in SCHEDULE_KEYS:
-    return SCHEDULE
-  return IDENTITY
+  if key in FIELDS:
+    return FIELDS[key].resume
+  return RUNTIME if key.startswith(RUNTIME_PREFIXES) else IDENTITY
 
 
 def config_dict(config: ml_collections.ConfigDict | Mapping) -> dict:
@@ -130,9 +120,7 @@ def config_changes(old: Mapping, new: Mapping) -> list[dict[str, Any]]:
 
 
 def _value(change: dict[str, Any], side: str) -> str:
-  if change.get("absent") == side:
-    return "<absent>"
-  return repr(change[side])
+  return "<absent>" if change.get("absent") == side else repr(change[side])
 
 
 def _change_line(change: dict[str, Any]) -> str:
@@ -144,8 +132,7 @@ def _schedule_warning(change: dict[str, Any], old: Mapping, new: Mapping,
                       resume_step: int) -> str:
   """One WARNING line stating the effect of a SCHEDULE key change."""
   key = change["key"]
-  head = (f"config.{key} {_value(change, 'old')} -> "
-          f"{_value(change, 'new')}")
+  head = f"config.{key} {_value(change, 'old')} -> {_value(change, 'new')}"
   if change.get("absent") == "old":
     return f"{head}: the saved config has no such key (added since)"
   if change.get("absent") == "new":
@@ -155,22 +142,20 @@ def _schedule_warning(change: dict[str, Any], old: Mapping, new: Mapping,
         ml_collections.ConfigDict(dict(old)),
         ml_collections.ConfigDict(dict(new)), resume_step)
   value, at = change["new"], f"from step {resume_step} on"
+  every = f"every {value} steps (and at the end) {at}"
   effects = {
       "train.log_every": f"metric lines every {value} steps {at}",
-      "train.eval_every": (f"evaluations every {value} steps (and at the "
-                           f"end) {at}"),
-      "train.eval_batches": (f"changes the validation set: eval metrics "
+      "train.eval_every": f"evaluations {every}",
+      "train.eval_batches": ("changes the validation set: eval metrics "
                              f"before and after step {resume_step} are not "
                              "comparable"),
-      "train.checkpoint_every": (f"checkpoints every {value} steps (and at "
-                                 f"the end) {at}"),
+      "train.checkpoint_every": f"checkpoints {every}",
       "train.keep_checkpoints": (f"keeps the newest {value} checkpoints "
                                  "from the next save on"),
       "train.divergence_factor": ("changes when the divergence stop "
                                   "triggers (0 turns it off)"),
       "train.divergence_patience": ("changes how many high losses in a row "
-                                    "stop the run"),
-  }
+                                    "stop the run")}
   return f"{head}: {effects.get(key, 'changes when things happen')}"
 
 
@@ -296,7 +281,7 @@ def start_run(workdir: str, config: ml_collections.ConfigDict,
       saved = new
       write_atomically(config_path, _config_bytes(new))
     changes = config_changes(saved, new)
-    defaults = flatten(config_dict(base_config()))
+    defaults = {key: field.default for key, field in FIELDS.items()}
     for change in changes:  # a key added since, at its default: no change
       if change.get("absent") == "old" and _same(
           change["new"], defaults.get(change["key"], _ABSENT)):
@@ -346,8 +331,7 @@ def _keep_replaced_config(workdir: str, saved: dict) -> str:
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime(
       "%Y%m%dT%H%M%SZ")
   path = os.path.join(workdir, f"config.replaced-{stamp}.json")
-  src = os.path.join(workdir, CONFIG_NAME)
-  with open(src, "rb") as f:
+  with open(os.path.join(workdir, CONFIG_NAME), "rb") as f:
     write_atomically(path, f.read())
   return path
 
@@ -394,13 +378,11 @@ def check_tokenizer(workdir: str, tokenizer_json: str, allow_change: bool,
   except FileNotFoundError:
     saved = None
   warnings: list[str] = []
-  if saved is None or os.path.realpath(saved_path) == os.path.realpath(
-      tokenizer_json):
-    if saved is None:
-      os.makedirs(os.path.dirname(saved_path), exist_ok=True)
-      write_atomically(saved_path, current)
-    return warnings
-  if same_tokenizer(saved, current):
+  if saved is None:  # the first start: keep a copy
+    os.makedirs(os.path.dirname(saved_path), exist_ok=True)
+    write_atomically(saved_path, current)
+  if saved is None or same_tokenizer(saved, current) or (
+      os.path.realpath(saved_path) == os.path.realpath(tokenizer_json)):
     return warnings
   if not resuming:
     warnings.append(f"{saved_path} differs from this start's tokenizer "

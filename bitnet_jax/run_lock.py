@@ -28,7 +28,6 @@ and it checks that the file it moved is the one it judged stale.
 
 from __future__ import annotations
 
-import datetime
 import errno
 import json
 import os
@@ -41,55 +40,14 @@ from typing import Any
 
 from absl import logging
 
+from bitnet_jax.files import process_exists, process_start_ticks, utc_now
+
 LOCK_NAME = "run.lock"
 _MAX_ATTEMPTS = 10  # acquire retries after losing a race (each is a new race)
 
 
 class WorkdirLockedError(RuntimeError):
   """Another live run holds the workdir; the message names it and the fix."""
-
-
-def process_start_ticks(pid: int) -> int | None:
-  """Start time of process `pid` in clock ticks since boot, or None.
-
-  Reads field 22 of `/proc/<pid>/stat` (Linux). Returns None where that file
-  does not exist or cannot be parsed (no such process, or not Linux).
-  """
-  stat = _read_proc_stat(pid)
-  return None if stat is None else stat[1]
-
-
-def _read_proc_stat(pid: int) -> tuple[str, int] | None:
-  """(state letter, start ticks) of `pid` from /proc, or None."""
-  try:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-      text = f.read().decode("utf-8", "replace")
-  except OSError:
-    return None
-  # Field 2 (comm) is parenthesized and may hold spaces: split after it.
-  fields = text[text.rfind(")") + 2:].split()
-  try:
-    return fields[0], int(fields[19])  # fields 3 (state) and 22 (starttime)
-  except (IndexError, ValueError):
-    return None
-
-
-def process_exists(pid: int) -> bool:
-  """Whether a process `pid` exists on this host (zombies count as gone)."""
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except (PermissionError, OverflowError):  # another user's; not a pid_t
-    return True
-  stat = _read_proc_stat(pid)
-  return stat is None or stat[0] not in ("Z", "X")
-
-
-def utc_now() -> str:
-  """The current UTC time, ISO 8601 to the second (lock and history files)."""
-  return datetime.datetime.now(datetime.timezone.utc).isoformat(
-      timespec="seconds")
 
 
 class WorkdirLock:

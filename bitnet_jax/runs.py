@@ -21,8 +21,9 @@ from flax import nnx
 
 from bitnet_jax import checkpoint, run_identity
 from bitnet_jax.config import ConfigError, base_config
-from bitnet_jax.layout import is_stacked, to_layout
+from bitnet_jax.layout import to_layout
 from bitnet_jax.model import Transformer
+from bitnet_jax.tree_paths import is_stacked
 
 CONFIG_JSON = run_identity.CONFIG_NAME  # written at the first start
 CONFIG_PY = "config.py"  # written by `convert import-hf`

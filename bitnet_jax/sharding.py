@@ -22,6 +22,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bitnet_jax.config import ConfigError
+from bitnet_jax.tree_paths import in_stacked_layers
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
@@ -86,21 +87,13 @@ def parameter_spec(shape: Sequence[int], fsdp_size: int) -> P:
   return P()
 
 
-def stacked_layer(path: tuple) -> bool:
-  """Whether a tree path lies in scanned blocks: `layers` then a module name
-  (unrolled blocks have an integer index there)."""
-  keys = [getattr(entry, "key", getattr(entry, "idx", None)) for entry in path]
-  return any(key == "layers" and isinstance(after, str)
-             for key, after in zip(keys, keys[1:]))
-
-
 def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
   """NamedShardings for a pytree of arrays or `jax.ShapeDtypeStruct`s
   (parameters, or a train state whose optimizer state mirrors them)."""
   fsdp_size = mesh.shape["fsdp"]
 
   def place(path, x):
-    if stacked_layer(path):
+    if in_stacked_layers(path):
       return NamedSharding(mesh, P(None, *parameter_spec(x.shape[1:],
                                                          fsdp_size)))
     return NamedSharding(mesh, parameter_spec(x.shape, fsdp_size))

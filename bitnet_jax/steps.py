@@ -1,32 +1,42 @@
 """The jitted train and eval steps (gradient accumulation, chunked loss).
 
-The train state (`bitnet_jax.train_state`) is a plain pytree `{"step",
-"params", "opt_state"}` of arrays, donated to every step; the model's
-structure (`graphdef`) is static.
+The train step maps (`TrainState`, batch) to (new `TrainState`, metrics);
+both arguments are donated (the state is replaced, the batch is used once),
+so their buffers are free for the step's own use. The model's structure
+(`graphdef`) is static.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bitnet_jax import diagnostics, metrics, sharding
+from bitnet_jax import diagnostics, sharding
 from bitnet_jax import model as model_lib
 from bitnet_jax import optimizer as optimizer_lib
 from bitnet_jax.config import ConfigError
 from bitnet_jax.loss import next_token_sums, position_outputs, split_batch
+from bitnet_jax.metrics import statistics
+from bitnet_jax.train_state import TrainState
 
-State = dict[str, Any]
-
+# XLA reuses a donated buffer only for an output of its shape and dtype, and
+# no output of the train step matches the int32 batch arrays, so JAX warns
+# at compilation that their donation is unusable. That one warning is
+# silenced; one that names any other buffer (a state array that lost its
+# donation, a real memory cost) still shows.
+warnings.filterwarnings(
+    "ignore", category=UserWarning,
+    message=r"Some donated buffers were not usable: "
+    r"int32\[[0-9,]+\](, int32\[[0-9,]+\])*\.")
 
 def micro_batches(batch: dict, steps: int, mesh: jax.sharding.Mesh) -> dict:
   """Splits a global batch `[batch, ...]` into `[steps, batch / steps, ...]`.
@@ -83,8 +93,8 @@ def check_micro_batch(config: ml_collections.ConfigDict,
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                     tx: optax.GradientTransformation, shardings: Any,
                     mesh: jax.sharding.Mesh
-                    ) -> Callable[[State, dict], tuple[State, dict]]:
-  """Jits one optimizer step; the state argument is donated.
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """Jits one optimizer step; the state and the batch are donated.
 
   The step maps (state, batch) to (new state, metrics); a batch is
   "tokens" int32 `[batch, seq_len + 1]` (plus "segment_ids" and "positions"
@@ -106,10 +116,11 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   # its own stream: not the parameter init's key(seed)
   dropout_seed = jax.random.fold_in(jax.random.key(config.seed), 0x64726F70)
 
-  def train_step(state: State, batch: dict) -> tuple[State, dict]:
-    params = state["params"]
-    blend = model_lib.quantization_blend(config, state["step"])
-    step_key = jax.random.fold_in(dropout_seed, state["step"])
+  def train_step(state: TrainState, batch: dict
+                 ) -> tuple[TrainState, dict]:
+    params = state.params
+    blend = model_lib.quantization_blend(config, state.step)
+    step_key = jax.random.fold_in(dropout_seed, state.step)
 
     def sums_and_grads(batch, index):  # gradients in the params' shardings
       model_kwargs = {"quant_blend": blend}
@@ -126,13 +137,13 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
         return sums["loss"], sums
       grads, sums = jax.grad(summed_loss, has_aux=True)(params)
       return sums, jax.lax.with_sharding_constraint(grads,
-                                                    shardings["params"])
+                                                    shardings.params)
 
     sums, grads = sum_over_micro_batches(sums_and_grads, batch,
                                          t.grad_accum_steps, mesh)
     count = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    updates, opt_state = tx.update(grads, state.opt_state, params)
     step_metrics = {"loss": sums["loss"] / count,
                     "nll": sums["nll"] / count,
                     "accuracy": sums["hits"] / count,
@@ -140,15 +151,18 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                     **optimizer_lib.current_hyperparams(opt_state)}
     if blend is not None:
       step_metrics["quantization_blend"] = blend
-    new_state = {"step": state["step"] + 1,
-                 "params": optax.apply_updates(params, updates),
-                 "opt_state": opt_state}
+    new_state = TrainState(step=state.step + 1,
+                           params=optax.apply_updates(params, updates),
+                           opt_state=opt_state)
     return new_state, step_metrics
 
+  # The state keeps its shardings (parameters FSDP-sharded, see
+  # `sharding.state_shardings`); the batch rows are split over the data
+  # axes (`batch_sharding`); the metrics are replicated scalars.
   return jax.jit(train_step,
                  in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)),
-                 donate_argnums=0)
+                 donate_argnums=(0, 1))
 
 
 def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
@@ -157,7 +171,7 @@ def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   """Jits the per-batch eval statistics (summed, see `metrics`).
 
   The eval step maps (params, batch, step) to sums: the loss, the
-  prediction statistics (`metrics.prediction_statistics`), the predictive
+  prediction statistics (`statistics.prediction_statistics`), the predictive
   entropy and the blocks' output RMS (`Transformer.hidden_and_statistics`,
   one value per batch, with `batches` counting them). `step` (int32) sets
   the quantization blend of `model.quantization_warmup_steps`, so the model
@@ -178,7 +192,7 @@ def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                                                                   step)},
         block_statistics=True)
     weights = outputs["weight"]
-    stats = metrics.prediction_statistics(
+    stats = statistics.prediction_statistics(
         outputs["prediction"], inputs, targets, config.model.vocab_size,
         weights)
     stats["loss_sum"] = jnp.sum(outputs["nll"] * weights)
@@ -204,7 +218,7 @@ def evaluate(eval_step: Callable, params: Any, batches: list[dict],
   """Runs the fixed eval set; sums stay on device until one final read.
 
   The result adds the weight statistics of every BitLinear kind
-  (`diagnostics.weight_statistics`) to `metrics.summarize_eval`'s.
+  (`diagnostics.weight_statistics`) to `statistics.summarize_eval`'s.
 
   Args:
     step: the train step the params come from (the quantization blend).
@@ -215,7 +229,7 @@ def evaluate(eval_step: Callable, params: Any, batches: list[dict],
       at every evaluation).
 
   Returns:
-    Python floats: `metrics.summarize_eval`'s keys (eval_loss nats,
+    Python floats: `statistics.summarize_eval`'s keys (eval_loss nats,
     eval_accuracy, unique_predictions, copy_rate, top_token_share,
     prediction_entropy nats, attention_rms/i, ffn_rms/i) and
     `zero_share/<kind>`, `mean_abs_weight/<kind>` per BitLinear kind.
@@ -226,16 +240,6 @@ def evaluate(eval_step: Callable, params: Any, batches: list[dict],
     totals = stats if totals is None else jax.tree.map(jnp.add, totals, stats)
   weights = diagnostics.weight_statistics(params)
   totals, weights = jax.device_get((totals, weights))
-  return {**metrics.summarize_eval(totals),
+  return {**statistics.summarize_eval(totals),
           **{k: float(v) for k, v in weights.items()}}
 
-
-def matmul_params(config: ml_collections.ConfigDict, params: Any) -> int:
-  """Parameters used in matmuls: every `kernel` (block linears, lm_head) in
-  either layer layout, plus the embedding when it doubles as the lm_head."""
-  total = sum(int(np.prod(x.shape)) for path, x in
-              jax.tree_util.tree_leaves_with_path(params)
-              if getattr(path[-1], "key", None) == "kernel")
-  if config.model.tie_embeddings:
-    total += config.model.vocab_size * config.model.d_model
-  return total

@@ -1,8 +1,10 @@
 """The train state: created already sharded, or from a checkpoint's weights.
 
-The state is a plain pytree `{"step", "params", "opt_state"}` of arrays
-(params as a nested dict from `nnx.to_pure_dict`); the model's structure
-(`graphdef`) is static.
+`TrainState(step, params, opt_state)` is a pytree of arrays (params as the
+nested dict of `nnx.to_pure_dict`); the model's structure (`graphdef`) is
+static. Checkpoints store it under the names `step`, `params` and
+`opt_state` (orbax reads a pytree by its keys), the layout of the plain dict
+earlier versions saved, so their checkpoints restore into it.
 """
 
 from __future__ import annotations
@@ -14,19 +16,34 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
-from flax import nnx
+from flax import nnx, struct
 
 from bitnet_jax import checkpoint, runs, sharding
 from bitnet_jax.model import Transformer
 
-State = dict[str, Any]
+
+@struct.dataclass
+class TrainState:
+  """What one optimizer step reads and replaces (donated to the train step).
+
+  Attributes:
+    step: int32 scalar, the optimizer updates applied so far (0 at the start
+      of a run; checkpoint N holds step N).
+    params: the model parameters, float32, a nested dict (`nnx.to_pure_dict`
+      of the `Transformer`), sharded by `sharding.state_shardings`.
+    opt_state: the optax state of `optimizer.make_optimizer` (Adam moments
+      mirroring `params`, the injected learning rate and weight decay).
+  """
+  step: jax.Array
+  params: Any
+  opt_state: optax.OptState
 
 
 def create_train_state(config: ml_collections.ConfigDict,
                        mesh: jax.sharding.Mesh,
                        tx: optax.GradientTransformation, *,
                        initialize: bool = True
-                       ) -> tuple[nnx.GraphDef, State, Any]:
+                       ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
   """Builds the model and optimizer state directly in their shardings.
 
   `jax.eval_shape` gives the state's shapes, `sharding.state_shardings` their
@@ -34,7 +51,8 @@ def create_train_state(config: ml_collections.ConfigDict,
   its own device: no full copy ever lives on one device.
 
   Returns:
-    (graphdef, state, shardings). With `initialize=False`, `state` holds
+    (graphdef, state, shardings): `shardings` is a `TrainState` of
+    `NamedSharding`s. With `initialize=False`, `state` holds
     `jax.ShapeDtypeStruct`s carrying the shardings (a restore target).
   """
   graphdef, _ = nnx.split(nnx.eval_shape(
@@ -52,18 +70,19 @@ def _init_function(config: ml_collections.ConfigDict,
                    tx: optax.GradientTransformation):
   """key -> a freshly initialized train state (traced inside `jax.jit`)."""
 
-  def init(key: jax.Array) -> State:
+  def init(key: jax.Array) -> TrainState:
     model = Transformer(config.model, rngs=nnx.Rngs(params=key))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": tx.init(params)}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params))
 
   return init
 
 
 def initial_state(config: ml_collections.ConfigDict,
-                  tx: optax.GradientTransformation, abstract_state: State,
-                  init_from: str, key: str = "train.init_from") -> State:
+                  tx: optax.GradientTransformation,
+                  abstract_state: TrainState, init_from: str,
+                  key: str = "train.init_from") -> TrainState:
   """The step-0 state: random parameters, or those of checkpoint `init_from`.
 
   Args:
@@ -82,11 +101,11 @@ def initial_state(config: ml_collections.ConfigDict,
   if not init_from:  # the shardings are known: no second eval_shape
     return jax.jit(_init_function(config, tx), out_shardings=shardings)(
         jax.random.key(config.seed))
-  params, step = runs.load_params(init_from, abstract_state["params"], key)
+  params, step = runs.load_params(init_from, abstract_state.params, key)
   logging.info("initialized the parameters from %s (checkpoint %d)",
                init_from, step)
   zero = jax.jit(lambda: jnp.zeros((), jnp.int32),  # also multi-host
-                 out_shardings=shardings["step"])
-  return {"step": zero(), "params": params,
-          "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(
-              params)}
+                 out_shardings=shardings.step)
+  return TrainState(
+      step=zero(), params=params,
+      opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params))

@@ -23,6 +23,8 @@ from bitnet_jax.config import apply_fine_tuning, base_config
 
 def get_config():
   """Returns the 2B-4T architecture with fine-tuning optimizer settings."""
+  # base_config() has the released RMSNorm eps 1e-5, and data.tokenizer_path
+  # "" until `convert import-hf` sets RUN/tokenizer.json.
   c = base_config()
   c.model.vocab_size = 128256  # Llama 3 tokenizer
   c.model.d_model = 2560  # hidden_size
@@ -32,10 +34,8 @@ def get_config():
   c.model.ffn_dim = 6912  # intermediate_size
   c.model.ffn_activation = "relu2"  # squared ReLU, as released
   c.model.rope_theta = 500000.0  # RoPE base
-  c.model.norm_eps = 1e-5  # RMSNorm epsilon
   c.model.tie_embeddings = True  # as released
   c.model.dtype = "bfloat16"  # compute dtype on accelerators
-  c.data.tokenizer_path = ""  # import-hf sets RUN/tokenizer.json
   c.train.steps = 2000  # a fine-tuning run; set for your data
   c.train.batch_size = 8  # sequences per step; set for your hardware
   c.train.seq_len = 2048  # tokens per sequence (the model saw up to 4096)

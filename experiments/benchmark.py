@@ -74,7 +74,7 @@ def measured_matmul_flops(size: int = 4096, repeats: int = 5) -> float:
 
 def _random_batch(config, mesh):
   rng = np.random.default_rng(0)
-  shape = (config.train.batch_size, config.train.seq_len + 1)
+  shape = (config.train.batch_size, config_lib.window_length(config))
   return sharding.global_batch({"tokens": rng.integers(
       0, config.model.vocab_size, shape, dtype=np.int32)}, mesh)
 
@@ -89,7 +89,7 @@ def compiled_step(config):
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_seconds = time.perf_counter() - start
-  n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
   return compiled, state, batch, compile_seconds, n_params
 
 
@@ -117,7 +117,7 @@ def run_variant(config, n_steps: int, profile_dir: str) -> dict:
     jax.profiler.stop_trace()
   return {"params": n_params, "seconds": seconds, "compile": compile_seconds,
           "memory": peak_memory_bytes(compiled),
-          "matmul_params": steps.matmul_params(config, state["params"])}
+          "matmul_params": metrics.matmul_params(state.params, config.model)}
 
 
 def compile_sweep(config) -> None:

@@ -29,9 +29,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from bitnet_jax import config as config_lib
-from bitnet_jax import data
+from bitnet_jax import data, files
 from bitnet_jax.data import stdlib as stdlib_corpus
-from bitnet_jax.data import tokenizer as tokenizer_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py",
                                           "Config whose data settings to use.")
@@ -80,10 +79,10 @@ def build_corpus(directory: str, corpus_mb: int) -> dict:
     os.remove(manifest_path)  # the shards are about to change
   start = time.perf_counter()
   root = stdlib_corpus.stdlib_root()
-  files = stdlib_corpus.stdlib_files(root)  # skips site-packages
+  sources = stdlib_corpus.stdlib_files(root)  # skips site-packages
   schema = pa.schema([("id", pa.string()), ("text", pa.string())])
   paths = [_shard_path(directory, i) for i in range(_SHARDS)]
-  tmps = [tokenizer_lib.temporary_path(p) for p in paths]
+  tmps = [files.temporary_path(p) for p in paths]
   writers = [pq.ParquetWriter(t, schema) for t in tmps]
   buffers = [([], []) for _ in range(_SHARDS)]
 
@@ -95,7 +94,7 @@ def build_corpus(directory: str, corpus_mb: int) -> dict:
 
   target, total, rows, copy = corpus_mb * 10**6, 0, 0, 0
   while total < target:
-    for relative in files:
+    for relative in sources:
       with open(os.path.join(root, relative), encoding="utf-8",
                 errors="replace") as f:
         text = f"# copy {copy}\n{f.read()}"
@@ -115,15 +114,15 @@ def build_corpus(directory: str, corpus_mb: int) -> dict:
     os.replace(tmps[shard], paths[shard])
   manifest = {"corpus_mb": corpus_mb, "shards": _SHARDS, "rows": rows,
               "text_bytes": total, "copies": copy, "source": root}
-  tokenizer_lib.write_atomically(manifest_path,
-                                 json.dumps(manifest, indent=1).encode())
+  files.write_atomically(manifest_path,
+                         json.dumps(manifest, indent=1).encode())
   return {**manifest, "built_seconds": time.perf_counter() - start}
 
 
 def measure(prepared, config, workers: int, batches: int) -> dict:
   """Time to the first batch and tokens/s of the next `batches` batches."""
   config.data.worker_count = workers
-  shape = (config.train.batch_size, config.train.seq_len + 1)
+  shape = (config.train.batch_size, config_lib.window_length(config))
   start = time.perf_counter()
   it = data.train_iterator(prepared, config)
   batch = next(it)

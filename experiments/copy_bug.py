@@ -22,6 +22,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
 from bitnet_jax import generate, loss, metrics, runs, train  # noqa: E402
+from bitnet_jax.config import window_length  # noqa: E402
 from bitnet_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from drivers import corpus_documents, load_config  # noqa: E402
 
@@ -52,7 +53,7 @@ def main(argv):
   _, model, _ = runs.load_model(FLAGS.workdir)
   tokenizer = load_tokenizer(runs.tokenizer_path(FLAGS.workdir))
   text = corpus_documents(1, chars=400)[0]
-  tokens = tokenizer.encode(text).ids[:config.train.seq_len + 1]
+  tokens = tokenizer.encode(text).ids[:window_length(config)]
   _, summary = generate.debug_table(model, tokens, tokenizer)
   print("generate --debug on a stdlib text (real next tokens): "
         + json.dumps(summary))

@@ -6,6 +6,13 @@ import os
 # meshes; single-device tests simply use the first device.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8")
+# Implicit rank promotion ([n] + [n, 1] -> [n, n]) hides shape bugs: make it
+# an error here and in the subprocesses tests start (they inherit os.environ).
+os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+
+jax.config.update("jax_numpy_rank_promotion", "raise")  # if imported earlier
 
 import pytest
 

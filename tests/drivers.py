@@ -33,8 +33,8 @@ def load_config(spec: str, overrides: dict | None = None):
 
 def slow_train_steps(seconds: float) -> None:
   """Makes every train step sleep `seconds` first, so signals land mid-run."""
-  from bitnet_jax import train  # pylint: disable=g-import-not-at-top
-  real = train.make_train_step
+  from bitnet_jax import steps  # pylint: disable=g-import-not-at-top
+  real = steps.make_train_step
 
   def make(*args, **kwargs):
     step = real(*args, **kwargs)
@@ -44,7 +44,7 @@ def slow_train_steps(seconds: float) -> None:
       return step(state, window)
     return run
 
-  train.make_train_step = make
+  steps.make_train_step = make
 
 
 def corpus_documents(count: int, chars: int = 1500) -> list[str]:

@@ -20,7 +20,7 @@ import pytest
 import tensorflow_datasets as tfds
 from absl import flags
 
-from bitnet_jax import data
+from bitnet_jax import data, files
 from bitnet_jax.config import ConfigError
 from bitnet_jax.data import corpus, tokenizer
 from bitnet_jax.data import stdlib as stdlib_corpus
@@ -412,7 +412,7 @@ def test_only_a_dead_writers_temporary_file_is_removed(tmp_path):
   base = str(tmp_path / "tokens" / "abc" / "tokens.bin")
   dead = touch(f"{base}.tmp.{host}.{dead_pid()}")
   live = touch(f"{base}.tmp.{host}.{os.getpid()}")
-  removed = tokenizer.remove_stale_temporaries(str(tmp_path))
+  removed = files.remove_stale_temporaries(str(tmp_path))
   assert removed == [dead], f"removed {removed}, expected only {dead}"
   assert not os.path.exists(dead), "the dead writer's file is still there"
   assert os.path.exists(live), "a live process's temporary file was removed"
@@ -422,7 +422,7 @@ def test_another_hosts_temporary_file_is_removed_after_a_day(tmp_path):
   base = str(tmp_path / "tokenizers" / "bpe512.json")
   old = touch(f"{base}.tmp.node-7.cluster.local.4242", age_seconds=25 * 3600)
   fresh = touch(f"{base}.tmp.node-8.cluster.local.4242", age_seconds=3600)
-  removed = tokenizer.remove_stale_temporaries(str(tmp_path))
+  removed = files.remove_stale_temporaries(str(tmp_path))
   assert removed == [old], f"removed {removed}, expected only the 25 h one"
   assert os.path.exists(fresh), "another host's recent file was removed"
 

@@ -21,6 +21,7 @@ def _prompts(vocab, lengths, seed=0):
   return [rng.integers(0, vocab, n).tolist() for n in lengths]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_cached_logits_equal_the_full_forward(tiny_config, scan_layers):
   model = _model(tiny_config, scan_layers=scan_layers)
@@ -39,6 +40,7 @@ def test_cached_logits_equal_the_full_forward(tiny_config, scan_layers):
         f"{error:.2e} (relative)")
 
 
+@pytest.mark.slow
 def test_greedy_is_deterministic_and_the_full_forward_argmax(tiny_config):
   model = _model(tiny_config, quantization="none")
   prompt = _prompts(tiny_config.model.vocab_size, (6,), seed=1)[0]

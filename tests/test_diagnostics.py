@@ -6,7 +6,8 @@ import pytest
 from flax import nnx
 
 from bitnet_jax import diagnostics
-from bitnet_jax.model import Transformer, bitlinear_kind
+from bitnet_jax.model import Transformer
+from bitnet_jax.tree_paths import bitlinear_kind
 
 
 def _params(model_config, scan_layers: bool):

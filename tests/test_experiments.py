@@ -48,6 +48,7 @@ def _cell(value):
   return "" if value is None else str(value)
 
 
+@pytest.mark.slow
 def test_results_csv_has_exactly_the_notes_columns(smoke_run):
   _, paths = smoke_run
   header = _csv_rows(paths["csv"])[0]

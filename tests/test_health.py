@@ -359,10 +359,6 @@ def test_invalid_values_name_the_key(key, value):
     validate(config)
 
 
-def test_defaults_validate():
-  validate(base_config())
-
-
 def test_the_regularizers_do_not_count_as_train_loss():
   """An entropy bonus lowers `loss` below the cross-entropy (`nll`): the
   alarms compare the cross-entropy, so a healthy run stays silent."""

@@ -29,6 +29,7 @@ def _alarms(workdir):
           if "health_alarms" in r}
 
 
+@pytest.mark.slow
 def test_unshifted_labels_fire_copying(tiny_config, tmp_path, monkeypatch):
   _copy_bug(monkeypatch)
   train.train_and_evaluate(_copy_bug_config(tiny_config), str(tmp_path))
@@ -37,12 +38,14 @@ def test_unshifted_labels_fire_copying(tiny_config, tmp_path, monkeypatch):
   assert fired, f"the copy bug ran 150 steps and copying never fired: {alarms}"
 
 
+@pytest.mark.slow
 def test_a_healthy_tiny_run_fires_no_alarm(tiny_config, tmp_path):
   train.train_and_evaluate(_copy_bug_config(tiny_config), str(tmp_path))
   alarms = _alarms(tmp_path)
   assert not any(alarms.values()), f"alarms on a healthy run: {alarms}"
 
 
+@pytest.mark.slow
 def test_halt_on_alarm_stops_with_a_checkpoint(tiny_config, tmp_path,
                                                monkeypatch):
   _copy_bug(monkeypatch)

@@ -112,6 +112,7 @@ def test_pack_and_unpack_match_transformers_bit_for_bit():
       "unpacking HF's bytes gives other codes than HF's unpack_weights")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(64, 32), (5, 7), (256, 96),
                                    (6912, 2560)])  # 2B-4T's FFN
 def test_latent_from_codes_requantizes_to_the_same_codes_and_scale(shape):
@@ -143,6 +144,7 @@ def _export(trained_run: str, tmp_path, fmt: str, dtype: str
   return out, reference
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt,dtype", EXPORTS)
 def test_export_loads_in_transformers_with_our_logits_and_greedy_tokens(
     trained_run, tokens, tmp_path, fmt, dtype):
@@ -317,6 +319,7 @@ def test_import_then_export_reproduces_the_safetensors(hf_latent_bf16,
                                   f"{form}: {name} changed in the round trip")
 
 
+@pytest.mark.slow
 def test_fine_tuning_an_import_starts_from_its_weights(hf_latent, tmp_path,
                                                        data_dir):
   workdir = str(tmp_path / "run")
@@ -371,6 +374,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                         text=True, cwd=REPO, timeout=300, check=False)
 
 
+@pytest.mark.slow
 def test_command_lines_import_generate_and_export_gguf(trained_run,
                                                        hf_latent, tmp_path):
   """The README's commands, end to end, in fresh processes."""
@@ -441,6 +445,7 @@ def test_bitnet_2b4t_config_has_the_released_architecture():
       "the HF defaults map to other model fields than the config's"
 
 
+@pytest.mark.slow
 def test_fine_tuning_with_another_tokenizer_is_refused(hf_latent, tmp_path,
                                                        data_dir):
   workdir = str(tmp_path / "run")

@@ -45,6 +45,7 @@ def test_next_token_model_has_near_zero_loss_and_copy_model_high_loss():
       f"copying token i scored {bad}: the loss rewards a copy task")
 
 
+@pytest.mark.slow
 def test_loss_at_position_i_uses_token_i_plus_1():
   window = jax.random.randint(jax.random.key(0), (1, 7), 0, VOCAB)
   _, targets = loss.split_window(window)
@@ -116,6 +117,7 @@ def _tiny_model_and_packed_batch(tiny_config):
   return model, document_features(tokens, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk_size", [8])
 def test_the_chunked_loss_equals_the_unchunked_loss_and_gradients(
     tiny_config, chunk_size):

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bitnet_jax import quant
+from bitnet_jax import attention, config, layers, model, quant
 from bitnet_jax.layers import BitLinear
 from bitnet_jax.layout import unstack_layers
-from bitnet_jax.model import BITLINEAR_NAMES, Transformer
+from bitnet_jax.model import Transformer
+from bitnet_jax.tree_paths import BITLINEAR_NAMES
 
 
 def _model(tiny_config, **overrides):
@@ -32,6 +33,7 @@ def test_logits_shape_and_dtype(tiny_config):
   assert logits.dtype == jnp.float32, "logits must be float32 for the loss"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantization", ["ternary", "none"])
 def test_logits_at_position_i_ignore_later_tokens(tiny_config, quantization):
   model = _model(tiny_config, quantization=quantization)
@@ -128,6 +130,7 @@ def test_bfloat16_compute_keeps_float32_params(tiny_config):
   assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantization,n_kv_heads", [("ternary", 0),
                                                      ("none", 0),
                                                      ("ternary", 1)])
@@ -242,3 +245,25 @@ def test_bf16_model_multiplies_in_the_compute_dtype(tiny_config, matmul,
   assert all(d == ("bfloat16", "bfloat16") for d in attention_and_head), (
       f"a matmul ran outside bf16: {dots}")
   assert model(jnp.zeros((2, 8), jnp.int32)).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("implementations,choices", [
+    (layers.BITLINEAR_MATMULS, config.BITLINEAR_MATMULS),
+    (model.FFN_ACTIVATIONS, config.FFN_ACTIVATIONS),
+    (model.REMAT_POLICIES, config.REMAT_POLICIES),
+    (attention.ATTENTION_IMPLEMENTATIONS, config.ATTENTION_IMPLEMENTATIONS)])
+def test_the_models_implementations_are_the_configs_choices(implementations,
+                                                            choices):
+  assert tuple(implementations) == tuple(choices), (
+      f"the model implements {tuple(implementations)}, the config allows "
+      f"{tuple(choices)}: a choice would validate and fail at build, or an "
+      "implementation be unreachable")
+
+
+@pytest.mark.parametrize("key,value", [
+    ("ffn_activation", "gelu"), ("bitlinear_matmul", "int4"),
+    ("attention_implementation", "flash")])
+def test_an_unknown_implementation_is_refused_when_the_model_is_built(
+    tiny_config, key, value):
+  with pytest.raises(ValueError, match=rf"{key}={value!r}"):
+    _model(tiny_config, **{key: value})

@@ -84,6 +84,7 @@ def _losses(workdir: str) -> dict[int, float]:
   return {r["step"]: r.get("loss", r.get("eval_loss")) for r in records}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_and_resume(tiny_config, tmp_path):
   overrides = {"data.data_dir": tiny_config.data.data_dir,
                "model.quantization": "none", "train.steps": 6,
@@ -115,6 +116,7 @@ def test_two_processes_match_one_process_and_resume(tiny_config, tmp_path):
   assert sorted(_losses(workdir)) == list(range(10)), "steps 7-9 not logged"
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_host_stops_every_host_at_the_same_checkpoint(
     tiny_config, tmp_path):
   overrides = {"data.data_dir": tiny_config.data.data_dir,
@@ -140,6 +142,7 @@ def test_sigterm_to_one_host_stops_every_host_at_the_same_checkpoint(
       "process_0-of-2.json", "process_1-of-2.json"], "not both hosts saved"
 
 
+@pytest.mark.slow
 def test_two_hosts_stream_their_own_files_and_resume_their_own_positions(
     tiny_config, tmp_path):
   corpus = stream_config(tiny_config, str(tmp_path / "corpus"),
@@ -170,6 +173,7 @@ def test_two_hosts_stream_their_own_files_and_resume_their_own_positions(
       "after the resume the hosts trained on other batches than before")
 
 
+@pytest.mark.slow
 def test_an_alarm_with_halt_on_alarm_stops_every_host_at_one_eval(
     tiny_config, tmp_path):
   # frequency_collapse at once: any top-token share > 0.01, no grace period.

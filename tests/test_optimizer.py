@@ -109,6 +109,7 @@ def test_applied_hyperparams_follow_the_schedules(tiny_config):
                                err_msg=f"applied weight decay at step {step}")
 
 
+@pytest.mark.slow
 def test_weight_decay_shrinks_bitlinear_kernels_only_in_stage_one(tiny_config):
   tiny_config.train.steps = 4
   tiny_config.optimizer.warmup_steps = 0

@@ -22,6 +22,7 @@ def _tokens(tiny_config, shape=(2, 16), seed=0):
                             tiny_config.model.vocab_size)
 
 
+@pytest.mark.slow
 def test_entropy_weight_subtracts_beta_times_the_entropy():
   logits = jax.random.normal(jax.random.key(0), (3, 5, 11)) * 3
   targets = jax.random.randint(jax.random.key(1), (3, 5), 0, 11)
@@ -50,6 +51,7 @@ def test_entropy_bonus_gradient_flattens_the_prediction():
       f"entropy {before:.3f} -> {entropy:.3f}"
 
 
+@pytest.mark.slow
 def test_dropout_acts_in_training_only(tiny_config):
   model = _model(tiny_config, dropout_rate=0.3)
   tokens = _tokens(tiny_config)
@@ -129,6 +131,7 @@ def test_the_product_over_many_layers_has_gain_at_most_1():
   assert gain <= 1 + 1e-5, f"spectral norm {gain} of 64 mixed layers > 1"
 
 
+@pytest.mark.slow
 def test_mhc_lite_starts_at_alpha_half_and_bypasses_no_block(tiny_config):
   model = _model(tiny_config, residual="mhc_lite", residual_streams=2,
                  scan_layers=False)
@@ -177,6 +180,7 @@ def test_mhc_lite_streams_separate_and_their_mixing_learns(tiny_config):
           "step: the streams are still identical copies")
 
 
+@pytest.mark.slow
 def test_mhc_lite_model_trains(tiny_config):
   from bitnet_jax import train  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top

@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from bitnet_jax import checkpoint, guards, run_identity, run_lock, train
+from bitnet_jax import (checkpoint, guards, run_identity, run_lock, steps,
+                        train)
 from drivers import REPO
 
 TIMING_KEYS = {"tokens_per_sec", "steps_per_sec", "step_time_ms",
@@ -99,6 +100,7 @@ def _comparable(records: list[dict]) -> dict:
   return merged
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_the_step_in_flight_and_exits_zero(
     tmp_path, data_dir, signum):
@@ -119,6 +121,7 @@ def test_a_signal_saves_the_step_in_flight_and_exits_zero(
   assert logged == list(range(1, step + 1)), "metrics were not flushed"
 
 
+@pytest.mark.slow
 def test_a_second_signal_exits_at_once(tmp_path, data_dir):
   process = _start(tmp_path, _overrides(data_dir, train__steps=200,
                                         train__checkpoint_every=100),
@@ -132,6 +135,7 @@ def test_a_second_signal_exits_at_once(tmp_path, data_dir):
       f"exit status {code}, want {128 + signal.SIGTERM}:\n{output[-2000:]}")
 
 
+@pytest.mark.slow
 def test_chaos_kills_and_signals_change_no_logged_value(
     tiny_config, tmp_path, data_dir):
   overrides = _overrides(data_dir)
@@ -170,6 +174,7 @@ def test_chaos_kills_and_signals_change_no_logged_value(
       f"a logged value differs from the uninterrupted run (plan {plan})")
 
 
+@pytest.mark.slow
 def test_a_second_writer_on_a_workdir_is_refused_naming_the_holder(
     tiny_config, tmp_path, data_dir):
   process = _start(tmp_path, _overrides(data_dir, train__steps=200))
@@ -186,6 +191,7 @@ def test_a_second_writer_on_a_workdir_is_refused_naming_the_holder(
     process.wait()
 
 
+@pytest.mark.slow
 def test_a_failed_background_save_stops_the_run_naming_path_and_cause(
     tmp_path, data_dir):
   process = _start(tmp_path, _overrides(data_dir, train__steps=40), sleep=0.0,
@@ -211,6 +217,7 @@ def _short_run(config, steps=8):
   return config
 
 
+@pytest.mark.slow
 def test_a_resume_with_another_learning_rate_is_refused_and_writes_nothing(
     tiny_config, tmp_path):
   train.train_and_evaluate(_short_run(tiny_config), str(tmp_path))
@@ -226,6 +233,7 @@ def test_a_resume_with_another_learning_rate_is_refused_and_writes_nothing(
     assert (tmp_path / name).read_bytes() == content, f"{name} was changed"
 
 
+@pytest.mark.slow
 def test_a_forced_resume_into_another_model_size_names_each_array(
     tiny_config, tmp_path, capfd):
   train.train_and_evaluate(_short_run(tiny_config), str(tmp_path))
@@ -243,23 +251,24 @@ def test_a_forced_resume_into_another_model_size_names_each_array(
       "library tracebacks were printed")
 
 
+@pytest.mark.slow
 def test_a_diverged_run_stops_before_checkpointing_the_diverged_state(
     tiny_config, tmp_path, monkeypatch):
   config = _short_run(tiny_config, steps=20)
   config.train.divergence_patience = 2
-  real = train.make_train_step
+  real = steps.make_train_step
 
   def exploding(*args, **kwargs):
     step_fn = real(*args, **kwargs)
 
     def run(state, window):
       state, out = step_fn(state, window)
-      if int(state["step"]) > 9:  # finite, but 1e6 times larger
+      if int(state.step) > 9:  # finite, but 1e6 times larger
         out = {**out, "loss": out["loss"] * 1e6, "nll": out["nll"] * 1e6}
       return state, out
     return run
 
-  monkeypatch.setattr(train, "make_train_step", exploding)
+  monkeypatch.setattr(steps, "make_train_step", exploding)
   with pytest.raises(guards.DivergenceError, match="diverged"):
     train.train_and_evaluate(config, str(tmp_path))
   saved = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
@@ -268,6 +277,7 @@ def test_a_diverged_run_stops_before_checkpointing_the_diverged_state(
   saved.close()
 
 
+@pytest.mark.slow
 def test_a_half_written_metrics_line_does_not_stop_the_restart(
     tiny_config, tmp_path):
   train.train_and_evaluate(_short_run(tiny_config), str(tmp_path))
@@ -279,6 +289,7 @@ def test_a_half_written_metrics_line_does_not_stop_the_restart(
   assert steps == [2, 4, 6, 8, 10, 12], steps
 
 
+@pytest.mark.slow
 def test_tokens_seen_stays_true_across_a_forced_batch_size_change(
     tiny_config, tmp_path):
   train.train_and_evaluate(_short_run(tiny_config), str(tmp_path))

@@ -257,3 +257,59 @@ def test_a_new_run_replaces_a_different_tokenizer_copy(tmp_path):
   run_identity.check_tokenizer(workdir, second, False, resuming=False)
   assert _read(os.path.join(workdir, "tokenizer.json")) == _read(second), (
       "a new run (no checkpoint) must take its own tokenizer")
+
+
+# Key classes come from the field table (bitnet_jax.defaults.FIELDS).
+
+# What a resume may change, key by key: a line moved between these sets (or
+# out of them, to IDENTITY) changes which resumes are refused, so update it
+# only with the reason in the table's comment.
+_RUNTIME = {
+    "data.data_dir", "data.prefetch_buffer_size", "model.scan_layers",
+    "model.attention_implementation", "model.remat_policy",
+    "model.bitlinear_matmul", "train.loss_chunk_size",
+    "train.grad_accum_steps", "train.allow_config_change",
+    "train.lock_stale_seconds", "train.init_from"}
+_SCHEDULE = {
+    "train.steps", "train.log_every", "train.eval_every",
+    "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.divergence_factor", "train.divergence_patience",
+    "train.sample_prompts", "train.sample_prompt_tokens",
+    "train.sample_new_tokens"}
+_RUNTIME_SECTIONS = ("mesh.", "distributed.", "health.")
+
+
+def test_every_default_key_keeps_its_resume_class(tiny_config):
+  keys = run_identity.flatten(run_identity.config_dict(tiny_config))
+  for key in keys:
+    want = (run_identity.RUNTIME if key in _RUNTIME
+            or key.startswith(_RUNTIME_SECTIONS) else run_identity.SCHEDULE
+            if key in _SCHEDULE else run_identity.IDENTITY)
+    assert run_identity.key_class(key) == want, (
+        f"config.{key} is {run_identity.key_class(key)}, want {want}")
+  classes = {run_identity.key_class(key) for key in keys}
+  assert classes == {run_identity.RUNTIME, run_identity.SCHEDULE,
+                     run_identity.IDENTITY}, f"only {classes}: vacuous"
+
+
+def test_key_class_reads_the_field_table(monkeypatch):
+  field = run_identity.FIELDS["optimizer.b1"]
+  monkeypatch.setitem(run_identity.FIELDS, "optimizer.b1",
+                      field._replace(resume=run_identity.RUNTIME))
+  assert run_identity.key_class("optimizer.b1") == run_identity.RUNTIME, (
+      "key_class does not read the field table")
+
+
+@pytest.mark.parametrize("key,want", [
+    ("model.new_field", "identity"), ("train.stepz", "identity"),
+    ("new_section.x", "identity"), ("mesh.tensor", "runtime"),
+    ("distributed.timeout", "runtime"), ("health.new_alarm", "runtime"),
+])
+def test_a_key_unknown_to_the_table_is_identity_except_in_runtime_sections(
+    key, want):
+  assert key not in run_identity.FIELDS
+  assert run_identity.key_class(key) == want
+
+
+def test_runtime_prefixes_are_the_sections_without_another_class():
+  assert sorted(run_identity.RUNTIME_PREFIXES) == sorted(_RUNTIME_SECTIONS)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from bitnet_jax import run_lock
+from bitnet_jax import files, run_lock
 from bitnet_jax.run_lock import WorkdirLock, WorkdirLockedError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,7 +146,7 @@ def test_another_hosts_lock_with_a_fresh_heartbeat_is_refused(tmp_path):
 
 
 def test_a_reused_pid_on_this_host_is_stale(tmp_path):
-  ticks = run_lock.process_start_ticks(os.getpid())
+  ticks = files.process_start_ticks(os.getpid())
   if ticks is None:
     pytest.skip("no /proc/<pid>/stat: pid reuse cannot be detected here")
   # This test's own pid is alive but started at another time: pid reused.
@@ -159,7 +159,7 @@ def test_a_reused_pid_on_this_host_is_stale(tmp_path):
 def test_a_live_pid_on_this_host_with_its_start_time_is_refused(tmp_path):
   _write_lock(tmp_path, host=socket.gethostname(), pid=os.getpid(),
               age_seconds=3600,
-              pid_start_ticks=run_lock.process_start_ticks(os.getpid()))
+              pid_start_ticks=files.process_start_ticks(os.getpid()))
   with pytest.raises(WorkdirLockedError, match=f"pid {os.getpid()}"):
     WorkdirLock(str(tmp_path), stale_seconds=60).acquire()
 

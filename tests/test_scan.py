@@ -66,6 +66,7 @@ def _losses(config, scan_layers, n_steps=4):
   return losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantization,rtol", [("none", 1e-6),
                                                ("ternary", 1e-4)])
 def test_scanned_and_unrolled_runs_have_the_same_losses(tiny_config,
@@ -121,6 +122,7 @@ def _loss_and_grads(config, policy):
   return value, grads, jaxpr
 
 
+@pytest.mark.slow
 def test_every_remat_policy_gives_the_same_loss_and_gradients(tiny_config):
   """(Scanned; the unrolled loop wraps each block in the same function.)"""
   reference, reference_grads, plain = _loss_and_grads(tiny_config, "none")
@@ -167,6 +169,7 @@ def test_init_from_a_checkpoint_of_the_other_layout(tiny_config, tmp_path):
   assert isinstance(kernel, jax.Array) and kernel.dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_a_resume_takes_the_layout_of_its_checkpoints(tiny_config, tmp_path,
                                                       caplog):
   # pylint: disable-next=g-import-not-at-top

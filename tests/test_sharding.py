@@ -37,6 +37,7 @@ def _use_mesh(config, data_size, fsdp_size):
   return config
 
 
+@pytest.mark.slow
 def test_eight_device_mesh_matches_one_device_full_precision(tiny_config):
   """The 5-step trajectory on (data=2, fsdp=4) equals one device's."""
   assert jax.device_count() == 8, "conftest must simulate 8 CPU devices"
@@ -51,6 +52,7 @@ def test_eight_device_mesh_matches_one_device_full_precision(tiny_config):
   assert single[-1] != single[0], "the losses did not move: vacuous test"
 
 
+@pytest.mark.slow
 def test_eight_device_mesh_matches_one_device_ternary_step_by_step(
     tiny_config):
   """From the same state, each sharded ternary step equals one device's.
@@ -74,7 +76,7 @@ def test_eight_device_mesh_matches_one_device_ternary_step_by_step(
       np.testing.assert_allclose(
           out[name], single[k][name], rtol=rtol,
           err_msg=f"step {k}: sharded {name} differs from one device")
-  kernel = state["params"]["layers"]["mlp"]["gate_proj"]["kernel"]
+  kernel = state.params["layers"]["mlp"]["gate_proj"]["kernel"]
   assert kernel.sharding.spec[0] is None and "fsdp" in kernel.sharding.spec, (
       f"{kernel.sharding.spec}: scanned [layers, in, out] kernels must shard "
       "a weight dimension over fsdp, never the layers axis")
@@ -82,7 +84,7 @@ def test_eight_device_mesh_matches_one_device_ternary_step_by_step(
   assert np.prod(shard_shape) * 4 == kernel.size, (
       f"a device holds {shard_shape} of {kernel.shape}: not sharded 4 ways")
   assert shard_shape[0] == kernel.shape[0], "a device lacks some layers"
-  adam_mu = state["opt_state"][-1].inner_state[0].mu["embed_tokens"][
+  adam_mu = state.opt_state[-1].inner_state[0].mu["embed_tokens"][
       "embedding"]
   assert "fsdp" in adam_mu.sharding.spec, "optimizer state not sharded"
 

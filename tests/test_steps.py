@@ -15,7 +15,7 @@ def _one_step(config, batch, devices):
   graphdef, state, shardings = train_state.create_train_state(config, mesh, tx)
   step = steps.make_train_step(config, graphdef, tx, shardings, mesh)
   state, out = step(state, sharding.global_batch(batch, mesh))
-  return jax.device_get(state["params"]), jax.device_get(out)
+  return jax.device_get(state.params), jax.device_get(out)
 
 
 def _packed_batch(config):
@@ -29,6 +29,7 @@ def _packed_batch(config):
   return document_features(tokens, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accum,n_devices", [(4, 1), (2, 4)])
 def test_accumulated_micro_batches_equal_one_step_on_the_whole_batch(
     tiny_config, accum, n_devices):
@@ -75,9 +76,9 @@ def test_evaluation_in_micro_batches_sums_to_the_whole_batch(tiny_config):
   totals = {}
   for accum in (1, 2):
     tiny_config.train.grad_accum_steps = accum
-    step = steps.make_eval_step(tiny_config, graphdef, shardings["params"],
+    step = steps.make_eval_step(tiny_config, graphdef, shardings.params,
                                 mesh)
-    totals[accum] = jax.device_get(step(state["params"], placed, 0))
+    totals[accum] = jax.device_get(step(state.params, placed, 0))
   per_batch = ("attention_rms", "ffn_rms", "batches")  # a value per batch
   for name, value in totals[1].items():
     if name not in per_batch:
@@ -100,6 +101,7 @@ def test_the_int8_matmul_needs_ternary_weights(tiny_config):
     config_lib.validate(tiny_config)
 
 
+@pytest.mark.slow
 def test_the_train_step_applies_dropout_reproducibly(tiny_config):
   tiny_config.mesh.data = 1
   batch = _packed_batch(tiny_config)

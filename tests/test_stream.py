@@ -40,6 +40,7 @@ def _documents_by_epoch(config, process_index=0, process_count=1,
   return epochs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["parquet", "jsonl.gz", "arrayrecord"])
 def test_each_source_trains_the_tiny_config_in_stream_mode(
     tiny_config, tmp_path, scheme):
@@ -83,6 +84,7 @@ def test_two_processes_read_disjoint_files_that_cover_the_corpus(
   assert len(files[0]) == len(files[1]) == 3, files
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batches_before", [5, 70])
 def test_the_stream_resumes_exactly_with_two_workers(tiny_config, tmp_path,
                                                      batches_before):

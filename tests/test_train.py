@@ -9,7 +9,7 @@ import sys
 import pytest
 from absl import flags
 
-from bitnet_jax import train
+from bitnet_jax import steps, train
 from drivers import stream_config
 
 TRAIN_KEYS = {"step", "loss", "learning_rate", "weight_decay", "grad_norm",
@@ -36,15 +36,16 @@ def _wrap_train_step(monkeypatch, wrapper):
 
   `call_index` counts the steps this run executed, from 0.
   """
-  real = train.make_train_step
+  real = steps.make_train_step
 
   def make(*args, **kwargs):
     step_fn, calls = real(*args, **kwargs), itertools.count()
     return lambda state, window: wrapper(next(calls), step_fn, state, window)
 
-  monkeypatch.setattr(train, "make_train_step", make)
+  monkeypatch.setattr(steps, "make_train_step", make)
 
 
+@pytest.mark.slow
 def test_tiny_run_learns_and_logs_every_required_metric(tiny_config,
                                                         tmp_path):
   config = tiny_config  # default mesh: all 8 simulated devices
@@ -75,6 +76,7 @@ def test_tiny_run_learns_and_logs_every_required_metric(tiny_config,
   assert os.listdir(tmp_path / "tensorboard"), "no TensorBoard events"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["stdlib", "jsonl stream"])
 def test_resumed_run_repeats_the_uninterrupted_losses_exactly(
     tiny_config, tmp_path, monkeypatch, source):
@@ -138,6 +140,7 @@ def _run_main(args: list[str]) -> subprocess.CompletedProcess:
                         cwd=repo, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_command_line_trains_resumes_and_never_imports_tensorflow(
     tmp_path, data_dir):
   workdir = str(tmp_path / "run")
@@ -168,6 +171,7 @@ def test_command_line_trains_resumes_and_never_imports_tensorflow(
       f"library tracebacks or advice leaked:\n{wider.stderr[-3000:]}")
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run_before_a_bad_checkpoint(
     tiny_config, tmp_path, monkeypatch):
   config = tiny_config

@@ -39,7 +39,8 @@ import numpy as np
 import tokenizers
 from absl import logging
 
-from bitnet_jax.config import STREAM_SCHEMES, ConfigError
+from bitnet_jax import files
+from bitnet_jax.config import STREAM_SCHEMES, ConfigError, window_length
 from bitnet_jax.data import stream
 from bitnet_jax.data import tokenizer as tokenizer_lib
 from bitnet_jax.data.corpus import TextSplit, open_splits
@@ -160,7 +161,7 @@ def token_cache(split: TextSplit, tokenizer: tokenizers.Tokenizer,
   dtype = token_dtype(tokenizer.get_vocab_size())
   logging.info("Tokenizing the documents of %s into %s", split.key, bin_path)
   os.makedirs(directory, exist_ok=True)
-  tmp = tokenizer_lib.temporary_path(bin_path)
+  tmp = files.temporary_path(bin_path)
   n_tokens = n_documents = 0
   with open(tmp, "wb") as f:
     for texts in split.texts(stream.ENCODE_CHUNK):
@@ -179,7 +180,7 @@ def token_cache(split: TextSplit, tokenizer: tokenizers.Tokenizer,
   meta = {"format": _CACHE_FORMAT, "split": split.key, "n_tokens": n_tokens,
           "n_documents": n_documents, "dtype": dtype.name,
           "vocab_size": tokenizer.get_vocab_size(), "eot_id": eot_id}
-  tokenizer_lib.write_atomically(meta_path, json.dumps(meta, indent=1).encode())
+  files.write_atomically(meta_path, json.dumps(meta, indent=1).encode())
   logging.info("Wrote %d tokens of %d documents to %s", n_tokens, n_documents,
                bin_path)
   return bin_path, n_tokens, dtype.name
@@ -201,7 +202,7 @@ def prepare(config) -> PreparedData:
   """
   root = data_root(config)
   for written_here in ("tokens", "tokenizers"):  # not tfds/: TFDS's own
-    tokenizer_lib.remove_stale_temporaries(os.path.join(root, written_here))
+    files.remove_stale_temporaries(os.path.join(root, written_here))
   train, held_out = open_splits(config, root)
   tokenizer, tokenizer_path = tokenizer_lib.get_tokenizer(config, root, train)
   eot_id = tokenizer_lib.end_of_text_id(tokenizer, tokenizer_path)
@@ -346,7 +347,7 @@ def eval_batches(prepared: PreparedData, config, process_index: int = 0,
       when the eval split has too few windows.
   """
   local_batch = _local_batch_size(config, process_index, process_count)
-  seq_len, n_batches = config.train.seq_len, config.train.eval_batches
+  n_batches = config.train.eval_batches
   if prepared.mode == "stream":
     windows = stream.eval_stream_tokens(prepared.eval_split,
                                         prepared.tokenizer, prepared.eot_id,
@@ -354,7 +355,7 @@ def eval_batches(prepared: PreparedData, config, process_index: int = 0,
   else:
     windows = _prepared_eval_windows(prepared, config)
   windows = windows[:, process_index::process_count]
-  assert windows.shape == (n_batches, local_batch, seq_len + 1)
+  assert windows.shape == (n_batches, local_batch, window_length(config))
   return [stream.batch_features(batch, config.data.packing, prepared.eot_id)
           for batch in windows]
 
@@ -375,5 +376,5 @@ def _prepared_eval_windows(prepared: PreparedData, config) -> np.ndarray:
   rows = np.arange(n_batches * batch_size).reshape(n_batches, batch_size)
   tokens = read_tokens(prepared.eval_tokens, prepared.eval_n_tokens,
                        prepared.dtype)
-  offsets = rows[..., None] * seq_len + np.arange(seq_len + 1)
+  offsets = rows[..., None] * seq_len + np.arange(window_length(config))
   return np.asarray(tokens[offsets], dtype=np.int32)

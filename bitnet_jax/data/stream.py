@@ -37,7 +37,7 @@ import grain
 import numpy as np
 import tokenizers
 
-from bitnet_jax.config import ConfigError
+from bitnet_jax.config import ConfigError, window_length
 from bitnet_jax.data import tokenizer as tokenizer_lib
 from bitnet_jax.data.corpus import TextSplit
 from bitnet_jax.data.sources import DocumentStream
@@ -161,7 +161,7 @@ def train_stream(split: TextSplit, tokenizer: tokenizers.Tokenizer,
   ds = shuffled_documents(split, config, process_index, process_count)
   ds = ds.map(Tokenize(tokenizer.to_str(), eot_id))
   ds = grain.experimental.ConcatThenSplitIterDataset(
-      ds, length_struct={"tokens": config.train.seq_len + 1})
+      ds, length_struct={"tokens": window_length(config)})
   ds = ds.map(_tokens_only).batch(local_batch, drop_remainder=True)
   ds = ds.map(functools.partial(batch_features, packing=d.packing,
                                 eot_id=eot_id))
@@ -199,7 +199,7 @@ def eval_stream_tokens(split: TextSplit, tokenizer: tokenizers.Tokenizer,
       fits) when the eval files hold too few tokens.
   """
   t = config.train
-  length = t.seq_len + 1
+  length = window_length(config)
   needed = t.eval_batches * t.batch_size * length
   tokens = np.fromiter(itertools.islice(  # reads no more than it needs
       _token_stream(split, tokenizer, eot_id), needed), np.int32)

@@ -12,17 +12,15 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import socket
-import time
 from collections.abc import Iterator
 
 import tokenizers
 from absl import logging
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from bitnet_jax import run_lock
 from bitnet_jax.config import ConfigError, check_vocab
 from bitnet_jax.data.corpus import TextSplit
+from bitnet_jax.files import write_atomically
 
 EOT_TOKEN = "<|endoftext|>"  # separates documents in the token stream
 # Characters of training text the BPE trainer sees at most (the first ones of
@@ -32,89 +30,6 @@ MAX_TRAINING_CHARS = 200_000_000
 # Document separators recognized in a user-provided tokenizer, in order.
 _EOT_CANDIDATES = (EOT_TOKEN, "<|end_of_text|>", "</s>", "<eos>")
 _RECIPE = "bytelevel-bpe-v1"  # bump when train_bpe changes its output
-# Another host's temporary file unmodified this long belongs to a dead writer
-# (a live one appends a chunk every few seconds).
-STALE_TEMPORARY_SECONDS = 24 * 3600
-_TEMPORARY = re.compile(r".\.tmp\.(?P<host>[^/]+)\.(?P<pid>[0-9]+)$")
-
-
-def temporary_path(path: str) -> str:
-  """Returns a sibling of `path` unique to this host and process."""
-  return f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
-
-
-def remove_stale_temporaries(directory: str,
-                             max_age_seconds: float = STALE_TEMPORARY_SECONDS
-                             ) -> list[str]:
-  """Deletes `temporary_path` files under `directory` left by dead writers.
-
-  A process killed while writing leaves `<path>.tmp.<host>.<pid>` behind
-  (e.g. a partial `tokens.bin` of gigabytes). Such a file, anywhere under
-  `directory` (searched recursively), is removed when its writer is dead:
-  on this host, when process `pid` no longer exists; written by another
-  host, when unmodified for `max_age_seconds` (default 24 h), since other
-  hosts' processes cannot be probed. A live process's file is never
-  removed (hosts sharing `directory` must have distinct hostnames, as
-  `temporary_path` already assumes). Each removal is logged as a warning.
-
-  Args:
-    directory: the data cache root (`pipeline.data_root`).
-    max_age_seconds: age, by mtime, after which another host's temporary
-      file counts as abandoned.
-
-  Returns:
-    The removed paths, sorted.
-
-  Raises:
-    OSError: when a stale file exists but cannot be deleted (permissions).
-  """
-  host, now, removed = socket.gethostname(), time.time(), []
-  for parent, _, files in os.walk(directory):
-    for name in files:
-      match = _TEMPORARY.search(name)
-      if match is None:
-        continue
-      path = os.path.join(parent, name)
-      pid = int(match["pid"])
-      if name.endswith(f".tmp.{host}.{pid}"):
-        if run_lock.process_exists(pid):
-          continue
-        reason = f"its writer, process {pid} on this host, is dead"
-      else:
-        try:
-          age = now - os.path.getmtime(path)
-        except FileNotFoundError:  # renamed into place meanwhile
-          continue
-        if age < max_age_seconds:
-          continue
-        reason = (f"written by host {match['host']}, unmodified for "
-                  f"{age / 3600:.0f} h")
-      try:
-        os.remove(path)
-      except FileNotFoundError:
-        continue
-      logging.warning("Removed the stale temporary file %s (%s)", path,
-                      reason)
-      removed.append(path)
-  return sorted(removed)
-
-
-def write_atomically(path: str, data: bytes) -> None:
-  """Writes `data` to `path` via a temporary file and `os.replace`.
-
-  Readers see either the old file or the complete new one, never a partial
-  one; concurrent writers (hosts sharing a filesystem) use distinct temporary
-  names and the last one wins.
-  """
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = temporary_path(path)
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def _capped_texts(split: TextSplit, max_chars: int) -> Iterator[str]:
   """Yields the split's documents until `max_chars` characters were given."""
   remaining = max_chars

@@ -9,10 +9,11 @@ line per figure: windows drawn; duplicate windows within a batch, across
 batches within an epoch, and repeated from an earlier epoch; drawn train
 windows that are also eval windows, and (prepared mode) eval windows that
 are windows of the train token file (at any of its window offsets, multiples
-of seq_len, drawn or not; a copy at another offset is not looked for); a token frequency summary (of the targets,
-`tokens[:, 1:]`); windows per epoch and `epochs = train.steps x
-train.batch_size / windows`, with a WARNING above 1 (repeated data: the
-seeds' memorization risk). Windows are compared by a hash of their tokens.
+of seq_len, drawn or not; a copy at another offset is not looked for); a
+token frequency summary (of the targets, `tokens[:, 1:]`); windows per epoch
+and `epochs = train.steps x train.batch_size / windows`, with a WARNING
+above 1 (repeated data, which a model memorizes: the `memorization` alarm
+of `bitnet_jax.health`). Windows are compared by a hash of their tokens.
 
 "Within an epoch", by data mode:
   prepared  the train token file holds `windows` windows and each epoch is
