@@ -161,6 +161,7 @@ def _build(config: ml_collections.ConfigDict, workdir: str,
            checkpointer: checkpoint.Checkpointer, start: Start) -> Run:
   """`build_run` once the start is decided."""
   t = config.train
+  tokens_per_step = t.batch_size * t.seq_len
   prepared = multihost.process_zero_first(lambda: data.prepare(config),
                                           "data_prepared")
   _check_tokenizers(config, workdir, prepared.tokenizer_path, start)
@@ -179,7 +180,7 @@ def _build(config: ml_collections.ConfigDict, workdir: str,
       start is Start.RESUME) else None
   if restored is not None:  # (checkpoints older than `run` lack its facts)
     state = restored.state
-    facts = {"tokens_seen": restored.step * t.batch_size * t.seq_len,
+    facts = {"tokens_seen": restored.step * tokens_per_step,
              **restored.run}
   else:
     if start is Start.RESUME:
@@ -205,9 +206,8 @@ def _build(config: ml_collections.ConfigDict, workdir: str,
   eval_global = [sharding.global_batch(b, mesh) for b in eval_local]
   eval_step = steps.make_eval_step(config, graphdef, shardings.params, mesh)
   prompts = samples.sample_prompts(config, eval_local)
-  tokens_seen = TokensSeen(start_step, facts["tokens_seen"],
-                           t.batch_size * t.seq_len)
-  throughput = metrics.Throughput(t.batch_size * t.seq_len, t.steps)
+  tokens_seen = TokensSeen(start_step, facts["tokens_seen"], tokens_per_step)
+  throughput = metrics.Throughput(tokens_per_step, t.steps)
   writer = metrics.MetricWriter(workdir, resume_step=start_step)
   monitor = health.HealthMonitor(config.health,
                                  vocab_size=config.model.vocab_size,

@@ -38,6 +38,7 @@ warnings.filterwarnings(
     message=r"Some donated buffers were not usable: "
     r"int32\[[0-9,]+\](, int32\[[0-9,]+\])*\.")
 
+
 def micro_batches(batch: dict, steps: int, mesh: jax.sharding.Mesh) -> dict:
   """Splits a global batch `[batch, ...]` into `[steps, batch / steps, ...]`.
 
