@@ -43,6 +43,31 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
       process_id=d.process_id if d.process_id >= 0 else None)
 
 
+def mesh_sizes(mesh_config: ml_collections.ConfigDict,
+               device_count: int) -> tuple[int, int]:
+  """(data, fsdp) of `config.mesh` over `device_count` devices, a -1 filled.
+
+  Raises:
+    ConfigError: naming `mesh.data` / `mesh.fsdp` when the sizes do not
+      multiply to the device count.
+  """
+  sizes = {"data": mesh_config.data, "fsdp": mesh_config.fsdp}
+  known = int(np.prod([s for s in sizes.values() if s != -1]))
+  for name, size in sizes.items():
+    if size == -1:
+      if device_count % known:
+        raise ConfigError(
+            f"config.mesh.{name}=-1 cannot fill {device_count} devices when "
+            f"the other axis is {known}; pick sizes that divide the count")
+      sizes[name] = device_count // known
+  if sizes["data"] * sizes["fsdp"] != device_count:
+    raise ConfigError(
+        f"config.mesh.data={sizes['data']} x config.mesh.fsdp="
+        f"{sizes['fsdp']} must equal the {device_count} devices; set one "
+        "of them to -1 to fill")
+  return sizes["data"], sizes["fsdp"]
+
+
 def make_mesh(mesh_config: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds the (data, fsdp) mesh; one axis may be -1 (= fill).
@@ -52,25 +77,10 @@ def make_mesh(mesh_config: ml_collections.ConfigDict,
     devices: the devices to use; all of `jax.devices()` by default.
 
   Raises:
-    ConfigError: naming `mesh.data` / `mesh.fsdp` when the sizes do not
-      multiply to the device count.
+    ConfigError: see `mesh_sizes`.
   """
   devices = list(jax.devices() if devices is None else devices)
-  sizes = {"data": mesh_config.data, "fsdp": mesh_config.fsdp}
-  known = int(np.prod([s for s in sizes.values() if s != -1]))
-  for name, size in sizes.items():
-    if size == -1:
-      if len(devices) % known:
-        raise ConfigError(
-            f"config.mesh.{name}=-1 cannot fill {len(devices)} devices when "
-            f"the other axis is {known}; pick sizes that divide the count")
-      sizes[name] = len(devices) // known
-  if sizes["data"] * sizes["fsdp"] != len(devices):
-    raise ConfigError(
-        f"config.mesh.data={sizes['data']} x config.mesh.fsdp="
-        f"{sizes['fsdp']} must equal the {len(devices)} devices; set one "
-        "of them to -1 to fill")
-  return jax.make_mesh((sizes["data"], sizes["fsdp"]), MESH_AXES,
+  return jax.make_mesh(mesh_sizes(mesh_config, len(devices)), MESH_AXES,
                        axis_types=(AxisType.Auto, AxisType.Auto),
                        devices=devices)
 

@@ -24,6 +24,7 @@ PEAK_FLOPS_PER_DEVICE = {
     "TPU v5 lite": 197e12,  # v5e
     "TPU v5e": 197e12,
     "TPU v5p": 459e12,
+    "TPU v5": 459e12,  # v5p's device_kind (v5e is "TPU v5 lite")
     "TPU v6 lite": 918e12,  # v6e (Trillium)
     "NVIDIA H100": 989e12,  # SXM (device_kind "NVIDIA H100 80GB HBM3")
     "NVIDIA H100 PCIe": 756e12,

@@ -1,0 +1,273 @@
+"""Reads an optimized HLO module's text: its matmuls, their FLOPs and sources.
+
+XLA's `cost_analysis()` counts the body of a `while` loop once, however many
+times it runs, so for a model whose layers are a `jax.lax.scan`
+(`model.scan_layers`), with micro-batches (`train.grad_accum_steps`) or a
+chunked loss it reports a fraction of the FLOPs a step performs. This module
+counts them itself from the optimized (per-device, after SPMD partitioning)
+HLO text of `compiled.as_text()`:
+
+  * each computation's multiplicity is how often one step runs it: a `while`
+    body and condition run `trip count` times per run of their caller, the
+    trip count being the loop bound of the condition (`counter < N`, the
+    form `jax.lax.scan` and `fori_loop` lower to); fusions, calls and
+    branches run once per run of their caller;
+  * each `dot` costs 2 x prod(output) x prod(contracting dims) FLOPs and
+    each `convolution` (the TPU compiler's form of a dot) 2 x batch x
+    output features x input features x the window taps that meet real
+    input (`_convolution_flops`), the usual multiply-add count;
+  * each matmul is attributed to the innermost bitnet_jax function in its
+    `stack_frame_id` (the Python source that made it).
+
+Only matmuls are counted (the MFU convention: elementwise work is not
+model FLOPs).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import re
+
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
+_ARRAY = r"(\w+)\[([\d,]*)\](?:\{[^}]*\})?"
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*" + _ARRAY + r"\s+([\w\-]+)\((.*)$")
+_MATMUL = re.compile(r"^%([\w.\-]+), %([\w.\-]+)\)")
+_CALLEE = re.compile(r"\b(calls|body|condition|to_apply)=%([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_CONSTANT = re.compile(r"=\s*s32\[\]\S*\s+constant\((-?\d+)\)")
+_FRAME_ID = re.compile(r"stack_frame_id=(\d+)")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_TABLE_ROW = re.compile(r"^(\d+)\s+(.*)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Matmul:
+  """One dot or convolution of the optimized HLO.
+
+  Attributes:
+    name: the HLO instruction name.
+    lhs_dtype, rhs_dtype, out_dtype: HLO element types ("s8", "bf16",
+      "f32", "s32").
+    flops: multiply-adds x 2 of one execution.
+    count: executions per step (the multiplicity of its computation).
+    source: "file.py:line function" of the innermost bitnet_jax frame that
+      made it, preceded by its bitnet_jax caller ("caller < callee"), or ""
+      when the HLO carries no such frame.
+    op_name: JAX's name of the operation ("jit(train_step)/jvp()/...";
+      "transpose(" marks the backward pass, "rematted" or "checkpoint" a
+      recomputation of the forward).
+  """
+  name: str
+  lhs_dtype: str
+  rhs_dtype: str
+  out_dtype: str
+  flops: float
+  count: int
+  source: str
+  op_name: str = ""
+
+  @property
+  def backward(self) -> bool:
+    """Part of the gradient (JAX's transpose of the forward)."""
+    return "transpose(" in self.op_name
+
+  @property
+  def is_int8(self) -> bool:
+    """int8 x int8 -> int32: the MXU's integer path."""
+    return (self.lhs_dtype, self.rhs_dtype, self.out_dtype) == ("s8", "s8",
+                                                                "s32")
+
+
+def _dims(text: str) -> list[int]:
+  return [int(d) for d in text.split(",") if d]
+
+
+def _split(text: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+  """(computation name -> its instruction lines, table name -> its rows)."""
+  computations: dict[str, list[str]] = {}
+  tables: dict[str, list[str]] = collections.defaultdict(list)
+  current, table = None, None
+  for line in text.splitlines():
+    header = _HEADER.match(line)
+    if header and not line.startswith(" "):
+      current, table = header.group(1), None
+      computations[current] = []
+    elif line.startswith("}"):
+      current = None
+    elif current is not None:
+      computations[current].append(line)
+    elif line.strip() in ("FileNames", "FunctionNames", "FileLocations",
+                          "StackFrames"):
+      table = line.strip()
+    elif table and _TABLE_ROW.match(line):
+      tables[table].append(line)
+  return computations, tables
+
+
+def _entry_name(text: str) -> str:
+  for line in text.splitlines():
+    if line.startswith("ENTRY"):
+      return _HEADER.match(line).group(1)
+  raise ValueError("the HLO text has no ENTRY computation")
+
+
+def _trip_count(condition: list[str]) -> int:
+  """The loop bound of a while condition: its largest s32 constant (1 if
+  it has none: a loop of unknown count is counted once, as XLA does)."""
+  bounds = [int(m.group(1)) for line in condition
+            for m in [_CONSTANT.search(line)] if m]
+  return max(bounds) if bounds and max(bounds) > 0 else 1
+
+
+def multiplicities(text: str) -> dict[str, int]:
+  """How many times one execution of the module runs each computation."""
+  computations, _ = _split(text)
+  calls: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
+  for name, lines in computations.items():
+    for line in lines:
+      callees = dict((kind, callee) for kind, callee in
+                     _CALLEE.findall(line))
+      trips = (_trip_count(computations.get(callees["condition"], []))
+               if "body" in callees else 1)
+      for kind, callee in callees.items():
+        calls[name].append((callee, trips if kind in ("body", "condition")
+                            else 1))
+      for branches in _BRANCHES.findall(line):
+        for callee in re.findall(r"%([\w.\-]+)", branches):
+          calls[name].append((callee, 1))
+  counts: dict[str, int] = collections.defaultdict(int)
+
+  def visit(name: str, times: int, depth: int) -> None:
+    if depth > 64:
+      raise ValueError(f"HLO call depth over 64 at {name}")
+    counts[name] += times
+    for callee, trips in calls.get(name, ()):
+      visit(callee, times * trips, depth + 1)
+
+  visit(_entry_name(text), 1, 0)
+  return dict(counts)
+
+
+def _sources(tables: dict[str, list[str]]) -> dict[int, str]:
+  """stack_frame_id -> "caller < file.py:line function" of its two innermost
+  bitnet_jax frames ("" if none)."""
+
+  def rows(name):
+    return {int(m.group(1)): m.group(2) for m in
+            map(_TABLE_ROW.match, tables.get(name, ()))}
+
+  files = {i: v.strip('"') for i, v in rows("FileNames").items()}
+  functions = {i: v.strip('"') for i, v in rows("FunctionNames").items()}
+  locations = {}
+  for i, v in rows("FileLocations").items():
+    fields = dict(re.findall(r"(\w+)=(\d+)", v))
+    locations[i] = (files.get(int(fields["file_name_id"]), "?"),
+                    functions.get(int(fields["function_name_id"]), "?"),
+                    int(fields["line"]))
+  frames = {}
+  for i, v in rows("StackFrames").items():
+    fields = dict(re.findall(r"(\w+)=(\d+)", v))
+    frames[i] = (int(fields["file_location_id"]),
+                 int(fields["parent_frame_id"]))
+  resolved = {}
+  for frame in frames:
+    chain, seen, current = [], set(), frame
+    while current in frames and current not in seen and len(chain) < 2:
+      seen.add(current)
+      location_id, parent = frames[current]
+      file, function, line = locations.get(location_id, ("", "", 0))
+      if "/bitnet_jax/" in file:
+        chain.append(f"{file.rsplit('/bitnet_jax/', 1)[1]}:{line} "
+                     f"{function}")
+      current = parent
+    resolved[frame] = " < ".join(reversed(chain))
+  return resolved
+
+
+def _real_pairs(out: int, size: int, inp: int, stride: int, pad_low: int,
+                lhs_dilate: int, rhs_dilate: int) -> int:
+  """(output position, window tap) pairs of one window dimension that meet
+  a real input element, not padding or a dilation's inserted zero."""
+  last = (inp - 1) * lhs_dilate
+  pairs = 0
+  for o in range(out):
+    for t in range(size):
+      p = o * stride + t * rhs_dilate - pad_low
+      pairs += 0 <= p <= last and p % lhs_dilate == 0
+  return pairs
+
+
+def _convolution_flops(rest: str, lhs_dims: list[int], out_dims: list[int],
+                       rhs_dims: list[int]) -> float:
+  """2 x batch x output features x input features x the real (output,
+  tap) pairs of each window dimension. The TPU compiler writes dots as
+  convolutions whose window holds batch dims (dilated, strided or padded so
+  that each output meets one input) or contracting dims (a plain window)."""
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", rest)
+  if not labels:
+    return 0.0
+  lhs_labels, rhs_labels, out_labels = labels.groups()
+  window = re.search(r"window=\{([^}]*)\}", rest)
+  fields = dict(f.split("=", 1) for f in window.group(1).split()) if window \
+      else {}
+
+  def per_dim(key, default):
+    text = fields.get(key)
+    return [default] * 8 if text is None else text.split("x")
+
+  sizes, strides = per_dim("size", "1"), per_dim("stride", "1")
+  pads, lhs_dilates = per_dim("pad", "0_0"), per_dim("lhs_dilate", "1")
+  rhs_dilates = per_dim("rhs_dilate", "1")
+  pairs = 1
+  for d, label in enumerate(sorted(c for c in out_labels if c.isdigit())):
+    pairs *= _real_pairs(
+        out_dims[out_labels.index(label)], int(sizes[d]),
+        lhs_dims[lhs_labels.index(label)], int(strides[d]),
+        int(pads[d].split("_")[0]), int(lhs_dilates[d]), int(rhs_dilates[d]))
+  batch = out_dims[out_labels.index("b")]
+  features = out_dims[out_labels.index("f")]
+  inputs = math.prod(n for n, c in zip(rhs_dims, rhs_labels) if c == "i")
+  return 2.0 * batch * features * inputs * pairs
+
+
+def matmuls(text: str) -> list[Matmul]:
+  """Every dot and convolution of the module, with its per-step count."""
+  computations, tables = _split(text)
+  counts = multiplicities(text)
+  sources = _sources(tables)
+  shapes: dict[str, tuple[str, list[int]]] = {}
+  for lines in computations.values():
+    for line in lines:
+      m = _INSTRUCTION.match(line)
+      if m:
+        shapes[m.group(1)] = (m.group(2), _dims(m.group(3)))
+  found = []
+  for computation, lines in computations.items():
+    for line in lines:
+      m = _INSTRUCTION.match(line)
+      if not m or m.group(4) not in ("dot", "convolution"):
+        continue
+      name, out_dtype, out_dims, op, rest = m.groups()
+      operands = _MATMUL.match(rest)
+      if not operands:
+        continue
+      lhs, rhs = (shapes.get(o, ("?", [])) for o in operands.groups())
+      if op == "dot":
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+        k = math.prod(lhs[1][d] for d in _dims(contracting.group(1))
+                      ) if contracting else 1
+        flops = 2.0 * math.prod(_dims(out_dims)) * k
+      else:
+        flops = _convolution_flops(rest, lhs[1], _dims(out_dims), rhs[1])
+      frame = _FRAME_ID.search(rest)
+      op_name = _OP_NAME.search(rest)
+      found.append(Matmul(
+          name=name, lhs_dtype=lhs[0], rhs_dtype=rhs[0],
+          out_dtype=out_dtype, flops=flops,
+          count=counts.get(computation, 0),
+          source=sources.get(int(frame.group(1)), "") if frame else "",
+          op_name=op_name.group(1) if op_name else ""))
+  return found

@@ -1,0 +1,122 @@
+r"""Ahead-of-time compile for a TPU slice, on a CPU host (MaxText's
+train_compile): memory per chip, FITS / DOES NOT FIT, int8 matmuls, FLOPs
+and the cost model's step time, before the first TPU hour.
+
+  python -m bitnet_jax.compile --config=configs/bitnet_700m.py \
+      --topology=v5p-8 [--num_slices=1] [--config.train.batch_size=64] \
+      [--report=700m_v5p8.json] [--find_batch]
+
+Needs libtpu (`pip install 'jax[tpu]'`); no TPU. See `bitnet_jax.aot`.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from bitnet_jax.aot import compile_step, find_batch, tpu
+from bitnet_jax.config import ConfigError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "A Python config file, e.g. configs/bitnet_700m.py; "
+    "override fields with --config.train.batch_size=64.", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "Cloud TPU accelerator type (v4-8, v5litepod-16, v5e-8, "
+    "v5p-64, v6e-8, ...) or topology (v5p:2x2x2).")
+_NUM_SLICES = flags.DEFINE_integer(
+    "num_slices", 1, "Slices joined over DCN; the data axis spans them.")
+_REPORT = flags.DEFINE_string("report", None, "Also write the report as JSON.")
+_FIND_BATCH = flags.DEFINE_bool(
+    "find_batch", False, "Also search the largest train.batch_size that fits "
+    "with >= 10% HBM headroom (a few more compiles).")
+
+GIB = 2**30
+
+
+def format_table(report: dict) -> str:
+  """The report as the aligned two-column table the command prints."""
+  def gib(key):
+    size = report[key]
+    return f"{size / GIB:.2f} GiB" if size >= GIB / 10 else (
+        f"{size / 2**20:.1f} MiB")
+  mesh = " x ".join(f"{k} {v}" for k, v in report["mesh"].items())
+  rows = [
+      ("topology", f"{report['topology']} ({report['topology_shape']}, "
+                   f"{report['num_slices']} slice(s), {report['device_kind']})"),
+      ("chips", report["chips"]), ("mesh", mesh),
+      ("parameters", f"{report['parameters'] / 1e6:.1f} M"),
+      ("global batch x seq", f"{report['batch_size']} x {report['seq_len']}"
+                             f" (grad_accum_steps {report['grad_accum_steps']})"),
+      ("tokens per step", f"{report['tokens_per_step']:,}"),
+      ("quantization / matmul", f"{report['quantization']} / "
+                                f"{report['bitlinear_matmul']} "
+                                f"({report['dtype']}, remat "
+                                f"{report['remat_policy']})"),
+      ("memory: arguments", gib("argument_bytes")),
+      ("memory: outputs (donated)", f"{gib('output_bytes')} "
+                                    f"({gib('alias_bytes')} aliased)"),
+      ("memory: temporaries", gib("temp_bytes")),
+      ("memory: total per chip", f"{gib('per_chip_bytes')} of "
+                                 f"{gib('hbm_bytes')} HBM"),
+      ("headroom", f"{100 * report['headroom']:.1f}%"),
+      ("fits", "FITS" if report["fits"] else "DOES NOT FIT"),
+      ("compile", f"{report['compile_seconds']:.1f} s"),
+      ("dots: int8 / bf16 / other", f"{report['int8_dots']} / "
+                                    f"{report['bf16_dots']} / "
+                                    f"{report['other_dots']}"),
+      ("FLOP per chip per step", f"{report['flops_per_chip']:.3e} (HLO, loops "
+                                 f"x trip count; XLA counts "
+                                 f"{report['xla_flops']:.3e})"),
+      ("model FLOP per chip", f"{report['model_flops_per_chip']:.3e} "
+                              "(6N + 12LdT)"),
+      ("est. step time", "n/a (no cost-model estimate for this slice)"
+                         if report["estimated_step_seconds"] is None else
+                         f"{report['estimated_step_seconds']:.3f} s (XLA cost "
+                         "model, an estimate)"),
+      ("est. MFU", "n/a" if report["mfu"] is None else
+                   f"{100 * report['mfu']:.1f}%")]
+  if "eval_per_chip_bytes" in report:
+    rows.append(("eval step memory", gib("eval_per_chip_bytes")))
+  for miss in report["bitlinear_not_int8"]:
+    rows.append(("NOT int8", f"{miss['source']}: {miss['why']}"))
+  if "find_batch" in report:
+    f = report["find_batch"]
+    rows.append(("largest batch (>=10% free)",
+                 f"{f['largest_batch_size']} (remat {f['remat_policy']}, "
+                 f"{100 * f['headroom']:.1f}% free); config batch needs "
+                 f"grad_accum_steps={f['grad_accum_steps']}"))
+  width = max(len(name) for name, _ in rows)
+  return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _TOPOLOGY.value:
+    raise app.UsageError("--topology is required, e.g. --topology=v5p-8; "
+                         f"known: {', '.join(tpu.known_names())}")
+  config = _CONFIG.value
+  try:
+    report = compile_step.compile_report(config, _TOPOLOGY.value,
+                                         _NUM_SLICES.value)
+    if _FIND_BATCH.value:
+      report["find_batch"] = find_batch.find_batch(config, _TOPOLOGY.value,
+                                                   _NUM_SLICES.value)
+  except (ConfigError, compile_step.CompileError, ValueError,
+          RuntimeError) as e:
+    absl_logging.error("%s: %s", type(e).__name__, e)
+    sys.exit(1)
+  print(format_table(report))
+  if _REPORT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_REPORT.value)),
+                exist_ok=True)
+    with open(_REPORT.value, "w") as f:
+      json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)
