@@ -100,8 +100,14 @@ def main(argv):
                          f"known: {', '.join(tpu.known_names())}")
   config = _CONFIG.value
   try:
-    report = compile_step.compile_report(config, _TOPOLOGY.value,
-                                         _NUM_SLICES.value)
+    try:
+      report = compile_step.compile_report(config, _TOPOLOGY.value,
+                                           _NUM_SLICES.value)
+    except compile_step.CompileError as e:
+      if not (_FIND_BATCH.value and "does not fit" in str(e)):
+        raise
+      absl_logging.error("CompileError: %s", e)  # then search what fits
+      report = {"topology": _TOPOLOGY.value, "fits": False, "error": str(e)}
     if _FIND_BATCH.value:
       report["find_batch"] = find_batch.find_batch(config, _TOPOLOGY.value,
                                                    _NUM_SLICES.value)
@@ -109,7 +115,8 @@ def main(argv):
           RuntimeError) as e:
     absl_logging.error("%s: %s", type(e).__name__, e)
     sys.exit(1)
-  print(format_table(report))
+  print(format_table(report) if "error" not in report else
+        json.dumps(report["find_batch"], indent=1))
   if _REPORT.value:
     os.makedirs(os.path.dirname(os.path.abspath(_REPORT.value)),
                 exist_ok=True)

@@ -188,3 +188,11 @@ def test_cli_unknown_topology_is_one_line_without_traceback():
   assert result.returncode == 1
   assert "Traceback" not in result.stderr
   assert "v5p-8" in result.stderr and "--topology" in result.stderr
+
+
+def test_trip_count_reads_unsigned_loop_bounds():
+  # the TPU compiler's windowed (collective) matmul loops count in u32
+  condition = [
+      "  %constant.1 = u32[]{:T(128)} constant(4), metadata={}",
+      "  ROOT %compare.2 = pred[] compare(%gte.1, %constant.1), direction=LT"]
+  assert hlo._trip_count(condition) == 4

@@ -37,7 +37,7 @@ _INSTRUCTION = re.compile(
 _MATMUL = re.compile(r"^%([\w.\-]+), %([\w.\-]+)\)")
 _CALLEE = re.compile(r"\b(calls|body|condition|to_apply)=%([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
-_CONSTANT = re.compile(r"=\s*s32\[\]\S*\s+constant\((-?\d+)\)")
+_CONSTANT = re.compile(r"=\s*[su](?:32|64)\[\]\S*\s+constant\((-?\d+)\)")
 _FRAME_ID = re.compile(r"stack_frame_id=(\d+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _TABLE_ROW = re.compile(r"^(\d+)\s+(.*)$")
@@ -115,7 +115,7 @@ def _entry_name(text: str) -> str:
 
 
 def _trip_count(condition: list[str]) -> int:
-  """The loop bound of a while condition: its largest s32 constant (1 if
+  """The loop bound of a while condition: its largest integer constant (1 if
   it has none: a loop of unknown count is counted once, as XLA does)."""
   bounds = [int(m.group(1)) for line in condition
             for m in [_CONSTANT.search(line)] if m]
