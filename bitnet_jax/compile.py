@@ -103,8 +103,8 @@ def main(argv):
     try:
       report = compile_step.compile_report(config, _TOPOLOGY.value,
                                            _NUM_SLICES.value)
-    except compile_step.CompileError as e:
-      if not (_FIND_BATCH.value and "does not fit" in str(e)):
+    except compile_step.OutOfMemoryError as e:
+      if not _FIND_BATCH.value:
         raise
       absl_logging.error("CompileError: %s", e)  # then search what fits
       report = {"topology": _TOPOLOGY.value, "fits": False, "error": str(e)}

@@ -121,6 +121,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+  """Raises ConfigError naming `train.batch_size` when `batch_size` rows
+  do not split evenly over the mesh's data-parallel devices."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % shards:
+    raise ConfigError(
+        f"config.train.batch_size={batch_size} must be divisible by the "
+        f"{shards} data-parallel devices (mesh.data x mesh.fsdp)")
+
+
 def global_batch(local_batch: Any, mesh: Mesh) -> Any:
   """Assembles per-process batches `[local_batch, ...]` into global arrays.
 
@@ -132,11 +142,7 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
     ConfigError: naming `train.batch_size` if the global batch does not split
       evenly over the mesh's data-parallel devices.
   """
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  global_rows = jax.tree.leaves(local_batch)[0].shape[0] * jax.process_count()
-  if global_rows % shards:
-    raise ConfigError(
-        f"config.train.batch_size={global_rows} must be divisible by the "
-        f"{shards} data-parallel devices (mesh.data x mesh.fsdp)")
+  check_batch_size(
+      jax.tree.leaves(local_batch)[0].shape[0] * jax.process_count(), mesh)
   return jax.tree.map(lambda rows: jax.make_array_from_process_local_data(
       batch_sharding(mesh), rows), local_batch)

@@ -40,7 +40,6 @@ JOBS = ([("700m", s, v, v == "int8") for s in ("v5p-8", "v5e-8")
         + [(size, s, "fake_quant", False) for size in ("1p3b", "3b", "2b4t")
            for s in ("v5p-8",)])
 PER_CHIP_BATCH = 8
-PEAK = {"v5p": 459e12, "v5e": 197e12, "v6e": 918e12}  # = tpu.CHIPS
 
 
 def job_config(size: str, variant: str, chips: int | None):
@@ -66,7 +65,7 @@ def run_job(size, tpu_slice, variant, search):
   config = job_config(size, variant, tpu.resolve(tpu_slice).chips)
   try:
     report = compile_step.compile_report(config, tpu_slice, eval_step=False)
-  except compile_step.CompileError as e:
+  except compile_step.OutOfMemoryError as e:
     report = {"topology": tpu_slice, "error": str(e), "fits": False}
   if search and "error" not in report:
     # toward the config's own batch (512 x 2048 for the FAQ sizes)
@@ -92,17 +91,16 @@ def table() -> str:
                   "of memory) | | | | | | |")
       continue
     none = reports.get((size, tpu_slice, "none"))
-    def seconds(report):  # libtpu's cost model gives <= 0 on v5e / v6e;
-      # reports made before the convolution FLOP count was corrected (no
-      # "flops_method") give memory only
-      return report["optimal_seconds"] * report["flops_per_chip"] / report[
-          "xla_flops"] if report and "flops_method" in report and report.get(
-              "optimal_seconds", 0) > 0 else None
+    # reports made before the convolution FLOP count was corrected (no
+    # "flops_method") give memory only; libtpu's cost model gives no step
+    # time on v5e / v6e (estimated_step_seconds None)
+    def seconds(report):
+      return (report.get("estimated_step_seconds")
+              if report and "flops_method" in report else None)
     ratio = (f"{seconds(r) / seconds(none):.2f}"
-             if seconds(r) and none and seconds(none) else "n/a")
+             if seconds(r) and seconds(none) else "n/a")
     step = f"{seconds(r):.3f}" if seconds(r) else "n/a"
-    mfu = (f"{100 * r['model_flops_per_chip'] / seconds(r) / PEAK[tpu_slice[:3]]:.1f}%"
-           if seconds(r) else "n/a")
+    mfu = f"{100 * r['mfu']:.1f}%" if seconds(r) else "n/a"
     batch = r.get("find_batch", {}).get("largest_batch_size", "")
     rows.append(
         f"| {size} | {tpu_slice} | {variant} | {r['per_chip_bytes'] / 2**30:.2f}"

@@ -149,7 +149,7 @@ def test_out_of_memory_is_one_line_naming_the_batch():
   config = tiny.get_config()
   config.train.batch_size, config.train.seq_len = 16384, 2048
   config.train.loss_chunk_size = 0  # float32 logits: 17 GB per v5e chip
-  with pytest.raises(compile_step.CompileError) as error:
+  with pytest.raises(compile_step.OutOfMemoryError) as error:
     compile_step.compile_report(config, "v5e-4", eval_step=False)
   assert "\n" not in str(error.value)
   assert "config.train.batch_size" in str(error.value)

@@ -53,6 +53,10 @@ class CompileError(RuntimeError):
   the message is one line naming the config keys to change."""
 
 
+class OutOfMemoryError(CompileError):
+  """The step does not fit in the chip's HBM (XLA's RESOURCE_EXHAUSTED)."""
+
+
 def make_mesh(config: ml_collections.ConfigDict, devices: list,
               num_slices: int = 1) -> Mesh:
   """The run's (data, fsdp) mesh over `devices`.
@@ -79,25 +83,17 @@ def make_mesh(config: ml_collections.ConfigDict, devices: list,
   return Mesh(grid, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 2)
 
 
-def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh,
-                   batch_size: int | None = None) -> dict:
+def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict:
   """The train batch `main` feeds, as `jax.ShapeDtypeStruct`s: "tokens"
   int32 `[batch, seq_len + 1]`, plus "segment_ids" and "positions" with
   `data.packing="document"`.
 
   Raises:
-    ConfigError: naming `train.batch_size` when it does not split over the
-      mesh's data-parallel devices (data x fsdp).
+    ConfigError: see `sharding.check_batch_size`.
   """
   t = config.train
-  batch_size = t.batch_size if batch_size is None else batch_size
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if batch_size % shards:
-    raise ConfigError(
-        f"config.train.batch_size={batch_size} does not split over the "
-        f"{shards} data-parallel devices (mesh.data x mesh.fsdp); use a "
-        "multiple of it")
-  spec = jax.ShapeDtypeStruct((batch_size, t.seq_len + 1), jnp.int32,
+  sharding.check_batch_size(t.batch_size, mesh)
+  spec = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32,
                               sharding=sharding.batch_sharding(mesh))
   keys = ["tokens"]
   if config.data.packing == "document":
@@ -126,7 +122,6 @@ def _cost(compiled) -> dict:
 
 
 _OUT_OF_MEMORY = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
-_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def _compile(lowered, what: str, tpu_slice: tpu.Slice):
@@ -139,7 +134,7 @@ def _compile(lowered, what: str, tpu_slice: tpu.Slice):
       used = _OUT_OF_MEMORY.search(text)
       amount = (f" ({used.group(1)}{used.group(2)} of {used.group(3)}"
                 f"{used.group(4)} HBM)" if used else "")
-      raise CompileError(
+      raise OutOfMemoryError(
           f"the {what} step does not fit in a {tpu_slice.chip.generation} "
           f"chip's HBM{amount} on {tpu_slice.name}: lower "
           "config.train.batch_size or raise config.train.grad_accum_steps, "
@@ -224,8 +219,6 @@ def compile_report(config: ml_collections.ConfigDict, topology: str,
   devices = tpu.devices(tpu_slice, num_slices)
   mesh = make_mesh(config, devices, num_slices)
   batch = abstract_batch(config, mesh)
-  if config.train.grad_accum_steps > 1:
-    steps.check_micro_batch(config, mesh)
   tx = optimizer.make_optimizer(config)
   graphdef, state, shardings = train_state.create_train_state(
       config, mesh, tx, initialize=False)
