@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 from typing import Any
 
@@ -37,6 +36,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from bitnet_jax import paths
 from bitnet_jax.multihost import any_process
 from bitnet_jax.tree_paths import is_stacked, path_name
 
@@ -119,7 +119,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, keep: int):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.resolve(directory)
     self.keep = keep
     self._pending: int | None = None  # step of a save still in flight
     self._probe_writable()
@@ -139,15 +139,10 @@ class Checkpointer:
 
   def _probe_writable(self) -> None:
     """Writes and removes a small file, so a bad directory fails now."""
-    probe = os.path.join(self.directory,
-                         f".write_probe.{os.getpid()}.{jax.process_index()}")
     try:
-      os.makedirs(self.directory, exist_ok=True)
-      with open(probe, "wb") as f:
-        f.write(b"\0" * 4096)
-        f.flush()
-        os.fsync(f.fileno())
-      os.remove(probe)
+      paths.probe_writable(
+          self.directory,
+          f".write_probe.{os.getpid()}.{jax.process_index()}")
     except OSError as e:
       raise CheckpointSaveError(
           f"cannot write checkpoints to {self.directory}: {e}. Make the "
@@ -247,7 +242,7 @@ class Checkpointer:
     if not block and self.manager.is_saving_in_progress():
       return
     step, self._pending = self._pending, None
-    path = os.path.join(self.directory, str(step))
+    path = paths.join(self.directory, str(step))
     try:
       self.manager.wait_until_finished()
       if step not in self.manager.all_steps():
@@ -299,7 +294,7 @@ class Checkpointer:
     while (step := self.latest_step()) is not None:
       if self.is_weights_only(step):
         return None  # the caller starts a new run from its weights
-      path = os.path.join(self.directory, str(step))
+      path = paths.join(self.directory, str(step))
       problem = None
       try:
         saved = self.manager.item_metadata(step)["state"]
@@ -341,16 +336,15 @@ class Checkpointer:
       return None
 
   def _move_aside(self, step: int, problem: str) -> None:
-    path = os.path.join(self.directory, str(step))
-    target = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR,
-                          f"{step}-{int(time.time())}")
+    path = paths.join(self.directory, str(step))
+    target = paths.join(paths.parent(self.directory), DAMAGED_DIR,
+                        f"{step}-{int(time.time())}")
     if jax.process_index() == 0:
       logging.warning(
           "checkpoint %s is damaged: %s. Moved it to %s (kept for "
           "inspection) and trying the previous checkpoint.", path,
           problem[:500], target)
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      shutil.move(path, target)
+      paths.move(path, target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"bitnet_jax:moved_aside_{step}")
     self.manager.reload()

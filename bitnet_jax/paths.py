@@ -1,0 +1,111 @@
+"""One path layer for local directories and object stores (gs://).
+
+Local paths keep using the os module (atomic renames, fsync); a path with a
+URL scheme (`gs://bucket/run`) goes through `etils.epath`, the layer orbax
+already writes its checkpoints with (for gs:// it uses gcsfs, which honours
+`STORAGE_EMULATOR_HOST`, or TensorFlow's gfile where TensorFlow is
+imported). Object stores have no atomic directory rename: a "move" is a copy
+followed by a delete, which is what `move` does there.
+
+Issue 17 §3 is moving the run directory's modules onto this layer one by
+one; so far `checkpoint.Checkpointer` uses it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+from etils import epath
+
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def is_url(path: str) -> bool:
+  """Whether `path` names an object-store location (`gs://…`, `s3://…`)."""
+  return bool(_URL.match(str(path)))
+
+
+def resolve(path: str) -> str:
+  """An absolute form of `path`: URLs unchanged (minus a trailing slash),
+  local paths with `~` expanded and made absolute."""
+  path = str(path)
+  if is_url(path):
+    return path.rstrip("/")
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def join(path: str, *names: str) -> str:
+  """`os.path.join` for local paths, `/`-joined for URLs."""
+  if is_url(path):
+    return "/".join([path.rstrip("/"), *names])
+  return os.path.join(path, *names)
+
+
+def parent(path: str) -> str:
+  """The directory holding `path` (`os.path.dirname` for both kinds)."""
+  return str(epath.Path(path).parent) if is_url(path) else os.path.dirname(
+      path)
+
+
+def makedirs(path: str) -> None:
+  """Creates `path` and its parents (a no-op on object stores, which have
+  no directories, beyond what the store's client needs)."""
+  if is_url(path):
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+  else:
+    os.makedirs(path, exist_ok=True)
+
+
+def probe_writable(directory: str, name: str) -> None:
+  """Writes `directory/name` (4 KiB, fsynced where local), then removes it.
+
+  Raises:
+    OSError: when `directory` cannot be created or written; on object
+      stores the client's error (permissions, a missing bucket) is raised
+      as an OSError naming the path.
+  """
+  makedirs(directory)
+  probe = join(directory, name)
+  if not is_url(directory):
+    with open(probe, "wb") as f:
+      f.write(b"\0" * 4096)
+      f.flush()
+      os.fsync(f.fileno())
+    os.remove(probe)
+    return
+  try:
+    path = epath.Path(probe)
+    path.write_bytes(b"\0" * 4096)
+    path.unlink()
+  except OSError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise OSError(f"{type(e).__name__}: {e}") from e
+
+
+def move(source: str, target: str) -> None:
+  """Moves the file or directory tree `source` to `target` (whose parent is
+  created). Local: one rename where possible (`shutil.move`). URLs: each
+  object is copied, then the source objects are deleted; a kill in between
+  leaves both copies, never neither."""
+  makedirs(parent(target))
+  if not is_url(source):
+    shutil.move(source, target)
+    return
+  source_path, target_path = epath.Path(source), epath.Path(target)
+  if not source_path.is_dir():
+    source_path.copy(target_path)
+    source_path.unlink()
+    return
+  pending = [source_path]  # epath on GCS refuses rglob's `**`
+  while pending:
+    for child in sorted(pending.pop().iterdir()):
+      if child.is_dir():
+        pending.append(child)
+        continue
+      destination = target_path / child.relative_to(source_path)
+      destination.parent.mkdir(parents=True, exist_ok=True)
+      child.copy(destination)
+  source_path.rmtree()
