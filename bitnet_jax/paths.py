@@ -8,14 +8,18 @@ imported). Object stores have no atomic directory rename: a "move" is a copy
 followed by a delete, which is what `move` does there.
 
 Issue 17 §3 is moving the run directory's modules onto this layer one by
-one; so far `checkpoint.Checkpointer` uses it.
+one; so far `checkpoint.Checkpointer` (save, restore, damaged-checkpoint
+moves) and the readers of a finished run (`runs.load_run`, `load_model`,
+`tokenizer_path`: generation from a gs:// run) use it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
+import tempfile
 
 from etils import epath
 
@@ -109,3 +113,58 @@ def move(source: str, target: str) -> None:
       destination.parent.mkdir(parents=True, exist_ok=True)
       child.copy(destination)
   source_path.rmtree()
+
+
+def open_file(path: str, mode: str = "r", **kwargs):
+  """`open` for local paths and URLs alike (epath); raises
+  FileNotFoundError for a missing file of either kind."""
+  if not is_url(path):
+    return open(path, mode, **kwargs)  # pylint: disable=unspecified-encoding
+  return epath.Path(path).open(mode, **kwargs)
+
+
+def exists(path: str) -> bool:
+  """Whether the file or directory (object prefix) `path` exists."""
+  return epath.Path(path).exists() if is_url(path) else os.path.exists(path)
+
+
+def isfile(path: str) -> bool:
+  """Whether `path` is a file (an object, on object stores)."""
+  return epath.Path(path).is_file() if is_url(path) else os.path.isfile(path)
+
+
+def isdir(path: str) -> bool:
+  """Whether `path` is a directory (a non-empty prefix, on object stores)."""
+  return epath.Path(path).is_dir() if is_url(path) else os.path.isdir(path)
+
+
+def listdir(path: str) -> list[str]:
+  """The names directly under the directory `path`; [] if it is missing."""
+  if not isdir(path):
+    return []
+  if not is_url(path):
+    return os.listdir(path)
+  return [child.name for child in epath.Path(path).iterdir()]
+
+
+def local_file(path: str) -> str:
+  """A local path holding the file `path`'s bytes, for libraries that read
+  only local files (tokenizers' `Tokenizer.from_file`): local paths as they
+  are; URLs downloaded once per process into the temporary directory.
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+  """
+  if not is_url(path):
+    return path
+  digest = hashlib.sha256(path.encode()).hexdigest()[:16]
+  local = os.path.join(tempfile.gettempdir(), "bitnet_jax_gs", digest,
+                       os.path.basename(path))
+  if not os.path.exists(local):
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    data = epath.Path(path).read_bytes()
+    tmp = f"{local}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+      f.write(data)
+    os.replace(tmp, local)
+  return local

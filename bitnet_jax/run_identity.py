@@ -38,6 +38,7 @@ import ml_collections
 from absl import logging
 
 from bitnet_jax import optimizer as optimizer_lib
+from bitnet_jax import paths
 from bitnet_jax.config import FIELDS, ConfigError
 from bitnet_jax.config_fields import IDENTITY, RUNTIME, SCHEDULE
 from bitnet_jax.files import utc_now, write_atomically
@@ -211,7 +212,7 @@ def read_saved_config(path: str) -> dict | None:
     RunIdentityError: if it exists but is not a JSON object.
   """
   try:
-    with open(path) as f:
+    with paths.open_file(path) as f:
       saved = json.load(f)
   except FileNotFoundError:
     return None

@@ -248,11 +248,7 @@ class WorkdirLock:
     place, with a WARNING. Idempotent: releasing twice, or an unacquired
     lock, does nothing.
     """
-    token, self._token = self._token, None
-    self._stop.set()
-    if self._thread is not None:
-      self._thread.join()
-      self._thread = None
+    token = self._stop_heartbeat()
     if token is None:
       return
     current = _token_of(_read_record(self.path))
@@ -261,6 +257,16 @@ class WorkdirLock:
     elif current is not None:
       logging.warning("Not removing %s: another process holds it now.",
                       self.path)
+
+  def _stop_heartbeat(self) -> str | None:
+    """Forgets the token and joins the heartbeat; returns the token that
+    was held (None if not held)."""
+    token, self._token = self._token, None
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+    return token
 
   def __enter__(self) -> WorkdirLock:
     self.acquire()

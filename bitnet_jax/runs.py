@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from bitnet_jax import checkpoint, run_identity
+from bitnet_jax import checkpoint, paths, run_identity
 from bitnet_jax.config import ConfigError, base_config
 from bitnet_jax.layout import to_layout
 from bitnet_jax.model import Transformer
@@ -53,14 +53,14 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   Raises:
     ConfigError: naming `--workdir` when neither exists (not a run).
   """
-  saved = run_identity.read_saved_config(os.path.join(workdir, CONFIG_JSON))
+  saved = run_identity.read_saved_config(paths.join(workdir, CONFIG_JSON))
   if saved is not None:
     config = base_config()  # keys added since the run started: defaults
     config.update(saved)
     return config
-  py_path = os.path.join(workdir, CONFIG_PY)
-  if os.path.isfile(py_path):
-    return load_config_file(py_path, "--workdir")
+  py_path = paths.join(workdir, CONFIG_PY)
+  if paths.isfile(py_path):
+    return load_config_file(paths.local_file(py_path), "--workdir")
   raise ConfigError(f"--workdir={workdir!r} is not a run directory: it has "
                     f"neither {CONFIG_JSON} nor {CONFIG_PY}")
 
@@ -77,11 +77,11 @@ def resolve_checkpoint(source: str, key: str = "train.init_from"
   Raises:
     ConfigError: naming `key` and `source` when no checkpoint is there.
   """
-  path = os.path.abspath(os.path.expanduser(source))
+  path = paths.resolve(source)
   base = os.path.basename(path.rstrip("/"))
-  if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
-    return os.path.dirname(path), int(base)
-  for directory in (os.path.join(path, "checkpoints"), path):
+  if base.isdigit() and paths.isdir(paths.join(path, "state")):
+    return paths.parent(path), int(base)
+  for directory in (paths.join(path, "checkpoints"), path):
     steps = _steps(directory)
     if steps:
       return directory, steps[-1]
@@ -115,7 +115,7 @@ def load_params(source: str, abstract_params: Any,
       the config's, one line per array.
   """
   directory, step = resolve_checkpoint(source, key)
-  path = os.path.join(directory, str(step), "state")
+  path = paths.join(directory, str(step), "state")
   target = {"params": abstract_params}
   with ocp.PyTreeCheckpointer() as checkpointer:
     try:
@@ -182,14 +182,14 @@ def abstract_params(model_config: ml_collections.ConfigDict,
 def _checkpoint_source(workdir: str, step: int | None
                        ) -> tuple[ml_collections.ConfigDict, str]:
   """(run config, checkpoint path for `load_params`) of `workdir`, `step`."""
-  workdir = os.path.abspath(workdir)
+  workdir = paths.resolve(workdir)
   config = load_run_config(workdir)
   if step is None:
     return config, workdir
-  source = os.path.join(workdir, "checkpoints", str(step))
-  if not os.path.isdir(source):
+  source = paths.join(workdir, "checkpoints", str(step))
+  if not paths.isdir(source):
     raise ConfigError(f"--step={step}: {source} does not exist; steps "
-                      f"there: {_steps(os.path.dirname(source))}")
+                      f"there: {_steps(paths.parent(source))}")
   return config, source
 
 
@@ -225,9 +225,9 @@ def load_model(workdir: str, step: int | None = None
 
 def _steps(directory: str) -> list[int]:
   """The steps of `directory`'s checkpoints (`<step>/state`), sorted."""
-  names = os.listdir(directory) if os.path.isdir(directory) else []
-  return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(
-      os.path.join(directory, n, "state")))
+  return sorted(int(n) for n in paths.listdir(directory)
+                if n.isdigit() and paths.isdir(paths.join(directory, n,
+                                                          "state")))
 
 
 def check_init_tokenizer(init_from: str, tokenizer_json: str,
@@ -245,10 +245,10 @@ def check_init_tokenizer(init_from: str, tokenizer_json: str,
       token ids). A checkpoint outside a run directory is not checked.
   """
   directory, _ = resolve_checkpoint(init_from)
-  saved = os.path.join(os.path.dirname(directory), TOKENIZER_JSON)
-  if os.path.basename(directory) != "checkpoints" or not os.path.isfile(saved):
+  saved = paths.join(paths.parent(directory), TOKENIZER_JSON)
+  if os.path.basename(directory) != "checkpoints" or not paths.isfile(saved):
     return
-  with open(saved, "rb") as f, open(tokenizer_json, "rb") as g:
+  with paths.open_file(saved, "rb") as f, open(tokenizer_json, "rb") as g:
     if run_identity.same_tokenizer(f.read(), g.read()):
       return
   message = (f"train.init_from={init_from!r} was trained with the tokenizer "
@@ -262,13 +262,14 @@ def check_init_tokenizer(init_from: str, tokenizer_json: str,
 
 
 def tokenizer_path(workdir: str) -> str:
-  """`WORKDIR/tokenizer.json`.
+  """`WORKDIR/tokenizer.json` as a local path (a gs:// run's is downloaded,
+  `paths.local_file`).
 
   Raises:
     ConfigError: naming `--workdir` when the run has no tokenizer.json.
   """
-  path = os.path.join(workdir, TOKENIZER_JSON)
-  if not os.path.isfile(path):
+  path = paths.join(workdir, TOKENIZER_JSON)
+  if not paths.isfile(path):
     raise ConfigError(f"--workdir={workdir!r} has no {TOKENIZER_JSON}; "
                       "training writes it at its first start")
-  return path
+  return paths.local_file(path)

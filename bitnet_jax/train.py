@@ -11,7 +11,7 @@ Where each concern lives:
                           preemption, evaluation (+ samples), metric records,
                           collapse alarms (+ halt), checkpoints (+ the
                           divergence guard)
-  bitnet_jax.run_lock     one writer per workdir
+  bitnet_jax.run_lock     one writer per workdir (gcs_lock: on gs://)
   bitnet_jax.run_identity a resume that would change the run is refused
 """
 
@@ -25,7 +25,7 @@ import ml_collections
 from absl import logging
 
 from bitnet_jax import config as config_lib
-from bitnet_jax import multihost, run_lock
+from bitnet_jax import gcs_lock, multihost, paths
 from bitnet_jax.actions import StepDone
 from bitnet_jax.run import Finished, Run, build_run
 
@@ -47,7 +47,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     final step, or of the step a signal stopped the run at).
 
   Raises:
-    ConfigError: on an invalid config value (before any work is done);
+    ConfigError: on an invalid config value (before any work is done),
+      or a URL `workdir` (gs://…; training there is not supported yet);
       `run_identity.RunIdentityError` when a resume would change the run.
     WorkdirLockedError: another live process writes to `workdir`.
     CheckpointMismatchError: the checkpoint's arrays do not fit the config.
@@ -58,13 +59,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       `health.halt_on_alarm` (the evaluated step is checkpointed first).
   """
   config_lib.validate(config)
+  if paths.is_url(workdir):
+    # os.path.abspath would turn gs://b/run into a local folder "gs:/b/run".
+    raise config_lib.ConfigError(
+        f"--workdir={workdir}: training into an object store is not "
+        "supported yet (checkpoints and the run lock are, the metric, config "
+        "and data-cache files are not: issue 17). Use a local directory or "
+        "a bucket mounted with gcsfuse (--workdir=/mnt/bucket/run).")
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   lock = None
   if jax.process_index() == 0:  # one lock per run, held by process 0
     stale = config.train.lock_stale_seconds
-    lock = run_lock.WorkdirLock(workdir, stale_seconds=stale,
-                                heartbeat_seconds=min(30.0, stale / 4))
+    lock = gcs_lock.workdir_lock(workdir, stale_seconds=stale,
+                                 heartbeat_seconds=min(30.0, stale / 4))
   multihost.on_process_zero(lambda: lock.acquire(), "lock the workdir")
   try:
     run = build_run(config, workdir)
