@@ -105,9 +105,9 @@ class GcsWorkdirLock(run_lock.WorkdirLock):
 
   def _create(self) -> bool:
     """Creates the lock object; False if one exists."""
-    if self._blob().exists():
-      return False
     blob = self._blob()
+    if blob.exists():
+      return False
     try:
       blob.upload_from_string(self._data, content_type="application/json",
                               if_generation_match=0)

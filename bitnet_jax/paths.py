@@ -15,7 +15,6 @@ moves) and the readers of a finished run (`runs.load_run`, `load_model`,
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -80,12 +79,11 @@ def probe_writable(directory: str, name: str) -> None:
     os.remove(probe)
     return
   try:
-    path = epath.Path(probe)
-    path.write_bytes(b"\0" * 4096)
-    path.unlink()
-  except OSError:
-    raise
+    epath.Path(probe).write_bytes(b"\0" * 4096)
+    epath.Path(probe).unlink()
   except Exception as e:  # pylint: disable=broad-except
+    if isinstance(e, OSError):
+      raise
     raise OSError(f"{type(e).__name__}: {e}") from e
 
 
@@ -123,11 +121,6 @@ def open_file(path: str, mode: str = "r", **kwargs):
   return epath.Path(path).open(mode, **kwargs)
 
 
-def exists(path: str) -> bool:
-  """Whether the file or directory (object prefix) `path` exists."""
-  return epath.Path(path).exists() if is_url(path) else os.path.exists(path)
-
-
 def isfile(path: str) -> bool:
   """Whether `path` is a file (an object, on object stores)."""
   return epath.Path(path).is_file() if is_url(path) else os.path.isfile(path)
@@ -150,21 +143,17 @@ def listdir(path: str) -> list[str]:
 def local_file(path: str) -> str:
   """A local path holding the file `path`'s bytes, for libraries that read
   only local files (tokenizers' `Tokenizer.from_file`): local paths as they
-  are; URLs downloaded once per process into the temporary directory.
+  are; a URL is downloaded on every call (small files: a tokenizer, a
+  config) into a fresh temporary directory, so a changed object is never
+  served from a stale copy.
 
   Raises:
     FileNotFoundError: `path` does not exist.
   """
   if not is_url(path):
     return path
-  digest = hashlib.sha256(path.encode()).hexdigest()[:16]
-  local = os.path.join(tempfile.gettempdir(), "bitnet_jax_gs", digest,
+  local = os.path.join(tempfile.mkdtemp(prefix="bitnet_jax_gs."),
                        os.path.basename(path))
-  if not os.path.exists(local):
-    os.makedirs(os.path.dirname(local), exist_ok=True)
-    data = epath.Path(path).read_bytes()
-    tmp = f"{local}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-      f.write(data)
-    os.replace(tmp, local)
+  with open(local, "wb") as f:
+    f.write(epath.Path(path).read_bytes())
   return local
