@@ -31,7 +31,7 @@ from absl import logging as absl_logging
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from bitnet_jax import checkpoint, gguf_export, hf, run_identity, runs
+from bitnet_jax import checkpoint, gguf_export, hf, paths, run_identity, runs
 from bitnet_jax import config as config_lib
 from bitnet_jax.data.tokenizer import end_of_text_id, load_tokenizer
 from bitnet_jax.attention import kv_heads
@@ -43,7 +43,7 @@ _HF_FILES = ("config.json", "generation_config.json", "tokenizer.json",
 
 def _read_json(path: str) -> dict:
   try:
-    with open(path, encoding="utf-8") as f:
+    with paths.open_file(path, encoding="utf-8") as f:
       return json.load(f)
   except FileNotFoundError as e:
     raise hf.ConversionError(f"{path} is missing") from e
@@ -152,6 +152,11 @@ def import_hf(hf_dir: str, workdir: str, config_path: str = "") -> str:
     ConversionError: unsupported HF config keys, missing or misshapen
       tensors, a missing tokenizer.json, or a non-empty workdir.
   """
+  if paths.is_url(workdir):
+    raise hf.ConversionError(f"--workdir={workdir!r}: import into a local "
+                             "folder, then copy it to the bucket (gcloud "
+                             "storage cp -r); training and export read it "
+                             "there")
   hf_dir, workdir = os.path.abspath(hf_dir), os.path.abspath(workdir)
   hf_config = _read_json(os.path.join(hf_dir, "config.json"))
   fields = hf.model_fields(hf_config, hf_dir)
@@ -188,8 +193,8 @@ def import_hf(hf_dir: str, workdir: str, config_path: str = "") -> str:
 
 def _source_config(workdir: str) -> dict:
   """The imported folder's config.json (RUN/hf_source), or {}."""
-  path = os.path.join(workdir, HF_SOURCE, "config.json")
-  return _read_json(path) if os.path.isfile(path) else {}
+  path = paths.join(workdir, HF_SOURCE, "config.json")
+  return _read_json(path) if paths.isfile(path) else {}
 
 
 def _special_ids(workdir: str, tokenizer, source: dict
@@ -197,7 +202,7 @@ def _special_ids(workdir: str, tokenizer, source: dict
   """(bos, eos) ids: the imported model's, else the document separator."""
   if source.get("eos_token_id") not in (None, []):
     return source.get("bos_token_id"), source["eos_token_id"]
-  eos = end_of_text_id(tokenizer, os.path.join(workdir, runs.TOKENIZER_JSON))
+  eos = end_of_text_id(tokenizer, paths.join(workdir, runs.TOKENIZER_JSON))
   return eos, eos
 
 
@@ -214,9 +219,10 @@ def _write_side_files(workdir: str, out: str, tokenizer, hf_cfg: dict
                   os.path.join(out, "tokenizer.json"))
   for name in ("generation_config.json", "tokenizer_config.json",
                "special_tokens_map.json"):
-    source = os.path.join(workdir, HF_SOURCE, name)
-    if os.path.isfile(source):
-      shutil.copyfile(source, os.path.join(out, name))
+    source = paths.join(workdir, HF_SOURCE, name)
+    if paths.isfile(source):
+      with open(os.path.join(out, name), "wb") as f:
+        f.write(paths.read_bytes(source))
   eos = hf_cfg["eos_token_id"]
   eos = eos[0] if isinstance(eos, list) else eos
   if not os.path.isfile(os.path.join(out, "generation_config.json")):
@@ -286,7 +292,11 @@ def export_hf(workdir: str, out: str, fmt: str, *, step: int | None = None,
       weight whose output dimension is not a multiple of 4, a bad option.
     ConfigError: `workdir` is not a run or lacks checkpoint `step`.
   """
-  workdir, out = os.path.abspath(workdir), os.path.abspath(out)
+  if paths.is_url(out):
+    raise hf.ConversionError(f"--out={out!r}: exports are written to a local "
+                             "folder; copy it to the bucket afterwards "
+                             "(gcloud storage cp -r)")
+  workdir, out = paths.resolve(workdir), os.path.abspath(out)
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
     raise hf.ConversionError(f"--out={out!r} exists and is not an empty "
                              "folder; choose a new one")

@@ -96,7 +96,8 @@ FIELDS = field_table(
     F("data.packing", "concat", choice(PACKINGS), IDENTITY,
       "'document': no attention across documents"),
     F("data.data_dir", "", TEXT, RUNTIME,
-      "corpora, tokenizers, tokens; '' = ~/.cache/bitnet_jax"),
+      "corpora, tokenizers, tokens; '' = ~/.cache/bitnet_jax; gs://… is "
+      "shared by hosts through a local mirror"),
     F("data.text_feature", "text", TEXT, IDENTITY,
       "text column / field / feature (tfds, parquet, ...)"),
     F("data.train_split", "train", TEXT, IDENTITY, "TFDS split to train on"),

@@ -16,6 +16,8 @@ import time
 
 from absl import logging
 
+from bitnet_jax import paths
+
 # Another host's temporary file unmodified this long belongs to a dead writer
 # (a live one appends a chunk every few seconds).
 STALE_TEMPORARY_SECONDS = 24 * 3600
@@ -131,8 +133,12 @@ def write_atomically(path: str, data: bytes) -> None:
 
   Readers see either the old file or the complete new one, never a partial
   one; concurrent writers (hosts sharing a filesystem) use distinct temporary
-  names and the last one wins.
+  names and the last one wins. On an object store (gs://) one upload, which
+  replaces the object atomically (`paths.write_bytes`).
   """
+  if paths.is_url(path):
+    paths.write_bytes(path, data)
+    return
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = temporary_path(path)
   with open(tmp, "wb") as f:

@@ -22,10 +22,6 @@ does not enforce them; on GCS the precondition closes the remaining race).
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import socket
-import sys
 import threading
 
 from absl import logging
@@ -33,16 +29,6 @@ from google.api_core import exceptions as gcs_errors
 from google.cloud import storage
 
 from bitnet_jax import paths, run_lock
-from bitnet_jax.files import process_start_ticks, utc_now
-
-
-def _split(url: str) -> tuple[str, str]:
-  """('bucket', 'object/name') of 'gs://bucket/object/name'."""
-  if not url.startswith("gs://") or "/" not in url[5:]:
-    raise ValueError(f"{url!r} is not a gs://BUCKET/PATH location; give "
-                     "--workdir=gs://BUCKET/RUN")
-  bucket, name = url[5:].split("/", 1)
-  return bucket, name
 
 
 class GcsWorkdirLock(run_lock.WorkdirLock):
@@ -59,11 +45,9 @@ class GcsWorkdirLock(run_lock.WorkdirLock):
 
   def __init__(self, workdir: str, *, stale_seconds: float,
                heartbeat_seconds: float = 30.0):
-    super().__init__("/", stale_seconds=stale_seconds,
+    super().__init__(workdir, stale_seconds=stale_seconds,
                      heartbeat_seconds=heartbeat_seconds)
-    self.workdir = paths.resolve(workdir)
-    self.path = paths.join(self.workdir, run_lock.LOCK_NAME)
-    self._bucket_name, self._name = _split(self.path)
+    self._bucket_name, self._name = paths.split_gcs(self.path)
     self._bucket = None
     self._data = b""
     self._generation: int | None = None
@@ -83,10 +67,7 @@ class GcsWorkdirLock(run_lock.WorkdirLock):
     if self.held:
       raise RuntimeError(f"{self.path} is already held by this lock; "
                          "release() it before acquiring again.")
-    token = secrets.token_hex(16)
-    record = {"host": socket.gethostname(), "pid": os.getpid(),
-              "pid_start_ticks": process_start_ticks(os.getpid()),
-              "started": utc_now(), "token": token, "argv": list(sys.argv)}
+    token, record = run_lock.new_record()
     self._data = json.dumps(record).encode()
     for _ in range(run_lock._MAX_ATTEMPTS):  # pylint: disable=protected-access
       if self._create():

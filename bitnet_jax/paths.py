@@ -7,10 +7,12 @@ already writes its checkpoints with (for gs:// it uses gcsfs, which honours
 imported). Object stores have no atomic directory rename: a "move" is a copy
 followed by a delete, which is what `move` does there.
 
-Issue 17 §3 is moving the run directory's modules onto this layer one by
-one; so far `checkpoint.Checkpointer` (save, restore, damaged-checkpoint
-moves) and the readers of a finished run (`runs.load_run`, `load_model`,
-`tokenizer_path`: generation from a gs:// run) use it.
+Everything a run writes into or reads from its workdir goes through here
+(checkpoints, metrics.jsonl and samples.jsonl appends, config.json,
+config_history.jsonl, tokenizer.json, the run lock, damaged-checkpoint
+moves), as do `data.data_dir` caches on an object store
+(`bitnet_jax.data.mirror`). TensorBoard event files on gs:// are written by
+tensorboardX's own GCS writer (google-cloud-storage).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 
 from etils import epath
 
@@ -28,6 +31,20 @@ _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 def is_url(path: str) -> bool:
   """Whether `path` names an object-store location (`gs://…`, `s3://…`)."""
   return bool(_URL.match(str(path)))
+
+
+def split_gcs(url: str) -> tuple[str, str]:
+  """('bucket', 'object/name') of 'gs://bucket/object/name'.
+
+  Raises:
+    ValueError: `url` is not gs://BUCKET/PATH.
+  """
+  url = str(url)
+  if not url.startswith("gs://") or "/" not in url[5:]:
+    raise ValueError(f"{url!r} is not a gs://BUCKET/PATH location; give "
+                     "--workdir=gs://BUCKET/RUN")
+  bucket, name = url[5:].split("/", 1)
+  return bucket, name
 
 
 def resolve(path: str) -> str:
@@ -119,6 +136,73 @@ def open_file(path: str, mode: str = "r", **kwargs):
   if not is_url(path):
     return open(path, mode, **kwargs)  # pylint: disable=unspecified-encoding
   return epath.Path(path).open(mode, **kwargs)
+
+
+def read_bytes(path: str) -> bytes:
+  """The whole content of the file `path`.
+
+  Raises:
+    FileNotFoundError: `path` does not exist (either kind).
+  """
+  with open_file(path, "rb") as f:
+    return f.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes the whole file `path` (parents created). On object stores one
+  upload that readers see whole or not at all (an object is replaced
+  atomically); locally a plain write — use `files.write_atomically` where a
+  kill must not leave a partial file."""
+  makedirs(parent(path))
+  if is_url(path):
+    epath.Path(path).write_bytes(data)
+    return
+  with open(path, "wb") as f:
+    f.write(data)
+
+
+def append(path: str, data: bytes) -> None:
+  """Appends `data` to the file `path`, creating it if missing.
+
+  Local: `open(path, "ab")`, flushed. gs://: object stores cannot append;
+  the new bytes are uploaded as a sibling object and joined onto `path`
+  with GCS's compose (one request, atomic: readers see the old or the
+  longer object), so a long metrics.jsonl is never uploaded again in full.
+  Other URL schemes rewrite the object (read, concatenate, upload).
+
+  Raises:
+    OSError: the store refused a request (naming `path`).
+  """
+  if not is_url(path):
+    with open(path, "ab") as f:
+      f.write(data)
+      f.flush()
+    return
+  if not str(path).startswith("gs://"):
+    try:
+      old = read_bytes(path)
+    except FileNotFoundError:
+      old = b""
+    write_bytes(path, old + data)
+    return
+  from google.cloud import storage  # pylint: disable=import-outside-toplevel
+  from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
+  bucket_name, name = split_gcs(path)
+  bucket = storage.Client().bucket(bucket_name)
+  target = bucket.blob(name)
+  try:
+    if not target.exists():
+      target.upload_from_string(data)
+      return
+    piece = bucket.blob(f"{name}.append.{os.getpid()}.{time.time_ns()}")
+    piece.upload_from_string(data)
+    try:
+      target.compose([target, piece])
+    finally:
+      piece.delete()
+  except exceptions.GoogleAPIError as e:
+    raise OSError(f"appending to {path} failed: {type(e).__name__}: {e}"
+                  ) from e
 
 
 def isfile(path: str) -> bool:

@@ -1,6 +1,7 @@
 """A resume that refuses to silently become a different run.
 
-Files kept in the workdir (written by process 0 only; filesystem only):
+Files kept in the workdir (written by process 0 only, local or gs://,
+through `paths`):
 
   config.json           the config of the run's first start. Written once,
                         atomically; never overwritten while the run has
@@ -170,10 +171,9 @@ def read_history(workdir: str) -> list[dict]:
   A missing file gives []. A line that is not a JSON object (half-written by
   a crash) is skipped with a WARNING naming the file and line number.
   """
-  path = os.path.join(workdir, HISTORY_NAME)
+  path = paths.join(workdir, HISTORY_NAME)
   try:
-    with open(path, "rb") as f:
-      lines = f.read().decode("utf-8", "replace").splitlines()
+    lines = paths.read_bytes(path).decode("utf-8", "replace").splitlines()
   except FileNotFoundError:
     return []
   entries = []
@@ -194,10 +194,9 @@ def read_history(workdir: str) -> list[dict]:
 
 def _append_history(workdir: str, entry: dict) -> None:
   """Appends one line, rewriting the file atomically (old lines kept)."""
-  path = os.path.join(workdir, HISTORY_NAME)
+  path = paths.join(workdir, HISTORY_NAME)
   try:
-    with open(path, "rb") as f:
-      old = f.read()
+    old = paths.read_bytes(path)
   except FileNotFoundError:
     old = b""
   if old and not old.endswith(b"\n"):
@@ -253,9 +252,9 @@ def start_run(workdir: str, config: ml_collections.ConfigDict,
       `config.<key>: <old> -> <new>` and the fix. Also if config.json is
       unreadable while resuming.
   """
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  config_path = os.path.join(workdir, CONFIG_NAME)
+  workdir = paths.resolve(workdir)
+  paths.makedirs(workdir)
+  config_path = paths.join(workdir, CONFIG_NAME)
   new = config_dict(config)
   allow = bool(config.train.get("allow_config_change", False))
   warnings: list[str] = []
@@ -328,12 +327,11 @@ def _keep_replaced_config(workdir: str, saved: dict) -> str:
   """
   if saved and any(not config_changes(entry.get("config") or {}, saved)
                    for entry in read_history(workdir)):
-    return os.path.join(workdir, HISTORY_NAME)
+    return paths.join(workdir, HISTORY_NAME)
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime(
       "%Y%m%dT%H%M%SZ")
-  path = os.path.join(workdir, f"config.replaced-{stamp}.json")
-  with open(os.path.join(workdir, CONFIG_NAME), "rb") as f:
-    write_atomically(path, f.read())
+  path = paths.join(workdir, f"config.replaced-{stamp}.json")
+  write_atomically(path, paths.read_bytes(paths.join(workdir, CONFIG_NAME)))
   return path
 
 
@@ -370,20 +368,18 @@ def check_tokenizer(workdir: str, tokenizer_json: str, allow_change: bool,
       either would feed new token ids to the old embeddings.
     OSError: if `tokenizer_json` cannot be read.
   """
-  saved_path = os.path.join(os.path.abspath(workdir), TOKENIZER_NAME)
-  with open(tokenizer_json, "rb") as f:
-    current = f.read()
+  saved_path = paths.join(paths.resolve(workdir), TOKENIZER_NAME)
+  current = paths.read_bytes(tokenizer_json)
   try:
-    with open(saved_path, "rb") as f:
-      saved = f.read()
+    saved = paths.read_bytes(saved_path)
   except FileNotFoundError:
     saved = None
   warnings: list[str] = []
   if saved is None:  # the first start: keep a copy
-    os.makedirs(os.path.dirname(saved_path), exist_ok=True)
     write_atomically(saved_path, current)
   if saved is None or same_tokenizer(saved, current) or (
-      os.path.realpath(saved_path) == os.path.realpath(tokenizer_json)):
+      not paths.is_url(saved_path)
+      and os.path.realpath(saved_path) == os.path.realpath(tokenizer_json)):
     return warnings
   if not resuming:
     warnings.append(f"{saved_path} differs from this start's tokenizer "

@@ -40,6 +40,7 @@ from typing import Any
 
 from absl import logging
 
+from bitnet_jax import paths
 from bitnet_jax.files import process_exists, process_start_ticks, utc_now
 
 LOCK_NAME = "run.lock"
@@ -76,8 +77,8 @@ class WorkdirLock:
           f"WorkdirLock(stale_seconds={stale_seconds!r}) must exceed "
           f"heartbeat_seconds={heartbeat_seconds!r}: a live holder would look "
           "stale between heartbeats. Raise config.train.lock_stale_seconds.")
-    self.workdir = os.path.abspath(workdir)
-    self.path = os.path.join(self.workdir, LOCK_NAME)
+    self.workdir = paths.resolve(workdir)  # gs://… stays a URL (gcs_lock)
+    self.path = paths.join(self.workdir, LOCK_NAME)
     self.stale_seconds = float(stale_seconds)
     self.heartbeat_seconds = float(heartbeat_seconds)
     self._token: str | None = None
@@ -101,10 +102,7 @@ class WorkdirLock:
       raise RuntimeError(f"{self.path} is already held by this WorkdirLock; "
                          "release() it before acquiring again.")
     os.makedirs(self.workdir, exist_ok=True)
-    token = secrets.token_hex(16)
-    record = {"host": socket.gethostname(), "pid": os.getpid(),
-              "pid_start_ticks": process_start_ticks(os.getpid()),
-              "started": utc_now(), "token": token, "argv": list(sys.argv)}
+    token, record = new_record()
     tmp = f"{self.path}.tmp.{token}"
     with open(tmp, "w") as f:
       json.dump(record, f)
@@ -274,6 +272,15 @@ class WorkdirLock:
 
   def __exit__(self, *exc_info) -> None:
     self.release()
+
+
+def new_record() -> tuple[str, dict[str, Any]]:
+  """(token, the lock record of this process holding it): see module doc."""
+  token = secrets.token_hex(16)
+  return token, {"host": socket.gethostname(), "pid": os.getpid(),
+                 "pid_start_ticks": process_start_ticks(os.getpid()),
+                 "started": utc_now(), "token": token,
+                 "argv": list(sys.argv)}
 
 
 def _read_record(path: str) -> dict[str, Any] | None:

@@ -17,7 +17,6 @@ Where each concern lives:
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -39,6 +38,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   `workdir/config_history.jsonl` (every start), `workdir/tokenizer.json`
   and `workdir/samples.jsonl` (greedy continuations at each evaluation),
   and holds `workdir/run.lock` while it runs (one writer per workdir).
+  `workdir` may be local or an object store (`gs://bucket/run`: every file
+  goes through `bitnet_jax.paths`, the lock through GCS preconditions).
   SIGTERM or SIGINT ends the run after the step in flight, with a checkpoint
   of that step; a finished run started again returns its final metrics.
 
@@ -47,8 +48,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     final step, or of the step a signal stopped the run at).
 
   Raises:
-    ConfigError: on an invalid config value (before any work is done),
-      or a URL `workdir` (gs://…; training there is not supported yet);
+    ConfigError: on an invalid config value (before any work is done);
       `run_identity.RunIdentityError` when a resume would change the run.
     WorkdirLockedError: another live process writes to `workdir`.
     CheckpointMismatchError: the checkpoint's arrays do not fit the config.
@@ -59,15 +59,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       `health.halt_on_alarm` (the evaluated step is checkpointed first).
   """
   config_lib.validate(config)
-  if paths.is_url(workdir):
-    # os.path.abspath would turn gs://b/run into a local folder "gs:/b/run".
-    raise config_lib.ConfigError(
-        f"--workdir={workdir}: training into an object store is not "
-        "supported yet (checkpoints and the run lock are, the metric, config "
-        "and data-cache files are not: issue 17). Use a local directory or "
-        "a bucket mounted with gcsfuse (--workdir=/mnt/bucket/run).")
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.resolve(workdir)  # gs://… stays a URL
+  paths.makedirs(workdir)
   lock = None
   if jax.process_index() == 0:  # one lock per run, held by process 0
     stale = config.train.lock_stale_seconds

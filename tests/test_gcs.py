@@ -1,12 +1,16 @@
 """gs:// run directories against a real GCS API server on loopback.
 
-`gcp-storage-emulator` (PyPI) serves the GCS JSON API; gcsfs (through
-etils.epath) and tensorstore (orbax's array writer) are pointed at it with
-`STORAGE_EMULATOR_HOST` and `TENSORSTORE_GCS_HTTP_URL`. Nothing is mocked.
+`gcp-storage-emulator` (PyPI) serves the GCS JSON API (tests/gcs_server.py
+adds the generation headers and preconditions it lacks); google-cloud-
+storage, gcsfs (through etils.epath) and tensorstore (orbax's array writer)
+are pointed at it with `STORAGE_EMULATOR_HOST` and
+`TENSORSTORE_GCS_HTTP_URL`. Nothing is mocked.
 """
 
+import json
 import os
-import shutil
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +20,9 @@ import numpy as np
 import pytest
 
 from bitnet_jax import checkpoint, paths
+from drivers import REPO
 from test_checkpoint import _abstract, _iterator, _save_steps, _state
+from test_resilience import TIMING_KEYS
 
 BUCKET = "bitnet-test"
 
@@ -29,16 +35,18 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def gcs():
-  """Starts the emulator; yields the gs:// URL of an empty bucket."""
-  executable = shutil.which("gcp-storage-emulator",
-                            path=os.path.dirname(sys.executable))
-  if executable is None:
+  """Starts the emulator (tests/gcs_server.py: gcp-storage-emulator with
+  GCS's generation headers and preconditions); yields the gs:// URL of an
+  empty bucket."""
+  try:
+    import gcp_storage_emulator  # noqa: F401
+  except ImportError:
     pytest.skip("gcp-storage-emulator is not installed: pip install -e "
                 "'.[test]' brings it")
   port = _free_port()
   server = subprocess.Popen(
-      [executable, "start", "--host=localhost", f"--port={port}",
-       "--in-memory", f"--default-bucket={BUCKET}", "--quiet"],
+      [sys.executable, os.path.join(REPO, "tests", "gcs_server.py"),
+       str(port), BUCKET],
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.monotonic() + 30
   while True:
@@ -152,50 +160,233 @@ def test_a_dead_holders_gcs_lock_is_taken_over(gcs):
   lock.release()
 
 
-def test_training_into_gs_is_refused_instead_of_writing_a_local_gs_folder(
-    tiny_config, tmp_path, monkeypatch):
-  from bitnet_jax import config as config_lib
-  from bitnet_jax import train
-  monkeypatch.chdir(tmp_path)
-  with pytest.raises(config_lib.ConfigError, match="gcsfuse"):
-    train.train_and_evaluate(tiny_config, "gs://bucket/run")
-  assert not os.path.exists(tmp_path / "gs:"), (
-      "a local folder named gs: was created for a gs:// workdir")
+def _gcs_records(url: str) -> list[dict]:
+  """metrics.jsonl of the run at `url`, skipping a line being written."""
+  try:
+    text = paths.read_bytes(f"{url}/metrics.jsonl").decode()
+  except FileNotFoundError:
+    return []
+  records = []
+  for line in text.splitlines():
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      pass
+  return records
 
 
-def _upload_tree(local: str, url: str) -> None:
+def _event_tags(url: str) -> set[str]:
+  """The scalar tags of every TFRecord event file under url/tensorboard."""
+  import struct
   from etils import epath
-  for parent_dir, _, names in os.walk(local):
-    for name in names:
-      source = os.path.join(parent_dir, name)
-      relative = os.path.relpath(source, local).replace(os.sep, "/")
-      with open(source, "rb") as f:
-        epath.Path(f"{url}/{relative}").write_bytes(f.read())
+  from tensorboardX.proto import event_pb2
+  tags = set()
+  for path in epath.Path(f"{url}/tensorboard").iterdir():
+    data, offset = path.read_bytes(), 0
+    while offset < len(data):
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      event = event_pb2.Event.FromString(
+          data[offset + 12:offset + 12 + length])
+      tags.update(value.tag for value in event.summary.value)
+      offset += 12 + length + 4  # length, its crc, data, its crc
+  return tags
 
 
-def test_a_run_copied_to_gcs_loads_as_the_local_one(gcs, tiny_config,
-                                                    tmp_path):
-  import jax
-  from bitnet_jax import runs, train
-  tiny_config.train.steps = 4
-  tiny_config.train.checkpoint_every = 4
-  tiny_config.optimizer.warmup_steps = 1
-  local = str(tmp_path / "run")
-  train.train_and_evaluate(tiny_config, local)
-  url = f"{gcs}/copied-run"
-  _upload_tree(local, url)
+def _short_run(config, steps: int = 4):
+  config.train.steps = steps
+  config.train.checkpoint_every = steps
+  config.train.eval_every = steps
+  config.optimizer.warmup_steps = 1
+  return config
 
-  config, params, step = runs.load_run(url)
-  local_config, local_params, local_step = runs.load_run(local)
-  assert step == local_step == 4, (step, local_step)
-  assert config.to_dict() == local_config.to_dict(), (
-      "the gs:// run's config.json was read differently")
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params),
-                          jax.tree_util.tree_leaves(local_params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
-                                  err_msg=f"{path} differs")
-  with open(runs.tokenizer_path(url), "rb") as f, open(
-      runs.tokenizer_path(local), "rb") as g:
-    assert f.read() == g.read(), "the downloaded tokenizer.json differs"
+
+def test_a_second_trainer_of_a_gcs_workdir_is_refused(gcs, tiny_config):
+  from bitnet_jax import gcs_lock, run_lock, train
+  url = f"{gcs}/contended"
+  holder = gcs_lock.workdir_lock(url, stale_seconds=60)
+  holder.acquire()
+  try:
+    with pytest.raises(run_lock.WorkdirLockedError, match="run.lock"):
+      train.train_and_evaluate(_short_run(tiny_config), url)
+  finally:
+    holder.release()
+  assert not paths.isfile(f"{url}/config.json"), (
+      "the refused trainer wrote into the run")
+
+
+def test_a_precondition_refuses_a_second_create_on_the_server(gcs):
+  """The emulator enforces ifGenerationMatch=0, as GCS does."""
+  from google.api_core import exceptions
+  from google.cloud import storage
+  blob = storage.Client().bucket(BUCKET).blob("precondition/once")
+  blob.upload_from_string(b"first", if_generation_match=0)
+  with pytest.raises(exceptions.PreconditionFailed):
+    blob.upload_from_string(b"second", if_generation_match=0)
+  assert blob.download_as_bytes() == b"first"
+
+
+def test_appends_compose_onto_the_object(gcs):
+  url = f"{gcs}/append/lines.jsonl"
+  paths.append(url, b"one\n")
+  paths.append(url, b"two\n")
+  assert paths.read_bytes(url) == b"one\ntwo\n"
+  from etils import epath
+  assert [p.name for p in epath.Path(f"{gcs}/append").iterdir()] == [
+      "lines.jsonl"], (
+      "the appended piece was not deleted")
+
+
+def test_a_gcs_data_dir_is_built_once_and_fetched_by_another_host(
+    gcs, tmp_path, monkeypatch, load_config):
+  from bitnet_jax import data
+  from bitnet_jax.data import tokenizer as tokenizer_lib
+  import drivers
+  config = drivers.stream_config(load_config("configs/tiny.py"),
+                                 str(tmp_path / "corpus"), mode="prepared")
+  config.data.data_dir = f"{gcs}/data-cache"
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "host-a"))
+  first = data.prepare(config)
+  assert first.train_tokens.startswith(str(tmp_path / "host-a")), (
+      f"the token cache is not in the local mirror: {first.train_tokens}")
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("host B trained the BPE again instead of fetching")
+  monkeypatch.setattr(tokenizer_lib, "train_bpe", no_training)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "host-b"))
+  second = data.prepare(config)
+  assert second.train_tokens.startswith(str(tmp_path / "host-b"))
+  for a, b in ((first.train_tokens, second.train_tokens),
+               (first.eval_tokens, second.eval_tokens),
+               (first.tokenizer_path, second.tokenizer_path)):
+    with open(a, "rb") as f, open(b, "rb") as g:
+      assert f.read() == g.read(), f"{b} differs from the published {a}"
+
+
+DRIVER = """
+import sys
+sys.path.insert(0, "tests")
+import drivers
+from absl import logging
+logging.set_verbosity(logging.INFO)
+from bitnet_jax import train
+config = drivers.load_config("configs/tiny.py", {overrides!r})
+drivers.slow_train_steps(0.05)
+train.train_and_evaluate(config, {workdir!r})
+"""
+
+
+class _Driver:
+  """A training subprocess; its output goes to a file (a pipe nobody reads
+  while the test polls would fill up with gs:// INFO lines and block it).
+  Runs on one CPU device, as a user's `python -m bitnet_jax.main` would."""
+
+  def __init__(self, workdir: str, overrides: dict, log: str):
+    self.log = log
+    with open(log, "w") as out:
+      self.process = subprocess.Popen(
+          [sys.executable, "-c", DRIVER.format(overrides=overrides,
+                                               workdir=workdir)],
+          cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True,
+          env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+
+  def output(self) -> str:
+    with open(self.log, errors="replace") as f:
+      return f.read()
+
+  def wait_for_step(self, url: str, step: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+      if any(r["step"] >= step for r in _gcs_records(url) if "loss" in r):
+        return
+      if self.process.poll() is not None:
+        pytest.fail(f"the run ended before step {step}:\n"
+                    f"{self.output()[-3000:]}")
+      time.sleep(0.1)
+    self.process.kill()
+    self.process.wait()
+    pytest.fail(f"step {step} was not logged on gs:// within {timeout} s:\n"
+                f"{self.output()[-3000:]}")
+
+  def finish(self, timeout: float = 180) -> tuple[int, str]:
+    try:
+      self.process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      self.process.kill()
+      pytest.fail(f"the process did not exit within {timeout} s (a hang):\n"
+                  f"{self.output()[-3000:]}")
+    return self.process.returncode, self.output()
+
+
+@pytest.mark.slow
+def test_a_gcs_run_killed_and_stopped_resumes_bit_identically_and_exports(
+    gcs, data_dir, tmp_path):
+  from bitnet_jax import convert, runs
+  overrides = {"data.data_dir": data_dir, "train.steps": 16,
+               "train.log_every": 1, "train.eval_every": 8,
+               "train.checkpoint_every": 4, "optimizer.warmup_steps": 2}
+  url = f"{gcs}/interrupted"
+  logs = iter(str(tmp_path / f"driver-{i}.log") for i in range(4))
+  driver = _Driver(url, overrides, next(logs))
+  driver.wait_for_step(url, 6)
+  driver.process.send_signal(signal.SIGKILL)
+  driver.finish()
+  driver = _Driver(url, overrides, next(logs))  # resumes from checkpoint 4
+  driver.wait_for_step(url, 10)
+  driver.process.send_signal(signal.SIGTERM)
+  code, output = driver.finish()
+  assert code == 0, f"SIGTERM exit {code}:\n{output[-3000:]}"
+  stopped = int(re.findall(r"stopped after step (\d+)", output)[0])
+  assert paths.isdir(f"{url}/checkpoints/{stopped}"), (
+      f"SIGTERM did not save step {stopped} on gs://")
+  code, output = _Driver(url, overrides, next(logs)).finish()
+  assert code == 0, f"the final run failed:\n{output[-3000:]}"
+  local = str(tmp_path / "straight")  # the same driver, uninterrupted
+  code, output = _Driver(local, overrides, next(logs)).finish()
+  assert code == 0, f"the uninterrupted local run failed:\n{output[-3000:]}"
+
+  def comparable(records):
+    merged = {}
+    for record in records:
+      merged.setdefault(record["step"], {}).update(
+          {k: v for k, v in record.items() if k not in TIMING_KEYS})
+    return merged
+  with open(os.path.join(local, "metrics.jsonl")) as f:
+    straight = comparable(map(json.loads, f))
+  resumed = comparable(_gcs_records(url))
+  assert sorted(resumed) == sorted(straight), "steps lost or repeated"
+  assert resumed == straight, (
+      "a logged value of the killed and resumed gs:// run differs from the "
+      "uninterrupted local run")
+
+  from etils import epath
+  names = {p.name for p in epath.Path(url).iterdir()}
+  for name in ("checkpoints", "config.json", "config_history.jsonl",
+               "metrics.jsonl", "samples.jsonl", "tensorboard",
+               "tokenizer.json"):
+    assert name in names, f"{name} missing from the gs:// run: {names}"
+  assert "run.lock" not in names, "the GCS lock was not released"
+  assert not os.path.exists(os.path.join(REPO, "gs:")), (
+      "a local folder named gs: was created for a gs:// workdir")
+  tags = _event_tags(url)
+  assert {"loss", "eval_loss"} <= tags, (
+      f"the gs:// TensorBoard events lack the loss scalars: {sorted(tags)}")
+
+  from bitnet_jax import generate
+  from bitnet_jax.data.tokenizer import load_tokenizer
+  continuations = []
+  for workdir in (url, local):  # what `generate --workdir=...` runs
+    _, model, step = runs.load_model(workdir)
+    tokenizer = load_tokenizer(runs.tokenizer_path(workdir))
+    prompt = np.array([tokenizer.encode("def main(").ids], np.int32)
+    continuations.append((step, generate.greedy(model, prompt, 12).tolist()))
+  assert continuations[0] == continuations[1], continuations
   with pytest.raises(Exception, match="--step=9"):
     runs.load_run(url, step=9)
+
+  exported = [convert.export_hf(workdir, str(tmp_path / name), "bf16")
+              for workdir, name in ((url, "from-gcs"), (local, "from-local"))]
+  for name in sorted(os.listdir(exported[1])):
+    with open(os.path.join(exported[0], name), "rb") as f, open(
+        os.path.join(exported[1], name), "rb") as g:
+      assert f.read() == g.read(), f"exported {name} differs"
+  assert continuations[0][0] == 16, continuations[0][0]

@@ -41,11 +41,13 @@ from absl import logging
 
 from bitnet_jax import files
 from bitnet_jax.config import STREAM_SCHEMES, ConfigError, window_length
-from bitnet_jax.data import stream
+from bitnet_jax.data import mirror, stream
 from bitnet_jax.data import tokenizer as tokenizer_lib
 from bitnet_jax.data.corpus import TextSplit, open_splits
 
 _CACHE_FORMAT = 1  # bump when the token file layout changes
+# A token cache entry's files, its completion marker last (see `mirror`).
+_CACHE_FILES = ("tokens.bin", "meta.json")
 _READ_THREADS = 4  # grain threads slicing windows and stacking batches
 
 
@@ -91,13 +93,17 @@ def data_mode(config) -> str:
 
 
 def data_root(config) -> str:
-  """Returns the absolute cache directory of `config.data.data_dir`.
+  """Returns the absolute local cache directory of `config.data.data_dir`.
 
   "" means `$XDG_CACHE_HOME/bitnet_jax`, or `~/.cache/bitnet_jax` when
-  XDG_CACHE_HOME is unset. The directory is created if missing.
+  XDG_CACHE_HOME is unset; an object store (gs://…) its local mirror
+  (`mirror.local_root`). The directory is created if missing.
   """
   root = config.data.data_dir
-  if not root:
+  remote = mirror.remote_root(config)
+  if remote is not None:
+    root = mirror.local_root(remote)
+  elif not root:
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
     root = os.path.join(cache, "bitnet_jax")
   root = os.path.abspath(os.path.expanduser(root))
@@ -137,12 +143,15 @@ def _valid_cache(bin_path: str, meta_path: str) -> dict | None:
 
 
 def token_cache(split: TextSplit, tokenizer: tokenizers.Tokenizer,
-                eot_id: int, root: str) -> tuple[str, int, str]:
+                eot_id: int, root: str, remote: str | None = None
+                ) -> tuple[str, int, str]:
   """Tokenizes `split` into `root/tokens/<key>/` unless already done.
 
   Documents are encoded `stream.ENCODE_CHUNK` at a time and appended to a
   temporary file, so memory stays bounded; the file is then renamed into
-  place and the metadata written last.
+  place and the metadata written last. With `remote` (a gs:// data_dir),
+  the entry is first fetched from it if it has one, and uploaded to it
+  when it has not (`mirror`).
 
   Returns:
     (path of tokens.bin, n_tokens, dtype name).
@@ -150,12 +159,15 @@ def token_cache(split: TextSplit, tokenizer: tokenizers.Tokenizer,
   tokenizer_json = tokenizer.to_str()
   key = hashlib.sha256(f"{_CACHE_FORMAT}\0{split.key}\0{tokenizer_json}"
                        .encode()).hexdigest()[:20]
-  directory = os.path.join(root, "tokens", key)
+  relative = os.path.join("tokens", key)
+  directory = os.path.join(root, relative)
   bin_path = os.path.join(directory, "tokens.bin")
   meta_path = os.path.join(directory, "meta.json")
+  mirror.fetch(root, remote, relative, _CACHE_FILES)
   meta = _valid_cache(bin_path, meta_path)
   if meta is not None:
     logging.info("Using token cache %s (%d tokens)", bin_path, meta["n_tokens"])
+    mirror.publish(root, remote, relative, _CACHE_FILES)
     return bin_path, meta["n_tokens"], meta["dtype"]
 
   dtype = token_dtype(tokenizer.get_vocab_size())
@@ -183,6 +195,7 @@ def token_cache(split: TextSplit, tokenizer: tokenizers.Tokenizer,
   files.write_atomically(meta_path, json.dumps(meta, indent=1).encode())
   logging.info("Wrote %d tokens of %d documents to %s", n_tokens, n_documents,
                bin_path)
+  mirror.publish(root, remote, relative, _CACHE_FILES)
   return bin_path, n_tokens, dtype.name
 
 
@@ -216,8 +229,11 @@ def prepare(config) -> PreparedData:
         train_n_tokens=0, eval_n_tokens=0, eot_id=eot_id,
         tokenizer_path=tokenizer_path, mode=mode, train_split=train,
         eval_split=held_out)
-  train_path, train_n, dtype = token_cache(train, tokenizer, eot_id, root)
-  eval_path, eval_n, _ = token_cache(held_out, tokenizer, eot_id, root)
+  remote = mirror.remote_root(config)
+  train_path, train_n, dtype = token_cache(train, tokenizer, eot_id, root,
+                                           remote)
+  eval_path, eval_n, _ = token_cache(held_out, tokenizer, eot_id, root,
+                                     remote)
   logging.info("Data ready: %d train tokens, %d eval tokens, vocab %d",
                train_n, eval_n, tokenizer.get_vocab_size())
   return PreparedData(tokenizer=tokenizer, train_tokens=train_path,

@@ -18,7 +18,9 @@ import tokenizers
 from absl import logging
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from bitnet_jax import paths
 from bitnet_jax.config import ConfigError, check_vocab
+from bitnet_jax.data import mirror
 from bitnet_jax.data.corpus import TextSplit
 from bitnet_jax.files import write_atomically
 
@@ -109,9 +111,12 @@ def get_tokenizer(config, root: str, train: TextSplit
                   ) -> tuple[tokenizers.Tokenizer, str]:
   """Returns (tokenizer, the path it was loaded from or cached at).
 
-  Loads `data.tokenizer_path` when set; otherwise loads the cached BPE for
-  (train split, model.vocab_size) under `root`, training and caching it first
-  if absent (or unreadable). Checks the vocabulary against the model.
+  Loads `data.tokenizer_path` when set (a local path or a gs:// URL, read
+  through a local copy); otherwise loads the cached BPE for (train split,
+  model.vocab_size) under `root`, training and caching it first if absent
+  (or unreadable); with a gs:// `data.data_dir` the BPE is fetched from and
+  published to it (`mirror`), so hosts train it once. Checks the
+  vocabulary against the model.
 
   Raises:
     ConfigError: naming `data.tokenizer_path` for a missing/corrupt file,
@@ -120,12 +125,20 @@ def get_tokenizer(config, root: str, train: TextSplit
   """
   vocab_size = config.model.vocab_size
   if config.data.tokenizer_path:
-    path = os.path.abspath(os.path.expanduser(config.data.tokenizer_path))
+    path = paths.resolve(config.data.tokenizer_path)
+    if paths.is_url(path):
+      try:
+        path = paths.local_file(path)
+      except FileNotFoundError:
+        pass  # load_tokenizer names data.tokenizer_path
     tokenizer = load_tokenizer(path)
     logging.info("Loaded tokenizer %s (%d tokens)", path,
                  tokenizer.get_vocab_size())
   else:
     path = cached_tokenizer_path(root, train, vocab_size)
+    remote = mirror.remote_root(config)
+    entry = ("tokenizers", (os.path.basename(path),))  # mirror's entry
+    mirror.fetch(root, remote, *entry)
     tokenizer = None
     if os.path.isfile(path):
       try:
@@ -142,6 +155,7 @@ def get_tokenizer(config, root: str, train: TextSplit
       write_atomically(path, tokenizer.to_str().encode("utf-8"))
       logging.info("Cached tokenizer (%d tokens) at %s",
                    tokenizer.get_vocab_size(), path)
+    mirror.publish(root, remote, *entry)
   check_vocab(config, tokenizer.get_vocab_size(), path)
   return tokenizer, path
 

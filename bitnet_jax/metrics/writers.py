@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +16,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from bitnet_jax import paths
 from bitnet_jax.files import write_atomically
 
 _SHOWN_CHARS = 80  # characters of a dropped or corrupt line put in messages
@@ -79,11 +79,12 @@ def read_records(workdir: str) -> list[dict]:
     ValueError: naming the file, the line number and the fix when a line
       other than the last is corrupt.
   """
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = paths.join(workdir, "metrics.jsonl")
+  try:
+    text = paths.read_bytes(path).decode("utf-8", errors="replace")
+  except FileNotFoundError:
     return []
-  with open(path, encoding="utf-8", errors="replace") as f:
-    return _parse_lines(f.read(), path)[1]
+  return _parse_lines(text, path)[1]
 
 
 def final_metrics(workdir: str, step: int) -> dict:
@@ -108,10 +109,10 @@ def final_metrics(workdir: str, step: int) -> dict:
 def _truncate_after(path: str, step: int) -> None:
   """Keeps the lines of the JSON-lines file `path` whose steps are <= `step`,
   none when `step` is 0."""
-  if not os.path.exists(path):
+  try:
+    original = paths.read_bytes(path)
+  except FileNotFoundError:
     return
-  with open(path, "rb") as f:
-    original = f.read()
   if step > 0:
     lines, records = _parse_lines(
         original.decode("utf-8", errors="replace"), path)
@@ -158,18 +159,22 @@ class MetricWriter:
 
   def __init__(self, workdir: str, resume_step: int = 0):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.samples_path = os.path.join(workdir, "samples.jsonl")
+    self.path = paths.join(workdir, "metrics.jsonl")
+    self.samples_path = paths.join(workdir, "samples.jsonl")
     self._tensorboard = None
     if not self.enabled:
       return
     for path in (self.path, self.samples_path):
       _truncate_after(path, resume_step)
     from tensorboardX import SummaryWriter  # only process 0 needs it
+    if paths.is_url(workdir):
+      from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+      record_writer.register_writer_factory(
+          workdir.partition(":")[0], _AppendingEventsFactory())
     # A SessionLog START at purge_step makes TensorBoard drop the points of
     # earlier event files at steps >= purge_step.
     purge_step = resume_step + 1 if resume_step > 0 else 0
-    self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"),
+    self._tensorboard = SummaryWriter(paths.join(workdir, "tensorboard"),
                                       purge_step=purge_step)
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -182,8 +187,7 @@ class MetricWriter:
     record = {"step": int(step), **{
         k: list(v) if isinstance(v, (list, tuple)) else _plain(v)
         for k, v in scalars.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    paths.append(self.path, (json.dumps(record) + "\n").encode("utf-8"))
     for name, value in record.items():
       if name != "step" and not isinstance(value, list):
         self._tensorboard.add_scalar(name, value, int(step))
@@ -194,9 +198,9 @@ class MetricWriter:
     `WORKDIR/samples.jsonl` and the texts to TensorBoard (`samples/<i>`)."""
     if not self.enabled or not samples:
       return
-    with open(self.samples_path, "a", encoding="utf-8") as f:
-      for sample in samples:
-        f.write(json.dumps({"step": int(step), **sample}) + "\n")
+    paths.append(self.samples_path, "".join(
+        json.dumps({"step": int(step), **sample}) + "\n"
+        for sample in samples).encode("utf-8"))
     for i, sample in enumerate(samples):
       self._tensorboard.add_text(
           f"samples/{i}", f"{sample['prompt']} ‖ {sample['continuation']}",
@@ -206,6 +210,37 @@ class MetricWriter:
   def close(self) -> None:
     if self._tensorboard is not None:
       self._tensorboard.close()
+
+
+class _AppendingEvents:
+  """A tensorboardX record writer for object stores: each flush appends the
+  bytes written since (`paths.append`: GCS compose), where tensorboardX's
+  own GCS writer uploads the whole event file at every flush and again,
+  retrying for minutes, from `__del__` at interpreter exit."""
+
+  def __init__(self, path: str):
+    self.path, self._pending = path, bytearray()
+
+  def write(self, data: bytes) -> None:
+    self._pending += data
+
+  def flush(self) -> None:
+    if self._pending:
+      paths.append(self.path, bytes(self._pending))
+      self._pending.clear()
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _AppendingEventsFactory:
+  """What tensorboardX's `register_writer_factory` takes, for gs://."""
+
+  def open(self, path: str) -> _AppendingEvents:
+    return _AppendingEvents(path)
+
+  def directory_check(self, path: str) -> None:
+    del path  # object stores have no directories to create
 
 
 def _plain(value: Any) -> float | int:
