@@ -54,7 +54,7 @@ class GcsWorkdirLock(run_lock.WorkdirLock):
 
   def _blob(self) -> storage.Blob:
     if self._bucket is None:
-      self._bucket = storage.Client().bucket(self._bucket_name)
+      self._bucket = paths.gcs_bucket(self._bucket_name)
     return self._bucket.blob(self._name)
 
   def acquire(self) -> None:

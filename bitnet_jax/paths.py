@@ -11,12 +11,13 @@ Everything a run writes into or reads from its workdir goes through here
 (checkpoints, metrics.jsonl and samples.jsonl appends, config.json,
 config_history.jsonl, tokenizer.json, the run lock, damaged-checkpoint
 moves), as do `data.data_dir` caches on an object store
-(`bitnet_jax.data.mirror`). TensorBoard event files on gs:// are written by
-tensorboardX's own GCS writer (google-cloud-storage).
+(`bitnet_jax.data.mirror`) and TensorBoard event files (appended through
+`append`, see `metrics.writers`).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -45,6 +46,19 @@ def split_gcs(url: str) -> tuple[str, str]:
                      "--workdir=gs://BUCKET/RUN")
   bucket, name = url[5:].split("/", 1)
   return bucket, name
+
+
+@functools.lru_cache(maxsize=None)
+def gcs_bucket(name: str):
+  """The google-cloud-storage Bucket `name`, through one Client per process
+  (a Client looks credentials up when created: not once per request)."""
+  return _gcs_client().bucket(name)
+
+
+@functools.lru_cache(maxsize=1)
+def _gcs_client():
+  from google.cloud import storage  # pylint: disable=import-outside-toplevel
+  return storage.Client()
 
 
 def resolve(path: str) -> str:
@@ -185,10 +199,9 @@ def append(path: str, data: bytes) -> None:
       old = b""
     write_bytes(path, old + data)
     return
-  from google.cloud import storage  # pylint: disable=import-outside-toplevel
   from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
   bucket_name, name = split_gcs(path)
-  bucket = storage.Client().bucket(bucket_name)
+  bucket = gcs_bucket(bucket_name)
   target = bucket.blob(name)
   try:
     if not target.exists():

@@ -251,7 +251,11 @@ def test_a_gcs_data_dir_is_built_once_and_fetched_by_another_host(
 
   def no_training(*args, **kwargs):
     raise AssertionError("host B trained the BPE again instead of fetching")
+
+  def no_tokenizing(*args, **kwargs):
+    raise AssertionError("host B tokenized again instead of fetching")
   monkeypatch.setattr(tokenizer_lib, "train_bpe", no_training)
+  monkeypatch.setattr(tokenizer_lib, "encode_documents", no_tokenizing)
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "host-b"))
   second = data.prepare(config)
   assert second.train_tokens.startswith(str(tmp_path / "host-b"))
