@@ -60,6 +60,8 @@ class StepDone:
       accuracy, grad_norm, learning_rate, weight_decay), None at step 0.
     is_last: whether `step` is `train.steps`.
     evaluation: the eval metrics of `state`, once `Evaluation` ran.
+    harness: `harness/<task>/<metric>` scalars of `state`, once the
+      lm-eval tasks ran (`bitnet_jax.evaluation.training`).
     checkpoint: an action asks `Checkpointing` to save this step.
     saved: `Checkpointing` saved this step.
     stops: what to do, once the step is checkpointed, to stop the run after
@@ -70,6 +72,7 @@ class StepDone:
   metrics: Mapping[str, jax.Array] | None
   is_last: bool = False
   evaluation: dict[str, Any] | None = None
+  harness: dict[str, float] | None = None
   checkpoint: bool = False
   saved: bool = False
   stops: list[Callable[[StepDone], None]] = dataclasses.field(
@@ -269,9 +272,12 @@ class MetricLog(PeriodicAction):
       self.throughput.first_step_done(done.step)
       self._timed_first_step = True
     self.flush()
-    if done.evaluation is not None or self.writes_now(done):
-      if done.evaluation is not None or done.step % self.every == 0:
-        self._write(done.step, done.values(), done.evaluation)
+    evaluated = done.evaluation is not None or done.harness is not None
+    if evaluated or self.writes_now(done):
+      if evaluated or done.step % self.every == 0:
+        self._write(done.step, done.values(),
+                    {**(done.evaluation or {}), **(done.harness or {})}
+                    if evaluated else None)
     elif done.step % self.every == 0:
       self.unread_metrics = (done.step, done.metrics)
 

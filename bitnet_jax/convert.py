@@ -33,10 +33,10 @@ from safetensors.numpy import save_file
 
 from bitnet_jax import checkpoint, gguf_export, hf, paths, run_identity, runs
 from bitnet_jax import config as config_lib
-from bitnet_jax.data.tokenizer import end_of_text_id, load_tokenizer
+from bitnet_jax.data.tokenizer import load_tokenizer
 from bitnet_jax.attention import kv_heads
 
-HF_SOURCE = "hf_source"  # RUN/hf_source: the imported folder's small files
+HF_SOURCE = runs.HF_SOURCE
 _HF_FILES = ("config.json", "generation_config.json", "tokenizer.json",
              "tokenizer_config.json", "special_tokens_map.json")
 
@@ -191,21 +191,6 @@ def import_hf(hf_dir: str, workdir: str, config_path: str = "") -> str:
   return config_py
 
 
-def _source_config(workdir: str) -> dict:
-  """The imported folder's config.json (RUN/hf_source), or {}."""
-  path = paths.join(workdir, HF_SOURCE, "config.json")
-  return _read_json(path) if paths.isfile(path) else {}
-
-
-def _special_ids(workdir: str, tokenizer, source: dict
-                 ) -> tuple[int, int | list[int]]:
-  """(bos, eos) ids: the imported model's, else the document separator."""
-  if source.get("eos_token_id") not in (None, []):
-    return source.get("bos_token_id"), source["eos_token_id"]
-  eos = end_of_text_id(tokenizer, paths.join(workdir, runs.TOKENIZER_JSON))
-  return eos, eos
-
-
 def _write_side_files(workdir: str, out: str, tokenizer, hf_cfg: dict
                       ) -> None:
   """config.json, generation_config.json and the tokenizer files.
@@ -300,7 +285,7 @@ def export_hf(workdir: str, out: str, fmt: str, *, step: int | None = None,
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
     raise hf.ConversionError(f"--out={out!r} exists and is not an empty "
                              "folder; choose a new one")
-  source = _source_config(workdir)
+  source = runs.hf_source_config(workdir)
   source_quant = source.get("quantization_config") or {}
   if linear_class is None:
     linear_class = (source_quant.get("linear_class", "bitlinear")
@@ -308,7 +293,7 @@ def export_hf(workdir: str, out: str, fmt: str, *, step: int | None = None,
                     else "bitlinear")
   config = runs.load_run_config(workdir)
   tokenizer = load_tokenizer(runs.tokenizer_path(workdir))
-  bos, eos = _special_ids(workdir, tokenizer, source)
+  bos, eos = runs.special_token_ids(workdir, tokenizer)
   hf_cfg = hf.hf_config(
       config.model, bos_token_id=bos, eos_token_id=eos, torch_dtype=dtype,
       max_position_embeddings=source.get("max_position_embeddings",

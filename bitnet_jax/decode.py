@@ -51,17 +51,22 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float,
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0
-             ) -> tuple[np.ndarray, np.ndarray]:
-  """Right-aligns prompts in int32 `[batch, P]` (P the longest); returns it
-  and int32 `[batch]` start slots (P - len).
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0,
+             length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Right-aligns prompts in int32 `[batch, P]` (P = `length`, default the
+  longest); returns it and int32 `[batch]` start slots (P - len).
 
   Raises:
-    ValueError: on an empty prompt list or an empty prompt.
+    ValueError: on an empty prompt list or an empty prompt, or a prompt
+      longer than `length`.
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token (--prompt)")
-  length = max(len(p) for p in prompts)
+  longest = max(len(p) for p in prompts)
+  if length is not None and longest > length:
+    raise ValueError(f"a prompt of {longest} tokens does not fit in a "
+                     f"padded length of {length}")
+  length = longest if length is None else length
   tokens = np.full((len(prompts), length), pad_id, np.int32)
   for row, prompt in enumerate(prompts):
     tokens[row, length - len(prompt):] = prompt
@@ -132,7 +137,8 @@ def generate(model: Any, prompts: Sequence[Sequence[int]],
              max_new_tokens: int, *, context_len: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              seed: int = 0, quant_blend: jax.Array | None = None,
-             return_logits: bool = False) -> Any:
+             return_logits: bool = False,
+             prompt_len: int | None = None) -> Any:
   """Continues each prompt by `max_new_tokens` tokens.
 
   Args:
@@ -146,6 +152,9 @@ def generate(model: Any, prompts: Sequence[Sequence[int]],
     quant_blend: see `bitnet_jax.model.quantization_blend`.
     return_logits: also return the float32 logits each new token was drawn
       from.
+    prompt_len: left-pad every prompt to this many slots (a static bucket
+      shape, so batches of other prompt lengths reuse one compilation);
+      default the longest prompt.
 
   Returns:
     int32 `[batch, max_new_tokens]` new tokens; with `return_logits`,
@@ -157,7 +166,7 @@ def generate(model: Any, prompts: Sequence[Sequence[int]],
       empty prompt or one of `context_len` tokens or more; `--temperature`
       < 0, `--top_p` outside (0, 1], `--top_k` < 0.
   """
-  tokens, starts = left_pad(prompts)
+  tokens, starts = left_pad(prompts, length=prompt_len)
   if max_new_tokens < 1:
     raise ValueError(f"--max_new_tokens={max_new_tokens} must be >= 1")
   if temperature < 0:

@@ -220,6 +220,20 @@ FIELDS = field_table(
       "loss_too_fast: train loss below this x ln(vocab_size); 0 = off"),
     F("health.loss_too_fast_steps", 500, integer(">= 0"), RUNTIME,
       "loss_too_fast is checked at steps <= this only"),
+
+    # lm-evaluation-harness tasks during training (bitnet_jax/evaluation).
+    F("eval.harness_tasks", "", TEXT, SCHEDULE,
+      "lm-eval tasks, comma separated; '' = none"),
+    F("eval.harness_every", 0, integer(">= 0"), SCHEDULE,
+      "steps between harness evaluations; 0 = at the end only"),
+    F("eval.harness_include_path", "", TEXT, SCHEDULE,
+      "folders of local lm-eval YAML tasks, comma separated"),
+    F("eval.harness_num_fewshot", -1, integer(">= 0", special=(-1, "task's")),
+      SCHEDULE, "few-shot examples per prompt; -1 = each task's default"),
+    F("eval.harness_limit", 0, integer(">= 0"), SCHEDULE,
+      "documents per task; 0 = all"),
+    F("eval.harness_batch_size", 16, integer(">= 1"), RUNTIME,
+      "rows per harness scoring / decoding call"),
 )
 
 
@@ -229,7 +243,7 @@ def base_config() -> ml_collections.ConfigDict:
   Returns:
     A ConfigDict with every key of `FIELDS` at its default, sections in
     table order (`seed`, model, data, train, optimizer, mesh, distributed,
-    health).
+    health, eval).
   """
   config = ml_collections.ConfigDict()
   for key, field in FIELDS.items():

@@ -229,6 +229,8 @@ def _build(config: ml_collections.ConfigDict, workdir: str,
       sample=lambda params, step: samples.continue_prompts(
           config, graphdef, params, prompts, prepared.tokenizer, step),
       write_samples=writer.write_samples, throughput=throughput)
+  harness_evaluation = _harness_evaluation(config, workdir, graphdef, mesh,
+                                           prepared.tokenizer, throughput)
   metric_log = actions.MetricLog(
       t.log_every, t.steps, writer, throughput, tokens_seen,
       flops_per_token=metrics.flops_per_token(
@@ -244,8 +246,21 @@ def _build(config: ml_collections.ConfigDict, workdir: str,
       train_step=steps.make_train_step(config, graphdef, tx, shardings, mesh),
       batches=(sharding.global_batch(b, mesh) for b in iterator),
       preemption=preemption, evaluation=evaluation, metric_log=metric_log,
-      actions=[preemption, evaluation, metric_log, alarms, checkpointing],
+      actions=[preemption, evaluation, *harness_evaluation, metric_log,
+               alarms, checkpointing],
       throughput=throughput)
+
+
+def _harness_evaluation(config: ml_collections.ConfigDict, workdir: str,
+                        graphdef, mesh, tokenizer, throughput
+                        ) -> list[actions.PeriodicAction]:
+  """[the lm-eval tasks' action] with `eval.harness_tasks`, else [] (and
+  lm-eval is not imported)."""
+  if not config.eval.harness_tasks.strip():
+    return []
+  from bitnet_jax.evaluation import training  # pylint: disable=g-import-not-at-top
+  return [training.HarnessEvaluation(config, workdir, graphdef, mesh,
+                                     tokenizer, throughput)]
 
 
 def _check_tokenizers(config: ml_collections.ConfigDict, workdir: str,

@@ -9,6 +9,7 @@ read runs through this module; they need no data and no optimizer state.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from typing import Any
 
@@ -19,14 +20,16 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from bitnet_jax import checkpoint, paths, run_identity
+from bitnet_jax import checkpoint, paths, run_identity, sharding
 from bitnet_jax.config import ConfigError, base_config
+from bitnet_jax.data.tokenizer import end_of_text_id
 from bitnet_jax.layout import to_layout
 from bitnet_jax.model import Transformer
 from bitnet_jax.tree_paths import is_stacked
 
 CONFIG_JSON = run_identity.CONFIG_NAME  # written at the first start
 CONFIG_PY = "config.py"  # written by `convert import-hf`
+HF_SOURCE = "hf_source"  # RUN/hf_source: the imported folder's small files
 TOKENIZER_JSON = run_identity.TOKENIZER_NAME
 
 
@@ -223,6 +226,24 @@ def load_model(workdir: str, step: int | None = None
   return config, nnx.merge(graphdef, params), found
 
 
+def load_sharded_model(workdir: str, step: int | None, mesh: jax.sharding.Mesh
+                       ) -> tuple[ml_collections.ConfigDict, nnx.GraphDef,
+                                  Any, int]:
+  """(config, graphdef, parameters, step) of a run's checkpoint, the
+  parameters read straight into the FSDP shardings of `mesh`
+  (`sharding.state_shardings`), each process reading its own shards.
+
+  Arguments and errors as for `load_run`.
+  """
+  config, source = _checkpoint_source(workdir, step)
+  graphdef, abstract = _abstract_model(config.model)
+  abstract = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract, sharding.state_shardings(abstract, mesh))
+  params, found = load_params(source, abstract, key="--workdir")
+  return config, graphdef, params, found
+
+
 def _steps(directory: str) -> list[int]:
   """The steps of `directory`'s checkpoints (`<step>/state`), sorted."""
   return sorted(int(n) for n in paths.listdir(directory)
@@ -273,3 +294,39 @@ def tokenizer_path(workdir: str) -> str:
     raise ConfigError(f"--workdir={workdir!r} has no {TOKENIZER_JSON}; "
                       "training writes it at its first start")
   return paths.local_file(path)
+
+
+def hf_source_config(workdir: str) -> dict:
+  """The imported HF folder's config.json (`RUN/hf_source`), or {} for a run
+  trained here.
+
+  Raises:
+    ConfigError: naming the path when the file is not valid JSON.
+  """
+  path = paths.join(workdir, HF_SOURCE, "config.json")
+  if not paths.isfile(path):
+    return {}
+  try:
+    with paths.open_file(path, encoding="utf-8") as f:
+      return json.load(f)
+  except ValueError as e:
+    raise ConfigError(f"{path} is not valid JSON ({e}): restore it from the "
+                      "imported folder") from e
+
+
+def special_token_ids(workdir: str, tokenizer) -> tuple[int, int | list[int]]:
+  """(bos, eos) token ids of a run: the imported model's (bos may be None,
+  eos a list), else the document separator for both (`end_of_text_id`)."""
+  source = hf_source_config(workdir)
+  if source.get("eos_token_id") not in (None, []):
+    return source.get("bos_token_id"), source["eos_token_id"]
+  eos = end_of_text_id(tokenizer, paths.join(workdir, TOKENIZER_JSON))
+  return eos, eos
+
+
+def context_length(workdir: str, config: ml_collections.ConfigDict) -> int:
+  """The longest sequence the run's model reads, in tokens: an imported
+  model's `max_position_embeddings` (4096 for 2B-4T), else `train.seq_len`
+  (what it trained on; also what `export-hf` writes as the former)."""
+  source = hf_source_config(workdir)
+  return int(source.get("max_position_embeddings", config.train.seq_len))

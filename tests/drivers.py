@@ -11,6 +11,14 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+  """A TCP port nobody listens on now (for a coordinator or a server)."""
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind((host, 0))
+    return s.getsockname()[1]
+
+
 def load_config(spec: str, overrides: dict | None = None):
   """Loads "configs/NAME.py[:variant]" like ml_collections' config_flags.
 

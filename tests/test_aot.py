@@ -19,6 +19,12 @@ from bitnet_jax.config import ConfigError
 from bitnet_jax.metrics import throughput
 from configs import tiny
 
+# conftest turns on JAX's persistent compilation cache; an executable compiled
+# for a TPU topology cannot be loaded back on this CPU host, so JAX warns and
+# compiles again (the result is the same).
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Error reading persistent compilation cache entry:UserWarning")
+
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
     reason="libtpu is not installed (pip install 'jax[tpu]'); it compiles "

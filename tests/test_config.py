@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESEARCH = ["configs/bitnet_125m.py", "configs/bitnet_700m.py",
             "configs/bitnet_1p3b.py", "configs/bitnet_3b.py"]
 CONFIGS = ["configs/tiny.py", "configs/d20.py", "configs/d20.py:cpu",
-           "configs/bitnet_2b4t.py"] + RESEARCH + [f"{n}:fp" for n in RESEARCH]
+           "configs/d20.py:cpu_fp", "configs/bitnet_2b4t.py"] + RESEARCH + [f"{n}:fp" for n in RESEARCH]
 
 
 @pytest.mark.parametrize("name", CONFIGS)

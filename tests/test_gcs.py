@@ -20,17 +20,11 @@ import numpy as np
 import pytest
 
 from bitnet_jax import checkpoint, paths
-from drivers import REPO
+from drivers import REPO, free_port
 from test_checkpoint import _abstract, _iterator, _save_steps, _state
 from test_resilience import TIMING_KEYS
 
 BUCKET = "bitnet-test"
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +37,7 @@ def gcs():
   except ImportError:
     pytest.skip("gcp-storage-emulator is not installed: pip install -e "
                 "'.[test]' brings it")
-  port = _free_port()
+  port = free_port("localhost")
   server = subprocess.Popen(
       [sys.executable, os.path.join(REPO, "tests", "gcs_server.py"),
        str(port), BUCKET],
@@ -394,3 +388,10 @@ def test_a_gcs_run_killed_and_stopped_resumes_bit_identically_and_exports(
         os.path.join(exported[1], name), "rb") as g:
       assert f.read() == g.read(), f"exported {name} differs"
   assert continuations[0][0] == 16, continuations[0][0]
+  from bitnet_jax.evaluation import perplexity
+  from bitnet_jax.evaluation.backend import BitNetLM
+  texts = ["def main(argv):\n    return len(argv)\n", "import os\n"]
+  figures = [perplexity.perplexity(BitNetLM.from_run(w, batch_size=8),
+                                   iter(texts)) for w in (url, local)]
+  assert figures[0] == figures[1], (
+      f"the gs:// run evaluates otherwise than its local twin: {figures}")

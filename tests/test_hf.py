@@ -285,6 +285,30 @@ def _pack_folder(latent: str, folder: str, linear_class: str,
   return folder
 
 
+def test_an_imported_model_is_evaluated_with_its_context_and_bos(
+    hf_latent, tmp_path):
+  """lm-eval's backend on an imported run: the HF config's context and BOS,
+  and the log-likelihood transformers gives (a BOS-prefixed text)."""
+  from bitnet_jax.evaluation.backend import BitNetLM  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  convert.import_hf(hf_latent, workdir)
+  with open(os.path.join(hf_latent, "config.json")) as f:
+    source = json.load(f)
+  lm = BitNetLM.from_run(workdir, batch_size=8)
+  assert lm.max_length == source["max_position_embeddings"]
+  assert lm.prefix_token_id == source["bos_token_id"]
+  text = "def main(argv):\n    return 0\n"
+  request = type("Request", (), {"args": ("", text)})()
+  (ours, _), = lm.loglikelihood([request])
+  ids = [lm.prefix_token_id] + lm.tok_encode(text)
+  model = AutoModelForCausalLM.from_pretrained(hf_latent, dtype=torch.float32)
+  with torch.no_grad():
+    log_probs = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
+  theirs = float(log_probs[torch.arange(len(ids) - 1),
+                           torch.tensor(ids[1:])].sum())
+  assert ours == pytest.approx(theirs, rel=1e-4), (ours, theirs)
+
+
 @pytest.mark.parametrize("form", ["latent", "bitlinear", "autobitlinear"])
 def test_import_of_a_transformers_model_gives_its_logits(
     hf_latent, tokens, tmp_path, form):

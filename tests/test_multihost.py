@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 
 from bitnet_jax import data, train
-from drivers import REPO, stream_config
+from drivers import REPO, free_port, stream_config
 
 WORKER = """
 import os, sys
@@ -43,15 +42,9 @@ train.train_and_evaluate(config, {workdir!r})
 """
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _start_workers(overrides: dict, workdir: str,
                    sleep: float = 0.0) -> list[subprocess.Popen]:
-  program = WORKER.format(overrides=overrides, port=_free_port(),
+  program = WORKER.format(overrides=overrides, port=free_port(),
                           workdir=workdir, sleep=sleep)
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   return [subprocess.Popen([sys.executable, "-c", program, str(i)],

@@ -269,13 +269,15 @@ _RUNTIME = {
     "model.attention_implementation", "model.remat_policy",
     "model.bitlinear_matmul", "train.loss_chunk_size",
     "train.grad_accum_steps", "train.allow_config_change",
-    "train.lock_stale_seconds", "train.init_from"}
+    "train.lock_stale_seconds", "train.init_from", "eval.harness_batch_size"}
 _SCHEDULE = {
     "train.steps", "train.log_every", "train.eval_every",
     "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
     "train.divergence_factor", "train.divergence_patience",
     "train.sample_prompts", "train.sample_prompt_tokens",
-    "train.sample_new_tokens"}
+    "train.sample_new_tokens", "eval.harness_tasks", "eval.harness_every",
+    "eval.harness_include_path", "eval.harness_num_fewshot",
+    "eval.harness_limit"}
 _RUNTIME_SECTIONS = ("mesh.", "distributed.", "health.")
 
 
