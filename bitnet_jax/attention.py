@@ -34,8 +34,9 @@ from absl import logging
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from bitnet_jax.layers import (BitLinear, apply_rope, bitlinear_arguments,
-                               dropout, rms_norm)
+from bitnet_jax.layers import (BitLinear, apply_norm, apply_rope,
+                               bitlinear_arguments, dropout, head_dim,
+                               rms_norm, rope_frequencies, sub_norm)
 
 _LOGGED: set[str] = set()  # attention choices already logged
 
@@ -147,26 +148,39 @@ def explicit_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 class Attention(nnx.Module):
-  """Causal self-attention with RoPE and a sub-norm before o_proj.
+  """Causal self-attention with RoPE and a sub-norm before o_proj (none
+  with `model.sub_norms=False`).
 
   Grouped-query attention (Ainslie et al., "GQA", arXiv 2305.13245) when
   `n_kv_heads < n_heads`: k_proj and v_proj map d_model to
   n_kv_heads x head_dim, and query head h attends with key/value head
   h // (n_heads / n_kv_heads), the grouping of HF's `repeat_kv`.
+
+  Imported full-precision families add (all off by default): q/k/v biases
+  (`model.attention_bias`, Qwen2), a per-head RMSNorm of queries and keys
+  before RoPE (`model.qk_norm`, Qwen3, shared by the heads: `q_norm`,
+  `k_norm` `[head_dim]`) and a head width other than d_model / n_heads
+  (`model.head_dim`: q_proj is `[d_model, n_heads x head_dim]`, o_proj its
+  transpose).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    d, dtype = config.d_model, jnp.dtype(config.dtype)
+    d, self.head_dim = config.d_model, head_dim(config)
     linear = bitlinear_arguments(config, rngs)
     self.n_heads, self.n_kv_heads = config.n_heads, kv_heads(config)
-    kv_width = self.n_kv_heads * (d // self.n_heads)
-    self.q_proj = BitLinear(d, d, **linear)
-    self.k_proj = BitLinear(d, kv_width, **linear)
-    self.v_proj = BitLinear(d, kv_width, **linear)
-    self.attn_sub_norm = rms_norm(d, eps=config.norm_eps, dtype=dtype,
-                                  rngs=rngs)
-    self.o_proj = BitLinear(d, d, **linear)
-    self.rope_theta = config.rope_theta
+    width, kv_width = (self.n_heads * self.head_dim,
+                       self.n_kv_heads * self.head_dim)
+    biased = {**linear, "use_bias": config.attention_bias}
+    self.q_proj = BitLinear(d, width, **biased)
+    self.k_proj = BitLinear(d, kv_width, **biased)
+    self.v_proj = BitLinear(d, kv_width, **biased)
+    self.q_norm, self.k_norm = (
+        (rms_norm(self.head_dim, eps=config.norm_eps,
+                  dtype=jnp.dtype(config.dtype), rngs=rngs)
+         for _ in range(2)) if config.qk_norm else (None, None))
+    self.attn_sub_norm = sub_norm(width, config, rngs)
+    self.o_proj = BitLinear(width, d, **linear)
+    self.rope_frequencies = rope_frequencies(self.head_dim, config)
     if config.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(
           f"model.attention_implementation="
@@ -199,19 +213,20 @@ class Attention(nnx.Module):
     Returns:
       The output `[batch, seq, d_model]`; with a cache, (output, new cache).
     """
-    batch, seq, d_model = x.shape
-    head_dim = d_model // self.n_heads
+    batch, seq, _ = x.shape
+    head_dim = self.head_dim
     kv_shape = (batch, seq, self.n_kv_heads, head_dim)
     if positions is None:
       positions = jnp.arange(seq, dtype=jnp.int32)
     q_BxLxM = checkpoint_name(self.q_proj(x, quant_blend), "query_proj")
     k_BxLxKD = checkpoint_name(self.k_proj(x, quant_blend), "key_proj")
     v_BxLxKD = checkpoint_name(self.v_proj(x, quant_blend), "value_proj")
-    q_BxLxHxD = apply_rope(
-        q_BxLxM.reshape(batch, seq, self.n_heads, head_dim), positions,
-        self.rope_theta)
-    k_BxLxKxD = apply_rope(k_BxLxKD.reshape(kv_shape), positions,
-                           self.rope_theta)
+    q_BxLxHxD = apply_rope(apply_norm(
+        self.q_norm, q_BxLxM.reshape(batch, seq, self.n_heads, head_dim)),
+                           positions, self.rope_frequencies)
+    k_BxLxKxD = apply_rope(apply_norm(self.k_norm,
+                                      k_BxLxKD.reshape(kv_shape)),
+                           positions, self.rope_frequencies)
     v_BxLxKxD = v_BxLxKD.reshape(kv_shape)
     if cache is not None:  # cache["key"], cache["value"]: [B, S, K, D]
       start = (0, cache_index, 0, 0)
@@ -240,7 +255,8 @@ class Attention(nnx.Module):
           q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, mask=mask, is_causal=True,
           implementation=implementation)
     out = self.o_proj(
-        self.attn_sub_norm(out_BxLxHxD.reshape(batch, seq, d_model)),
+        apply_norm(self.attn_sub_norm,
+                   out_BxLxHxD.reshape(batch, seq, -1)),
         quant_blend)
     out = checkpoint_name(out, "out_proj")
     return out if cache is None else (out, cache)

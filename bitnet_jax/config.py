@@ -140,19 +140,27 @@ def _check_dataset(key: str, spec: str, stdlib: bool = True) -> None:
 
 def _check_model(m) -> None:
   """Checks the relations between `config.model` fields."""
-  if m.d_model % m.n_heads:
+  if not m.head_dim and m.d_model % m.n_heads:
     _fail("model.d_model", m.d_model,
-          f"must be divisible by model.n_heads={m.n_heads}")
+          f"must be divisible by model.n_heads={m.n_heads} (or set "
+          "model.head_dim)")
   if m.n_kv_heads < 0 or (m.n_kv_heads and m.n_heads % m.n_kv_heads):
     _fail("model.n_kv_heads", m.n_kv_heads,
           f"must be 0 (= n_heads) or divide model.n_heads={m.n_heads} "
           "(grouped-query attention)")
-  if (m.d_model // m.n_heads) % 2:
+  if m.head_dim % 2:
+    _fail("model.head_dim", m.head_dim, "must be even for RoPE")
+  if not m.head_dim and (m.d_model // m.n_heads) % 2:
     _fail("model.n_heads", m.n_heads,
           "d_model / n_heads must be even for RoPE")
   if m.bitlinear_matmul == "int8" and m.quantization != "ternary":
     _fail("model.bitlinear_matmul", "int8", "the int8 matmul multiplies "
           "ternary weights: it needs model.quantization='ternary'")
+  if m.rope_scaling == "llama3" and (
+      m.rope_high_freq_factor <= m.rope_low_freq_factor):
+    _fail("model.rope_high_freq_factor", m.rope_high_freq_factor,
+          f"must exceed model.rope_low_freq_factor={m.rope_low_freq_factor} "
+          "(Llama 3.1's smooth interpolation divides by their difference)")
   warmup = m.quantization_warmup_steps
   if warmup and m.quantization != "ternary":
     _fail("model.quantization_warmup_steps", warmup,

@@ -3,6 +3,10 @@ r"""Moves BitNet models between bitnet_jax runs, Hugging Face and GGUF.
   # an HF BitNet folder (latent bf16 or packed 2-bit) -> a run to fine-tune
   python -m bitnet_jax.convert import-hf --hf_dir=DIR --workdir=RUN \
       [--config=configs/bitnet_2b4t.py]
+  # a full-precision Llama / Qwen2 / Qwen3 folder -> a ternary run with
+  # inserted sub-norms, or (none, none) the source model itself
+  python -m bitnet_jax.convert import-hf --hf_dir=DIR --workdir=RUN \
+      [--quantization=ternary|none --sub_norms=insert|none]
   # a run -> transformers (latent weights, or packed 2-bit) or GGUF
   python -m bitnet_jax.convert export-hf --workdir=RUN --out=DIR \
       --format=bf16|packed|gguf [--step=N --dtype=bfloat16|float32]
@@ -17,7 +21,6 @@ checkpoint RUN/checkpoints/0: `python -m bitnet_jax.main
 from __future__ import annotations
 
 import datetime
-import glob
 import json
 import os
 import shutil
@@ -28,17 +31,18 @@ import ml_dtypes
 import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from bitnet_jax import checkpoint, gguf_export, hf, paths, run_identity, runs
+from bitnet_jax import (checkpoint, gguf_export, hf, hf_sources, paths,
+                        run_identity, runs)
 from bitnet_jax import config as config_lib
 from bitnet_jax.data.tokenizer import load_tokenizer
 from bitnet_jax.attention import kv_heads
 
 HF_SOURCE = runs.HF_SOURCE
 _HF_FILES = ("config.json", "generation_config.json", "tokenizer.json",
-             "tokenizer_config.json", "special_tokens_map.json")
+             "tokenizer_config.json", "special_tokens_map.json",
+             "chat_template.jinja")
 
 
 def _read_json(path: str) -> dict:
@@ -49,56 +53,6 @@ def _read_json(path: str) -> dict:
     raise hf.ConversionError(f"{path} is missing") from e
   except ValueError as e:
     raise hf.ConversionError(f"{path} is not valid JSON: {e}") from e
-
-
-def read_safetensors(hf_dir: str) -> dict[str, np.ndarray]:
-  """Every tensor of the folder's `*.safetensors` files (sharded or not).
-
-  Raises:
-    ConversionError: naming `--hf_dir` when there are none, or a file that
-      cannot be read.
-  """
-  files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
-  if not files:
-    raise hf.ConversionError(f"--hf_dir={hf_dir!r} holds no *.safetensors")
-  tensors = {}
-  for path in files:
-    try:
-      with safe_open(path, framework="np") as f:
-        for name in f.keys():
-          tensors[name] = f.get_tensor(name)
-    except Exception as e:  # safetensors raises its own error types
-      raise hf.ConversionError(f"cannot read {path}: {e}") from e
-  return tensors
-
-
-def latent_tensors(tensors: dict[str, np.ndarray], hf_config: dict,
-                   source: str) -> dict[str, np.ndarray]:
-  """HF tensors -> float32 latent weights (packed ones unpacked).
-
-  A packed uint8 weight becomes codes x gamma' (`hf.latent_from_codes`) with
-  gamma read from its `weight_scale` as `quantization_config.linear_class`
-  defines it.
-  """
-  quant = hf_config.get("quantization_config") or {}
-  linear_class = quant.get("linear_class", "bitlinear")
-  out = {}
-  for name, array in tensors.items():
-    if name.endswith(".weight_scale"):
-      continue
-    if array.dtype == np.uint8:
-      scale_name = name[:-len("weight")] + "weight_scale"
-      if scale_name not in tensors:
-        raise hf.ConversionError(f"{source}: packed {name} has no "
-                                 f"{scale_name}")
-      try:
-        gamma = hf.gamma_from_scale(tensors[scale_name], linear_class)
-        out[name] = hf.latent_from_codes(hf.unpack_ternary(array), gamma)
-      except hf.ConversionError as e:
-        raise hf.ConversionError(f"{source}: {name}: {e}") from e
-    else:
-      out[name] = np.asarray(array, dtype=np.float32)
-  return out
 
 
 def _run_config(fields: dict, config_path: str, workdir: str
@@ -142,8 +96,17 @@ def _flat(config: ml_collections.ConfigDict) -> dict:
   return run_identity.flatten(run_identity.config_dict(config))
 
 
-def import_hf(hf_dir: str, workdir: str, config_path: str = "") -> str:
-  """Converts a local HF BitNet folder into a run directory.
+def import_hf(hf_dir: str, workdir: str, config_path: str = "", *,
+              quantization: str = "", sub_norms: str = "") -> str:
+  """Converts a local HF folder (BitNet, or a full-precision Llama, Qwen2 or
+  Qwen3 model, `bitnet_jax.hf_sources`) into a run directory.
+
+  Args:
+    hf_dir: the HF folder (config.json, *.safetensors, tokenizer.json).
+    workdir: a new or empty local run directory.
+    config_path: optional config file for everything but the model.
+    quantization, sub_norms: full-precision sources only ('' = ternary,
+      insert): see `hf_sources.model_fields`.
 
   Returns:
     The path of the written `RUN/config.py`.
@@ -159,7 +122,9 @@ def import_hf(hf_dir: str, workdir: str, config_path: str = "") -> str:
                              "there")
   hf_dir, workdir = os.path.abspath(hf_dir), os.path.abspath(workdir)
   hf_config = _read_json(os.path.join(hf_dir, "config.json"))
-  fields = hf.model_fields(hf_config, hf_dir)
+  fields = hf_sources.model_fields(hf_config, hf_dir,
+                                   quantization=quantization,
+                                   sub_norms=sub_norms)
   if os.path.isdir(workdir) and os.listdir(workdir):
     raise hf.ConversionError(f"--workdir={workdir!r} is not empty (a run's "
                              "files would mix with the import's); import "
@@ -171,7 +136,10 @@ def import_hf(hf_dir: str, workdir: str, config_path: str = "") -> str:
   config = _run_config(fields, config_path, workdir)
   tokenizer = load_tokenizer(tokenizer_json)
   config_lib.check_vocab(config, tokenizer.get_vocab_size(), tokenizer_json)
-  tensors = latent_tensors(read_safetensors(hf_dir), hf_config, hf_dir)
+  tensors = hf_sources.insert_sub_norms(
+      hf_sources.latent_tensors(hf_sources.read_safetensors(hf_dir),
+                                hf_config, hf_dir),
+      config.model)
   params = hf.from_hf_tensors(tensors, runs.abstract_params(config.model),
                               hf_dir)
   os.makedirs(os.path.join(workdir, HF_SOURCE), exist_ok=True)
@@ -203,7 +171,7 @@ def _write_side_files(workdir: str, out: str, tokenizer, hf_cfg: dict
   shutil.copyfile(runs.tokenizer_path(workdir),
                   os.path.join(out, "tokenizer.json"))
   for name in ("generation_config.json", "tokenizer_config.json",
-               "special_tokens_map.json"):
+               "special_tokens_map.json", "chat_template.jinja"):
     source = paths.join(workdir, HF_SOURCE, name)
     if paths.isfile(source):
       with open(os.path.join(out, name), "wb") as f:
@@ -342,7 +310,9 @@ def main(argv):
     if argv[1] == "import-hf":
       if not FLAGS.hf_dir:
         raise hf.ConversionError("--hf_dir is required")
-      written = import_hf(FLAGS.hf_dir, FLAGS.workdir, FLAGS.config)
+      written = import_hf(FLAGS.hf_dir, FLAGS.workdir, FLAGS.config,
+                          quantization=FLAGS.quantization,
+                          sub_norms=FLAGS.sub_norms)
       print(f"wrote {written}; fine-tune with: python -m bitnet_jax.main "
             f"--config={written} --workdir={FLAGS.workdir}")
     else:
@@ -374,6 +344,12 @@ def _define_flags() -> None:
   flags.DEFINE_enum("ternary_type", "TQ2_0",
                     ["TQ2_0", "TQ1_0"], "GGUF ternary type.")
   flags.DEFINE_integer("step", None, "export-hf: checkpoint step.")
+  flags.DEFINE_enum("quantization", "", ["", *hf_sources.QUANTIZATIONS],
+                    "import-hf of a full-precision model: 'ternary' "
+                    "(default, the conversion) or 'none' (a teacher).")
+  flags.DEFINE_enum("sub_norms", "", ["", *hf_sources.SUB_NORMS],
+                    "import-hf of a full-precision model: 'insert' (default, "
+                    "gain-1 SubLN) or 'none' (the source block).")
   flags.DEFINE_string(
       "config", "", "import-hf: a config file for everything but the model "
       "(its model fields must match the HF config).")

@@ -28,6 +28,7 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "save_qkv_out")
 BITLINEAR_MATMULS = ("fake_quant", "int8")
 RESIDUALS = ("standard", "mhc_lite")
+ROPE_SCALINGS = ("none", "llama3")
 # data.dataset schemes: random-access sources, and sharded file sources that
 # can stream (see bitnet_jax.data.sources).
 DATASET_SCHEMES = ("tfds", "files")
@@ -50,6 +51,12 @@ FIELDS = field_table(
     F("model.n_layers", 6, integer(">= 1"), IDENTITY, "transformer blocks"),
     F("model.n_heads", 4, integer(">= 1"), IDENTITY,
       "attention heads; d_model / n_heads even (RoPE)"),
+    F("model.head_dim", 0, integer(">= 0"), IDENTITY,
+      "per-head width; 0 = d_model / n_heads (Qwen3 sets its own)"),
+    F("model.attention_bias", False, FLAG, IDENTITY,
+      "full-precision q/k/v biases (Qwen2); BitNet has none"),
+    F("model.qk_norm", False, FLAG, IDENTITY,
+      "RMSNorm of each query and key head before RoPE (Qwen3)"),
     F("model.n_kv_heads", 0, integer(), IDENTITY,
       "key/value heads (GQA); 0 = n_heads; divides n_heads"),
     F("model.ffn_dim", 768, integer(">= 1"), IDENTITY,
@@ -63,6 +70,18 @@ FIELDS = field_table(
       " copying)"),
     F("model.rope_theta", 10000.0, number("> 0"), IDENTITY,
       "RoPE base frequency"),
+    F("model.rope_scaling", "none", choice(ROPE_SCALINGS), IDENTITY,
+      "'llama3': Llama 3.1's frequency scaling (imported Llama 3 models)"),
+    F("model.rope_scaling_factor", 8.0, number(">= 1"), IDENTITY,
+      "llama3: low frequencies are divided by this ('factor')"),
+    F("model.rope_low_freq_factor", 1.0, number("> 0"), IDENTITY,
+      "llama3: 'low_freq_factor'"),
+    F("model.rope_high_freq_factor", 4.0, number("> 0"), IDENTITY,
+      "llama3: 'high_freq_factor' (> rope_low_freq_factor)"),
+    F("model.rope_original_context", 8192, integer(">= 1"), IDENTITY,
+      "llama3: 'original_max_position_embeddings'"),
+    F("model.sub_norms", True, FLAG, IDENTITY,
+      "RMSNorm before o_proj and down_proj (2B4T, BitDistill's SubLN)"),
     F("model.norm_eps", 1e-5, number("> 0"), IDENTITY, "RMSNorm epsilon"),
     F("model.init_std", 0.02, number("> 0"), IDENTITY,
       "stddev of the normal init of every weight"),

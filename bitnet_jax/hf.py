@@ -52,7 +52,8 @@ def hf_name(path: tuple) -> tuple[str, bool]:
     modules = ["model", "layers", *modules[1:]]
   elif modules[0] != "lm_head":
     modules = ["model", *modules]
-  return ".".join(modules) + ".weight", leaf == "kernel"
+  suffix = ".bias" if leaf == "bias" else ".weight"
+  return ".".join(modules) + suffix, leaf == "kernel"
 
 
 def is_bitlinear(name: str) -> bool:
@@ -303,8 +304,11 @@ def hf_config(model: Any, *, max_position_embeddings: int, bos_token_id: int,
   """An HF `BitNetConfig` dict for `config.model`.
 
   Raises:
-    ConversionError: for a full-precision model (`model.quantization` none)
-      or an mHC-lite residual (`model.residual`), which `BitNetForCausalLM`
+    ConversionError: for a full-precision model (`model.quantization` none),
+      an mHC-lite residual (`model.residual`), a block without sub-norms
+      (`model.sub_norms`), biases (`model.attention_bias`), QK-norm
+      (`model.qk_norm`), a head width apart from d_model / n_heads or scaled
+      RoPE (`model.rope_scaling`), which `BitNetForCausalLM` (or our export)
       cannot express.
   """
   if model.quantization != "ternary":
@@ -314,6 +318,25 @@ def hf_config(model: Any, *, max_position_embeddings: int, bos_token_id: int,
     raise ConversionError(
         f"config.model.residual={model.residual!r}: BitNetForCausalLM has "
         "one residual stream; only model.residual='standard' models export")
+  if not model.sub_norms:
+    raise ConversionError("config.model.sub_norms=False: BitNetForCausalLM "
+                          "has attn_sub_norm and ffn_sub_norm in every "
+                          "block; import with --sub_norms=insert to export")
+  for key, feature in (("attention_bias", "q/k/v biases"),
+                       ("qk_norm", "query/key RMSNorms")):
+    if model[key]:
+      raise ConversionError(f"config.model.{key}=True: BitNetForCausalLM has "
+                            f"no {feature} (a converted Qwen model trains "
+                            "and evaluates here but cannot export)")
+  if model.head_dim and model.head_dim * model.n_heads != model.d_model:
+    raise ConversionError(f"config.model.head_dim={model.head_dim} x n_heads "
+                          f"!= d_model={model.d_model}: BitNetForCausalLM "
+                          "and llama.cpp's bitnet need them equal")
+  if model.rope_scaling != "none":
+    raise ConversionError(f"config.model.rope_scaling="
+                          f"{model.rope_scaling!r}: the export writes the "
+                          "default RoPE only (BitNet and llama.cpp's bitnet "
+                          "architecture)")
   heads = model.n_heads
   config = {
       "architectures": ["BitNetForCausalLM"], "model_type": "bitnet",

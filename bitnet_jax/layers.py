@@ -13,13 +13,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from bitnet_jax import quant
 
 
 class BitLinear(nnx.Module):
-  """A bias-free linear layer with ternary weights and int8 activations.
+  """A linear layer with ternary weights and int8 activations.
 
   `quantization="ternary"`: y = activation_quant(x) @ weight_quant(kernel),
   both fake-quantized with straight-through gradients (`bitnet_jax.quant`).
@@ -41,14 +42,19 @@ class BitLinear(nnx.Module):
     ValueError: naming `model.quantization` or `model.bitlinear_matmul` for
       an unknown value.
 
+  `use_bias` adds a full-precision bias after the product (BitNet has
+  none; Qwen2's q/k/v projections do, `model.attention_bias`).
+
   Attributes:
     kernel: `nnx.Param` float32 `[in_features, out_features]`; the latent
       full-precision weight the optimizer updates.
+    bias: `nnx.Param` float32 `[out_features]` (zeros), with `use_bias`.
   """
 
   def __init__(self, in_features: int, out_features: int, *,
                quantization: str, init_std: float, dtype: jnp.dtype,
-               rngs: nnx.Rngs, matmul: str = "fake_quant"):
+               rngs: nnx.Rngs, matmul: str = "fake_quant",
+               use_bias: bool = False):
     if quantization not in ("ternary", "none"):
       raise ValueError(f"model.quantization={quantization!r}: use "
                        "'ternary' or 'none'")
@@ -58,6 +64,8 @@ class BitLinear(nnx.Module):
     init = nnx.initializers.normal(stddev=init_std)
     self.kernel = nnx.Param(
         init(rngs.params(), (in_features, out_features), jnp.float32))
+    self.bias = (nnx.Param(jnp.zeros((out_features,), jnp.float32))
+                 if use_bias else None)
     # Chosen once here, not branched on in every call.
     self.multiply = (BITLINEAR_MATMULS[matmul] if quantization == "ternary"
                      else full_precision_matmul)
@@ -70,7 +78,11 @@ class BitLinear(nnx.Module):
     `quant_blend`: None (plain ternary) or a float32 scalar lambda in [0, 1]
     (fake-quant path only; ignored without ternary quantization).
     """
-    return self.multiply(x.astype(self.dtype), self.kernel[...], quant_blend)
+    y = self.multiply(x.astype(self.dtype), self.kernel[...], quant_blend)
+    if self.bias is None:
+      return y
+    return y + self.bias[...].astype(y.dtype).reshape((1,) * (y.ndim - 1)
+                                                      + (-1,))
 
 
 def full_precision_matmul(x: jax.Array, kernel: jax.Array,
@@ -137,7 +149,58 @@ def rms_norm(features: int, *, eps: float, dtype: jnp.dtype,
                      param_dtype=jnp.float32, rngs=rngs)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def head_dim(config: ml_collections.ConfigDict) -> int:
+  """Per-head width: `config.head_dim`, or d_model / n_heads when it is 0."""
+  return config.head_dim or config.d_model // config.n_heads
+
+
+def sub_norm(features: int, config: ml_collections.ConfigDict,
+             rngs: nnx.Rngs) -> nnx.RMSNorm | None:
+  """The RMSNorm before o_proj / down_proj (BitNet b1.58 2B4T's
+  attn_sub_norm / ffn_sub_norm, BitDistill's SubLN, arXiv 2510.13998), or
+  None when `config.sub_norms` is False (a Llama-shaped block)."""
+  if not config.sub_norms:
+    return None
+  return rms_norm(features, eps=config.norm_eps,
+                  dtype=jnp.dtype(config.dtype), rngs=rngs)
+
+
+def apply_norm(norm: nnx.RMSNorm | None, x: jax.Array) -> jax.Array:
+  """`norm(x)`, or `x` when the norm is absent (`sub_norm`)."""
+  return x if norm is None else norm(x)
+
+
+def rope_frequencies(head_dim: int, config: ml_collections.ConfigDict
+                     ) -> tuple[float, ...]:
+  """RoPE inverse frequencies `[head_dim / 2]` (radians per position).
+
+  theta^(-2i / head_dim) (RoFormer, arXiv 2104.09864); with
+  `config.rope_scaling="llama3"`, Llama 3.1's scaling as transformers'
+  `_compute_llama3_parameters` (modeling_rope_utils.py) and Meta's
+  llama-models `apply_scaling` compute it: wavelengths 2 pi / f above
+  original_context / low_freq_factor are divided by `factor`, those below
+  original_context / high_freq_factor kept, and those between interpolated
+  with s = (original_context / wavelength - low) / (high - low):
+  (1 - s) f / factor + s f. Computed once on the host, in float64, and
+  returned as a tuple (a static module attribute).
+  """
+  half = head_dim // 2
+  inv_freq = config.rope_theta ** (-np.arange(half, dtype=np.float64) / half)
+  if config.rope_scaling == "none":
+    return tuple(float(f) for f in inv_freq)
+  factor = config.rope_scaling_factor
+  low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+  context = config.rope_original_context
+  wavelength = 2 * np.pi / inv_freq
+  scaled = np.where(wavelength > context / low, inv_freq / factor, inv_freq)
+  smooth = (context / wavelength - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelength >= context / high) & (wavelength <= context / low)
+  return tuple(float(f) for f in np.where(medium, smoothed, scaled))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array,
+               inv_freq: tuple[float, ...]) -> jax.Array:
   """Rotary position embedding, rotate-half form (as HF Llama and BitNet).
 
   Source: Su et al., "RoFormer" (arXiv 2104.09864).
@@ -146,13 +209,13 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     x: queries or keys `[batch, seq, n_heads, head_dim]`, head_dim even.
     positions: int32 `[seq]` or `[batch, seq]`, each token's position (its
       index in its document when documents are packed).
-    theta: base frequency (10000 in RoFormer, 5e5 in BitNet b1.58 2B4T).
+    inv_freq: `[head_dim / 2]` frequencies (`rope_frequencies`: base 10000
+      in RoFormer, 5e5 in BitNet b1.58 2B4T).
 
   Returns:
     The rotated `x`, same shape and dtype.
   """
-  half = x.shape[-1] // 2
-  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  inv_freq = jnp.asarray(inv_freq, jnp.float32)
   positions = jnp.broadcast_to(positions, x.shape[:2])  # [batch, seq]
   angles = positions.astype(jnp.float32)[..., None] * inv_freq[None, None]
   sin = jnp.sin(angles)[:, :, None, :]  # [batch, seq, 1, half]

@@ -35,7 +35,8 @@ from flax import nnx
 
 from bitnet_jax import residual
 from bitnet_jax.attention import Attention, document_mask, kv_heads
-from bitnet_jax.layers import BitLinear, bitlinear_arguments, dropout, rms_norm
+from bitnet_jax.layers import (BitLinear, apply_norm, bitlinear_arguments,
+                               dropout, head_dim, rms_norm, sub_norm)
 
 # Activations named for `model.remat_policy = "save_qkv_out"`.
 SAVED_BY_QKV_OUT = ("query_proj", "key_proj", "value_proj", "out_proj")
@@ -85,7 +86,8 @@ FFN_ACTIVATIONS = {"swiglu": jax.nn.silu, "relu2": squared_relu}
 
 
 class FeedForward(nnx.Module):
-  """Gated FFN: down(ffn_sub_norm(act(gate(x)) * up(x))).
+  """Gated FFN: down(ffn_sub_norm(act(gate(x)) * up(x))) (no sub-norm with
+  `model.sub_norms=False`).
 
   act is SiLU ("swiglu", the b1.58 paper) or squared ReLU ("relu2", 2B4T),
   chosen once from `FFN_ACTIVATIONS` when the module is built.
@@ -95,15 +97,14 @@ class FeedForward(nnx.Module):
   """
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    d, f, dtype = config.d_model, config.ffn_dim, jnp.dtype(config.dtype)
+    d, f = config.d_model, config.ffn_dim
     if config.ffn_activation not in FFN_ACTIVATIONS:
       raise ValueError(f"model.ffn_activation={config.ffn_activation!r}: use "
                        f"one of {', '.join(map(repr, FFN_ACTIVATIONS))}")
     linear = bitlinear_arguments(config, rngs)
     self.gate_proj = BitLinear(d, f, **linear)
     self.up_proj = BitLinear(d, f, **linear)
-    self.ffn_sub_norm = rms_norm(f, eps=config.norm_eps, dtype=dtype,
-                                 rngs=rngs)
+    self.ffn_sub_norm = sub_norm(f, config, rngs)
     self.down_proj = BitLinear(f, d, **linear)
     self.activation = FFN_ACTIVATIONS[config.ffn_activation]
 
@@ -113,7 +114,8 @@ class FeedForward(nnx.Module):
     (`quant_blend`: see `BitLinear`)."""
     gate_BxLxF = self.activation(self.gate_proj(x, quant_blend))
     return self.down_proj(
-        self.ffn_sub_norm(gate_BxLxF * self.up_proj(x, quant_blend)),
+        apply_norm(self.ffn_sub_norm,
+                   gate_BxLxF * self.up_proj(x, quant_blend)),
         quant_blend)
 
 
@@ -224,7 +226,7 @@ class Transformer(nnx.Module):
       self.layers = nnx.List([block(keys[i], i)
                               for i in range(config.n_layers)])
     self.n_layers = config.n_layers
-    self.cache_entry = (kv_heads(config), config.d_model // config.n_heads)
+    self.cache_entry = (kv_heads(config), head_dim(config))
     self.dtype = jnp.dtype(config.dtype)
     self.scan_layers = config.scan_layers
     self.remat = checkpoint_policy(config.remat_policy) if (
