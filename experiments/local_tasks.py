@@ -7,9 +7,10 @@ library files that `data.dataset="stdlib"` holds out for evaluation
 (`bitnet_jax.data.stdlib.is_eval_path`, fraction 0.05), so a model trained on
 the embedded corpus never saw them:
 
-  stdlib_choice    multiple choice (like ARC / PIQA): a code line's first
-                   half, its true second half among 3 halves of other lines
-                   (acc, acc_norm; chance 0.25)
+  stdlib_choice    multiple choice (like ARC / PIQA): a code line cut at
+                   the space nearest its middle, its true second half
+                   (" rest", as ARC's " answer") among 3 halves of other
+                   lines (acc, acc_norm; chance 0.25)
   stdlib_rolling   loglikelihood_rolling (like wikitext): whole files
                    (word_perplexity, byte_perplexity, bits_per_byte)
   stdlib_complete  generate_until (like a code completion task): complete a
@@ -110,9 +111,18 @@ def _code_lines(files: list[str], min_chars: int, max_chars: int
     for before, line in zip(lines, lines[1:]):
       text = line.strip()
       if (min_chars <= len(line) <= max_chars and not text.startswith("#")
-          and '"' not in line and "'" not in line):
+          and '"' not in line and "'" not in line and " " in text):
         pairs.append((before, line))
   return pairs
+
+
+def _word_cut(line: str) -> int:
+  """The index of the space nearest the middle of `line` (past its indent):
+  the choice then starts at a word, so its tokens never merge with the
+  context's (a mid-word cut can leave a continuation of no tokens)."""
+  indent = len(line) - len(line.lstrip())
+  spaces = [i for i, ch in enumerate(line) if ch == " " and i > indent]
+  return min(spaces, key=lambda i: abs(i - len(line) // 2))
 
 
 def build_documents(count: int, seed: int = 0, rolling_chars: int = 600,
@@ -125,10 +135,10 @@ def build_documents(count: int, seed: int = 0, rolling_chars: int = 600,
   rng.shuffle(lines)
   choice, complete = [], []
   for k, (before, line) in enumerate(lines[:count]):
-    cut = len(line) // 2
+    cut = _word_cut(line)
     others = [lines[(k + j) % len(lines)][1] for j in (count, 2 * count,
                                                         3 * count)]
-    choices = [line[cut:]] + [o[len(o) // 2:] for o in others]
+    choices = [line[cut:]] + [o[_word_cut(o):] for o in others]
     order = list(range(4))
     rng.shuffle(order)
     choice.append({"context": f"{before}\n{line[:cut]}",

@@ -135,6 +135,19 @@ def test_an_empty_context_is_the_prefix_token(lm):
   assert total == pytest.approx(expected.sum(), rel=1e-5)
 
 
+def test_a_continuation_of_no_tokens_scores_zero_and_true(lm):
+  """lm-eval's `_encode_pair` can give no continuation tokens when the
+  pair's tokens merge across the boundary ("retu" + "rn x"; the hf
+  backend fails an assertion there): scored (0.0, True), the other requests
+  of the call as they score alone."""
+  context = lm.tok_encode("def main(argv):\n    retu")
+  alone = lm._loglikelihood_tokens([(None, context, [7])])
+  results = lm._loglikelihood_tokens([(None, context, []),
+                                      (None, context, [7])])
+  assert results[0] == (0.0, True)
+  assert results[1][0] == pytest.approx(alone[0][0], rel=1e-6)
+
+
 def test_a_context_longer_than_the_model_is_truncated_from_the_left(lm):
   continuation = lm.tok_encode(" return x")
   long_context = lm.tok_encode("x = 1\n" * 40)  # far over 64 tokens

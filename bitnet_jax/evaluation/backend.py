@@ -13,7 +13,10 @@ Requests are handled as lm-eval's `hf` backend handles them
   context's length); an empty context is the prefix token (BOS, else EOS).
 - loglikelihood: the window `(context + continuation)[-(max_length + 1):]`
   (left truncation), the continuation's log-probabilities summed, is_greedy
-  when each continuation token is the argmax.
+  when each continuation token is the argmax. A continuation that encodes to
+  no tokens (the pair's tokens merge across the boundary, e.g. "retu" +
+  "rn x") scores (0.0, True), with a warning (the `hf` backend fails an
+  assertion on it: `_select_cont_toks` needs contlen > 0).
 - loglikelihood_rolling: lm-eval's `get_rolling_token_windows` with the
   model's context (`max_length`) and `make_disjoint_window`, summed.
 - generate_until: contexts left-truncated to `max_length - max_gen_toks`,
@@ -196,11 +199,8 @@ class BitNetLM(TemplateLM):
   def _window(self, context: list[int], continuation: list[int]
               ) -> tuple[list[int], int]:
     """The hf backend's `(context + continuation)[-(max_length + 1):]` and
-    the number of continuation tokens scored in it."""
-    if not context or not continuation:
-      raise ValueError("a loglikelihood request needs a context and a "
-                       "continuation of at least one token each")
-    whole = context + continuation
+    the number of continuation tokens scored in it (>= 1)."""
+    whole = (context or [self.prefix_token_id]) + continuation
     return whole[-(self.max_length + 1):], min(len(continuation),
                                                 self.max_length)
 
@@ -208,14 +208,23 @@ class BitNetLM(TemplateLM):
                             **kwargs) -> list[tuple[float, bool]]:
     """Scores (request strings, context ids, continuation ids) triples:
     (sum of the continuation's log-probabilities in nats, is_greedy)."""
-    windows = [self._window(list(c), list(t)) for _, c, t in requests]
+    scored = [i for i, (_, _, t) in enumerate(requests) if len(t)]
+    windows = [self._window(list(requests[i][1]), list(requests[i][2]))
+               for i in scored]
     truncated = sum(len(c) + len(t) > self.max_length + 1
                     for _, c, t in requests)
     if truncated:
       logging.warning("%d of %d requests exceed the model's context of %d "
                       "tokens: their contexts are truncated from the left",
                       truncated, len(requests), self.max_length)
-    results = self.scorer.score(windows)
+    if len(scored) < len(requests):
+      logging.warning("%d of %d continuations encode to no tokens (their "
+                      "tokens merge with the context's): scored (0.0, True) "
+                      "(lm-eval's hf backend asserts on them)",
+                      len(requests) - len(scored), len(requests))
+    results = [(0.0, True)] * len(requests)
+    for i, answer in zip(scored, self.scorer.score(windows)):
+      results[i] = answer
     for (request, _, _), answer in zip(requests, results):
       if request is not None:
         self.cache_hook.add_partial("loglikelihood", request, answer)
