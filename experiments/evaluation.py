@@ -47,10 +47,12 @@ def _count_requests(lm: BitNetLM, counts: dict[str, int]) -> None:
     setattr(lm, name, counted)
 
 
-def evaluate_run(workdir: str, manager, batch_size: int) -> dict:
-  """{"step", "tokens_seen", "quantization", "tasks": {...}, "perplexity"}."""
+def evaluate_run(workdir: str, manager, batch_size: int,
+                 step: int | None = None) -> dict:
+  """{"step", "tokens_seen", "quantization", "tasks": {...}, "perplexity"}
+  of the run's checkpoint `step` (default: its newest)."""
   config = runs.load_run_config(workdir)
-  lm = BitNetLM.from_run(workdir, batch_size=batch_size)
+  lm = BitNetLM.from_run(workdir, step, batch_size=batch_size)
   counts = {"requests": 0}
   _count_requests(lm, counts)
   tasks = {}
@@ -69,7 +71,8 @@ def evaluate_run(workdir: str, manager, batch_size: int) -> dict:
   records = read_records(workdir)
   return {"workdir": workdir, "step": lm.step,
           "quantization": config.model.quantization,
-          "tokens_seen": max(r.get("tokens_seen", 0) for r in records),
+          "tokens_seen": max(r.get("tokens_seen", 0) for r in records
+                             if r.get("step", 0) <= lm.step),
           "tasks": tasks, "perplexity": figures}
 
 
@@ -106,11 +109,13 @@ def main() -> None:
   parser.add_argument("--tasks_dir", default="runs/local_tasks")
   parser.add_argument("--count", type=int, default=200)
   parser.add_argument("--batch_size", type=int, default=16)
+  parser.add_argument("--step", type=int, default=None,
+                      help="checkpoint step of every run (default newest)")
   parser.add_argument("--out", default="experiments/results/evaluation.json")
   args = parser.parse_args()
   folder = local_tasks.write_tasks(args.tasks_dir, args.count)
   manager = harness.task_manager(folder, include_defaults=False)
-  scores = [evaluate_run(w, manager, args.batch_size)
+  scores = [evaluate_run(w, manager, args.batch_size, args.step)
             for w in args.runs.split(",")]
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:

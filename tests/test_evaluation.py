@@ -44,16 +44,23 @@ def _run_config(data_dir, **overrides):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, data_dir):
-  workdir = str(tmp_path_factory.mktemp("evaluated"))
-  train.train_and_evaluate(_run_config(data_dir), workdir)
-  return workdir
-
-
-@pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
   return local_tasks.write_tasks(str(tmp_path_factory.mktemp("tasks")),
                                  count=24, max_gen_toks=16)
+
+
+HARNESS = {"eval.harness_tasks": "stdlib_choice", "eval.harness_every": 75,
+           "eval.harness_limit": 4}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, data_dir, task_dir):
+  """The module's run: 150 steps, stdlib_choice scored during training."""
+  workdir = str(tmp_path_factory.mktemp("evaluated"))
+  train.train_and_evaluate(_run_config(
+      data_dir, **HARNESS, **{"eval.harness_include_path": task_dir}),
+                           workdir)
+  return workdir
 
 
 @pytest.fixture(scope="module")
@@ -260,23 +267,17 @@ def test_perplexity_and_bits_per_byte_of_a_jsonl_corpus(lm, tmp_path):
 
 
 def test_training_writes_harness_metrics_and_refuses_unknown_tasks(
-    data_dir, task_dir, tmp_path):
-  overrides = {"train.steps": 20, "train.eval_every": 20,
-               "optimizer.warmup_steps": 2,
-               "train.checkpoint_every": 20, "eval.harness_tasks":
-               "stdlib_choice", "eval.harness_every": 10,
-               "eval.harness_include_path": task_dir,
-               "eval.harness_limit": 4}
-  workdir = str(tmp_path / "run")
-  train.train_and_evaluate(_run_config(data_dir, **overrides), workdir)
-  records = [json.loads(line) for line in open(f"{workdir}/metrics.jsonl")]
+    trained_run, data_dir, task_dir, tmp_path):
+  records = [json.loads(line)
+             for line in open(f"{trained_run}/metrics.jsonl")]
   harness_steps = [r["step"] for r in records
                    if "harness/stdlib_choice/acc" in r]
-  assert harness_steps == [10, 20], (
-      f"harness metrics at steps {harness_steps}, expected [10, 20]")
-  events = os.listdir(f"{workdir}/tensorboard")
+  assert harness_steps == [75, 150], (
+      f"harness metrics at steps {harness_steps}, expected [75, 150]")
+  events = os.listdir(f"{trained_run}/tensorboard")
   assert events, "no TensorBoard events"
-  bad = {**overrides, "eval.harness_tasks": "stdlib_choice,no_such_task"}
+  bad = {**HARNESS, "eval.harness_include_path": task_dir,
+         "eval.harness_tasks": "stdlib_choice,no_such_task"}
   with pytest.raises(harness.TaskError, match="no_such_task"):
     train.train_and_evaluate(_run_config(data_dir, **bad),
                              str(tmp_path / "bad"))
@@ -410,8 +411,12 @@ def test_command_line_prints_the_table_and_writes_the_json(
   saved = json.loads(out.read_text())
   assert saved["config"]["step"] == 150 and "stdlib_complete" in (
       saved["results"])
-  done = _cli(f"--workdir={trained_run}", "--tasks=no_such_task")
-  assert done.returncode == 1 and "no_such_task" in done.stderr
+  # a TaskError (an unknown task name's too, whose lm-eval message
+  # test_unknown_tasks_and_missing_data_are_one_clear_error checks) is one
+  # line; a missing --include_path raises it before lm-eval indexes its tasks
+  done = _cli(f"--workdir={trained_run}", "--tasks=stdlib_choice",
+              "--include_path=/no/such/tasks")
+  assert done.returncode == 1 and "/no/such/tasks" in done.stderr
   assert "Traceback" not in done.stderr, done.stderr[-2000:]
 
 
