@@ -155,8 +155,7 @@ def model_fields(hf_config: Mapping, source: str, *,
     if quantization == "none" or sub_norms == "none":
       raise ConversionError(f"{source} is a BitNet model: --quantization and "
                             "--sub_norms apply to full-precision sources")
-    return {**hf.model_fields(hf_config, source), "sub_norms": True,
-            "head_dim": 0, "attention_bias": False, "qk_norm": False}
+    return {**hf.model_fields(hf_config, source), "sub_norms": True}
   if model_type not in FULL_PRECISION:
     names = ", ".join(["BitNetForCausalLM", *FULL_PRECISION.values()])
     raise ConversionError(f"{source}: config.json model_type={model_type!r} "

@@ -63,8 +63,12 @@ MAX_GEN_TOKS = 256  # lm-eval's default `max_gen_toks` (as the hf backend)
 _SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p")
 
 
-def _first_id(ids: int | list[int] | None) -> int | None:
-  return ids[0] if isinstance(ids, list) else ids
+def special_tokens(workdir: str, tokenizer) -> dict[str, int | None]:
+  """`BitNetLM`'s `eos_token_id` / `bos_token_id` keywords for a run: its
+  (imported model's) special tokens, the first of a list."""
+  bos, eos = runs.special_token_ids(workdir, tokenizer)
+  first = lambda ids: ids[0] if isinstance(ids, list) else ids  # noqa: E731
+  return {"eos_token_id": first(eos), "bos_token_id": first(bos)}
 
 
 @register_model("bitnet_jax")
@@ -117,13 +121,12 @@ class BitNetLM(TemplateLM):
     config, graphdef, params, found = runs.load_sharded_model(
         workdir, step, mesh)
     tokenizer = load_tokenizer(runs.tokenizer_path(workdir), "--workdir")
-    bos, eos = runs.special_token_ids(workdir, tokenizer)
     logging.info("evaluating checkpoint %d of %s", found, workdir)
     lm = cls(graphdef, params, tokenizer, mesh=mesh,
              max_length=max_length or runs.context_length(workdir, config),
-             eos_token_id=_first_id(eos), bos_token_id=_first_id(bos),
-             batch_size=batch_size, quant_blend=quantization_blend(
-                 config, found), add_bos_token=add_bos_token)
+             **special_tokens(workdir, tokenizer), batch_size=batch_size,
+             quant_blend=quantization_blend(config, found),
+             add_bos_token=add_bos_token)
     lm.step = found
     return lm
 

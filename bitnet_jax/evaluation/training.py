@@ -21,7 +21,7 @@ from flax import nnx
 
 from bitnet_jax import actions, runs
 from bitnet_jax.evaluation import harness
-from bitnet_jax.evaluation.backend import BitNetLM
+from bitnet_jax.evaluation.backend import BitNetLM, special_tokens
 from bitnet_jax.metrics import Throughput
 from bitnet_jax.model import quantization_blend
 
@@ -55,9 +55,7 @@ class HarnessEvaluation(actions.PeriodicAction):
     self.limit = e.harness_limit or None
     self.graphdef, self.mesh, self.tokenizer = graphdef, mesh, tokenizer
     self.throughput = throughput
-    bos, eos = runs.special_token_ids(workdir, tokenizer)
-    self.special = {"eos_token_id": eos[0] if isinstance(eos, list) else eos,
-                    "bos_token_id": bos[0] if isinstance(bos, list) else bos}
+    self.special = special_tokens(workdir, tokenizer)
     self.max_length = runs.context_length(workdir, config)
     self.lm: BitNetLM | None = None
 
