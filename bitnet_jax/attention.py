@@ -194,7 +194,8 @@ class Attention(nnx.Module):
                quant_blend: jax.Array | None = None,
                dropout_key: jax.Array | None = None,
                cache: dict[str, jax.Array] | None = None,
-               cache_index: jax.Array | None = None) -> Any:
+               cache_index: jax.Array | None = None,
+               relations: bool = False) -> Any:
     """Maps normalized `[batch, seq, d_model]` to `[batch, seq, d_model]`.
 
     Args:
@@ -209,9 +210,15 @@ class Attention(nnx.Module):
       cache: optional {"key", "value"} `[batch, max_len, n_kv_heads,
         head_dim]` in the compute dtype; x's keys and values are written at
         `cache_index` (int32 scalar) and the queries attend over the cache.
+      relations: also return the projections that attention-relation
+        distillation compares (`bitnet_jax.distill`): {"query" `[batch, seq,
+        n_heads, head_dim]`, "key", "value" `[batch, seq, n_kv_heads,
+        head_dim]`}, the q/k/v_proj outputs split into heads (before
+        QK-norm and RoPE), in the compute dtype. Not with a cache.
 
     Returns:
-      The output `[batch, seq, d_model]`; with a cache, (output, new cache).
+      The output `[batch, seq, d_model]`; with a cache, (output, new cache);
+      with `relations`, (output, projections).
     """
     batch, seq, _ = x.shape
     head_dim = self.head_dim
@@ -259,4 +266,9 @@ class Attention(nnx.Module):
                    out_BxLxHxD.reshape(batch, seq, -1)),
         quant_blend)
     out = checkpoint_name(out, "out_proj")
+    if relations:
+      return out, {"query": q_BxLxM.reshape(batch, seq, self.n_heads,
+                                            head_dim),
+                   "key": k_BxLxKD.reshape(kv_shape),
+                   "value": v_BxLxKxD}
     return out if cache is None else (out, cache)

@@ -209,6 +209,16 @@ def _check_train(t) -> None:
           f"with train.sample_prompts > 0, prompts need >= 1 token and fewer "
           f"than train.seq_len={t.seq_len} (set train.sample_prompts=0 to "
           "turn samples off)")
+  distilling = t.distill_logit_weight > 0 or t.distill_attention_weight > 0
+  if distilling and not t.teacher:
+    _fail("train.teacher", t.teacher,
+          "train.distill_logit_weight or train.distill_attention_weight is "
+          "> 0: name the teacher run (a run directory or "
+          "RUN/checkpoints/<step>), or set both weights to 0")
+  if not distilling and not t.ce_weight:
+    _fail("train.ce_weight", t.ce_weight,
+          "with no distillation weight > 0, the loss would be 0: set "
+          "train.ce_weight > 0")
   if t.sample_prompts and t.sample_new_tokens < 1:
     _fail("train.sample_new_tokens", t.sample_new_tokens,
           "with train.sample_prompts > 0, samples need >= 1 new token (set "

@@ -180,6 +180,21 @@ FIELDS = field_table(
     F("train.init_from", "", TEXT,
       RUNTIME,  # read at step 0 only: a resume restores its checkpoint
       "run dir or checkpoint whose params start a new run"),
+    # Distillation from a frozen teacher (bitnet_jax.distill; BitDistill,
+    # arXiv 2510.13998): loss = ce_weight x CE + distill_logit_weight x KL
+    # + distill_attention_weight x attention-relation KL.
+    F("train.teacher", "", TEXT, IDENTITY,
+      "teacher run dir or RUN/checkpoints/N; '' = no teacher"),
+    F("train.ce_weight", 1.0, number(">= 0"), IDENTITY,
+      "weight of the next-token cross-entropy"),
+    F("train.distill_logit_weight", 0.0, number(">= 0"), IDENTITY,
+      "weight of T^2 KL(teacher || student) of the logits"),
+    F("train.distill_temperature", 1.0, number("> 0"), IDENTITY,
+      "softmax temperature T of the logit distillation"),
+    F("train.distill_attention_weight", 0.0, number(">= 0"), IDENTITY,
+      "weight of the Q-Q/K-K/V-V attention-relation KL"),
+    F("train.distill_attention_layer", -1, integer(), IDENTITY,
+      "block whose relations are distilled; -1 = the last"),
 
     F("optimizer.learning_rate", 1.5e-3, number(">= 0"), IDENTITY,
       "stage-1 peak learning rate"),

@@ -122,8 +122,49 @@ def logit_outputs(logits: jax.Array, targets: jax.Array, *,
           "hit": (prediction == targets).astype(jnp.float32)}
 
 
+def logit_distillation(teacher_logits: jax.Array, student_logits: jax.Array,
+                       temperature: float = 1.0) -> jax.Array:
+  """Per-position KL(teacher || student) of the softened distributions, x T^2.
+
+  kl_i = T^2 * sum_v p_v (log p_v - log q_v), p = softmax(teacher / T),
+  q = softmax(student / T): Hinton et al., "Distilling the Knowledge in a
+  Neural Network" (arXiv 1503.02531, sec. 2; the T^2 keeps the gradient's
+  scale as T changes), BitDistill's logits distillation (arXiv 2510.13998,
+  eq. 8-9).
+
+  Args:
+    teacher_logits, student_logits: float `[..., vocab_size]` (computed in
+      float32); the teacher's get no gradient.
+    temperature: T > 0.
+
+  Returns:
+    float32 `[...]`, nats (x T^2); 0 where the two logits agree.
+  """
+  teacher = jax.nn.log_softmax(
+      jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature)
+  student = jax.nn.log_softmax(student_logits.astype(jnp.float32)
+                               / temperature)
+  return temperature ** 2 * jnp.sum(jnp.exp(teacher) * (teacher - student),
+                                    axis=-1)
+
+
+def _with_teacher(outputs: dict, student_logits: jax.Array,
+                  teacher_logits: jax.Array, targets: jax.Array,
+                  temperature: float) -> dict:
+  """`outputs` plus `distill_kl` and the teacher's own `teacher_nll`."""
+  teacher_logits = jax.lax.stop_gradient(teacher_logits)
+  log_probs = jax.nn.log_softmax(teacher_logits.astype(jnp.float32))
+  return {**outputs,
+          "distill_kl": logit_distillation(teacher_logits, student_logits,
+                                           temperature),
+          "teacher_nll": -jnp.take_along_axis(
+              log_probs, targets[..., None], axis=-1)[..., 0]}
+
+
 def outputs_from_hidden(model: Any, hidden: jax.Array, targets: jax.Array,
-                        *, chunk_size: int = 0, **loss_weights: float
+                        *, chunk_size: int = 0,
+                        teacher: tuple[Any, jax.Array] | None = None,
+                        temperature: float = 1.0, **loss_weights: float
                         ) -> dict[str, jax.Array]:
   """`logit_outputs` of `model.logits(hidden)`, `chunk_size` positions at a
   time when > 0 (see `position_outputs`).
@@ -132,14 +173,30 @@ def outputs_from_hidden(model: Any, hidden: jax.Array, targets: jax.Array,
     model: a `bitnet_jax.model.Transformer` (its `logits`).
     hidden: `[batch, seq_len, d_model]`, the model's final-norm output.
     targets: int32 `[batch, seq_len]`.
+    teacher: None, or (teacher Transformer, its final-norm output `[batch,
+      seq_len, teacher d_model]`): the outputs add float32 `[batch,
+      seq_len]` `distill_kl` (`logit_distillation` at `temperature`) and
+      `teacher_nll`, the teacher's cross-entropy; the teacher's logits are
+      made chunk by chunk too, so no `[batch, seq_len, vocab_size]` pair is
+      ever held.
     **loss_weights: `label_smoothing`, `z_loss_weight`, `entropy_weight`.
 
   Raises:
     ValueError: if `chunk_size` does not divide seq_len.
   """
   seq_len = targets.shape[1]
+
+  def outputs_of(hidden, targets, teacher_hidden=None):
+    logits = model.logits(hidden)
+    outputs = logit_outputs(logits, targets, **loss_weights)
+    if teacher is None:
+      return outputs
+    return _with_teacher(outputs, logits, teacher[0].logits(teacher_hidden),
+                         targets, temperature)
+
+  teacher_hidden = () if teacher is None else (teacher[1],)
   if not chunk_size or chunk_size >= seq_len:
-    return logit_outputs(model.logits(hidden), targets, **loss_weights)
+    return outputs_of(hidden, targets, *teacher_hidden)
   if seq_len % chunk_size:
     raise ValueError(f"train.loss_chunk_size={chunk_size} must divide "
                      f"seq_len={seq_len}")
@@ -149,13 +206,10 @@ def outputs_from_hidden(model: Any, hidden: jax.Array, targets: jax.Array,
                   *x.shape[2:])
     return jnp.swapaxes(x, 0, 1)
 
-  @jax.checkpoint
-  def chunk_outputs(hidden_chunk, target_chunk):
-    return logit_outputs(model.logits(hidden_chunk), target_chunk,
-                         **loss_weights)
-
-  stacked = jax.lax.map(lambda xs: chunk_outputs(*xs),
-                        (chunks(hidden), chunks(targets)))
+  chunk_outputs = jax.checkpoint(outputs_of)
+  stacked = jax.lax.map(
+      lambda xs: chunk_outputs(*xs),
+      (chunks(hidden), chunks(targets), *map(chunks, teacher_hidden)))
   return jax.tree.map(
       lambda x: jnp.swapaxes(x, 0, 1).reshape(targets.shape), stacked)
 

@@ -154,7 +154,8 @@ class Block(nnx.Module):
                quant_blend: jax.Array | None = None,
                dropout_key: jax.Array | None = None,
                cache: dict[str, jax.Array] | None = None,
-               cache_index: jax.Array | None = None
+               cache_index: jax.Array | None = None,
+               relations: bool = False
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Maps the float32 stream to the same shape and dtype.
 
@@ -164,11 +165,14 @@ class Block(nnx.Module):
       mask, positions, quant_blend, cache, cache_index: see
         `Attention.__call__`.
       dropout_key: a PRNG key for dropout (training only), or None.
+      relations: also return the attention's q/k/v projections
+        (`Attention.__call__`) as extras["qkv"].
 
     Returns:
       (the new stream, extras): extras holds float32 scalars
       `attention_rms` and `ffn_rms`, the RMS of what each sublayer adds
-      to the stream, and the updated `cache` when one was given.
+      to the stream, the updated `cache` when one was given, and "qkv"
+      with `relations`.
     """
     keys = [None] * 3 if dropout_key is None else list(
         jax.random.split(dropout_key, 3))
@@ -184,9 +188,11 @@ class Block(nnx.Module):
     def attend(h):
       out = self.self_attn(h, mask, positions, quant_blend=quant_blend,
                            dropout_key=keys[0], cache=cache,
-                           cache_index=cache_index)
+                           cache_index=cache_index, relations=relations)
       if cache is not None:
         out, extras["cache"] = out
+      elif relations:
+        out, extras["qkv"] = out
       return out
 
     x, extras["attention_rms"] = sublayer(
@@ -239,34 +245,64 @@ class Transformer(nnx.Module):
         config.d_model, config.vocab_size, use_bias=False, kernel_init=init,
         dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
-  def _blocks(self, x: jax.Array, per_layer: dict, **block_args
+  def _blocks(self, x: jax.Array, per_layer: dict,
+              capture_layer: int | None = None, **block_args
               ) -> tuple[jax.Array, dict]:
     """Runs every block on the stream `x`.
 
     `per_layer` holds arrays with a leading `[n_layers]` axis (dropout keys,
     KV caches) handed one slice to each block; the blocks' extras come back
-    stacked the same way.
+    stacked the same way. With `capture_layer` (an index in [0, n_layers)),
+    extras["qkv"] also holds that one block's attention projections
+    (unstacked; with scanned layers the scan carries one copy, so the other
+    blocks' projections are never stacked).
     """
     def run_block(graphdef: nnx.GraphDef, state: Any, x: jax.Array,
-                  layer: dict) -> tuple[jax.Array, dict]:
+                  layer: dict, **extra) -> tuple[jax.Array, dict]:
       def apply(x, state, layer):
-        return nnx.merge(graphdef, state)(x, **block_args, **layer)
+        return nnx.merge(graphdef, state)(x, **block_args, **extra, **layer)
       if self.remat is not None:
         apply = jax.checkpoint(apply, policy=self.remat)
       return apply(x, state, layer)
 
     if self.scan_layers:
       graphdef, state = nnx.split(self.layers)
-      return jax.lax.scan(
-          lambda x, xs: run_block(graphdef, xs[0], x, xs[1]), x,
-          (state, per_layer))
-    outputs = []
+      if capture_layer is None:
+        return jax.lax.scan(
+            lambda x, xs: run_block(graphdef, xs[0], x, xs[1]), x,
+            (state, per_layer))
+
+      def body(carry, xs):
+        x, kept = carry
+        layer_state, layer, index = xs
+        x, extras = run_block(graphdef, layer_state, x, layer,
+                              relations=True)
+        chosen = index == capture_layer
+        kept = jax.tree.map(lambda k, n: jnp.where(chosen, n, k), kept,
+                            extras.pop("qkv"))
+        return (x, kept), extras
+
+      first = jax.tree.map(lambda a: a[0], (state, per_layer))
+      shapes = jax.eval_shape(
+          lambda s, layer, x: run_block(graphdef, s, x, layer,
+                                        relations=True)[1]["qkv"], *first, x)
+      zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+      (x, kept), extras = jax.lax.scan(
+          body, (x, zeros),
+          (state, per_layer, jnp.arange(self.n_layers, dtype=jnp.int32)))
+      return x, {**extras, "qkv": kept}
+    outputs, kept = [], None
     for i, layer in enumerate(self.layers):
       graphdef, state = nnx.split(layer)
+      extra = {"relations": True} if i == capture_layer else {}
       x, extras = run_block(graphdef, state, x,
-                            jax.tree.map(lambda a, i=i: a[i], per_layer))
+                            jax.tree.map(lambda a, i=i: a[i], per_layer),
+                            **extra)
+      if extra:
+        kept = extras.pop("qkv")
       outputs.append(extras)
-    return x, jax.tree.map(lambda *leaves: jnp.stack(leaves), *outputs)
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *outputs)
+    return x, stacked if kept is None else {**stacked, "qkv": kept}
 
   def _stream(self, tokens: jax.Array) -> jax.Array:
     x = self.embed_tokens(tokens).astype(jnp.float32)
@@ -279,7 +315,8 @@ class Transformer(nnx.Module):
       self, tokens: jax.Array, segment_ids: jax.Array | None = None,
       positions: jax.Array | None = None, *,
       quant_blend: jax.Array | None = None,
-      dropout_key: jax.Array | None = None
+      dropout_key: jax.Array | None = None,
+      capture_layer: int | None = None
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The final-norm output and per-block statistics.
 
@@ -289,17 +326,29 @@ class Transformer(nnx.Module):
         `model.quantization_warmup_steps` (`quantization_blend`).
       dropout_key: a PRNG key to apply `model.dropout_rate` (training);
         None evaluates without dropout.
+      capture_layer: None, or a block index in [0, n_layers): statistics
+        also holds "qkv", that block's attention projections ("query",
+        "key", "value", see `Attention.__call__`), for attention-relation
+        distillation.
 
     Returns:
       (hidden `[batch, seq, d_model]` in the compute dtype, statistics):
       float32 `[n_layers]` arrays `attention_rms` and `ffn_rms`, the RMS of
-      each block's attention and FFN outputs added to the residual stream.
+      each block's attention and FFN outputs added to the residual stream
+      (and "qkv" with `capture_layer`).
+
+    Raises:
+      ValueError: `capture_layer` outside [0, n_layers).
     """
+    if capture_layer is not None and not 0 <= capture_layer < self.n_layers:
+      raise ValueError(f"capture_layer={capture_layer}: the model has "
+                       f"{self.n_layers} blocks (0 .. {self.n_layers - 1})")
     mask = None if segment_ids is None else document_mask(segment_ids)
     per_layer = {} if dropout_key is None else {
         "dropout_key": jax.random.split(dropout_key, self.n_layers)}
-    x, extras = self._blocks(self._stream(tokens), per_layer, mask=mask,
-                             positions=positions, quant_blend=quant_blend)
+    x, extras = self._blocks(self._stream(tokens), per_layer, capture_layer,
+                             mask=mask, positions=positions,
+                             quant_blend=quant_blend)
     return self._final_norm(x), extras
 
   def hidden(self, tokens: jax.Array, segment_ids: jax.Array | None = None,

@@ -21,9 +21,9 @@ import ml_collections
 from absl import logging
 from clu import parameter_overview
 
-from bitnet_jax import (actions, checkpoint, data, guards, health, metrics,
-                        multihost, run_identity, runs, samples, sharding,
-                        steps, train_state)
+from bitnet_jax import (actions, checkpoint, data, distill, guards, health,
+                        metrics, multihost, run_identity, runs, samples,
+                        sharding, steps, train_state)
 from bitnet_jax import optimizer as optimizer_lib
 
 
@@ -135,6 +135,8 @@ def _plan_start(config: ml_collections.ConfigDict, workdir: str,
                     t.init_from, workdir, latest)
   elif start is Start.FRESH and t.init_from:  # a wrong path fails early
     runs.resolve_checkpoint(t.init_from)
+  if t.teacher:  # read at every start (frozen, not in the checkpoints)
+    runs.resolve_checkpoint(t.teacher, "train.teacher")
   resuming = start in (Start.RESUME, Start.FINISHED)
   multihost.on_process_zero(lambda: run_identity.start_run(
       workdir, config, resuming=resuming, resume_step=latest or 0),
@@ -243,7 +245,10 @@ def _build(config: ml_collections.ConfigDict, workdir: str,
   return Run(
       config=config, workdir=workdir, start=start, start_step=start_step,
       state=state,
-      train_step=steps.make_train_step(config, graphdef, tx, shardings, mesh),
+      train_step=steps.make_train_step(
+          config, graphdef, tx, shardings, mesh,
+          teacher=distill.load_teacher(config, mesh,
+                                       prepared.tokenizer_path)),
       batches=(sharding.global_batch(b, mesh) for b in iterator),
       preemption=preemption, evaluation=evaluation, metric_log=metric_log,
       actions=[preemption, evaluation, *harness_evaluation, metric_log,

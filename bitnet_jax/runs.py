@@ -226,21 +226,23 @@ def load_model(workdir: str, step: int | None = None
   return config, nnx.merge(graphdef, params), found
 
 
-def load_sharded_model(workdir: str, step: int | None, mesh: jax.sharding.Mesh
+def load_sharded_model(workdir: str, step: int | None, mesh: jax.sharding.Mesh,
+                       key: str = "--workdir"
                        ) -> tuple[ml_collections.ConfigDict, nnx.GraphDef,
                                   Any, int]:
   """(config, graphdef, parameters, step) of a run's checkpoint, the
   parameters read straight into the FSDP shardings of `mesh`
   (`sharding.state_shardings`), each process reading its own shards.
 
-  Arguments and errors as for `load_run`.
+  Arguments and errors as for `load_run`; `key` names the flag or config
+  key that gave `workdir` in messages.
   """
   config, source = _checkpoint_source(workdir, step)
   graphdef, abstract = _abstract_model(config.model)
   abstract = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract, sharding.state_shardings(abstract, mesh))
-  params, found = load_params(source, abstract, key="--workdir")
+  params, found = load_params(source, abstract, key=key)
   return config, graphdef, params, found
 
 
@@ -252,27 +254,29 @@ def _steps(directory: str) -> list[int]:
 
 
 def check_init_tokenizer(init_from: str, tokenizer_json: str,
-                         allow_change: bool) -> None:
+                         allow_change: bool, key: str = "train.init_from"
+                         ) -> None:
   """Refuses to fine-tune `init_from`'s weights with another tokenizer.
 
   Args:
     init_from: `train.init_from` (a run, its checkpoints/ or one step).
     tokenizer_json: the tokenizer this start loaded or trained.
     allow_change: `train.allow_config_change`: log a WARNING instead.
+    key: the config key that gave `init_from` (`train.teacher` too).
 
   Raises:
     RunIdentityError: the run of `init_from` saved a tokenizer.json that
       differs, and `allow_change` is false (its embeddings would read other
       token ids). A checkpoint outside a run directory is not checked.
   """
-  directory, _ = resolve_checkpoint(init_from)
+  directory, _ = resolve_checkpoint(init_from, key)
   saved = paths.join(paths.parent(directory), TOKENIZER_JSON)
   if os.path.basename(directory) != "checkpoints" or not paths.isfile(saved):
     return
   with paths.open_file(saved, "rb") as f, open(tokenizer_json, "rb") as g:
     if run_identity.same_tokenizer(f.read(), g.read()):
       return
-  message = (f"train.init_from={init_from!r} was trained with the tokenizer "
+  message = (f"{key}={init_from!r} was trained with the tokenizer "
              f"{saved}, but this run loads {tokenizer_json}: its embeddings "
              "would read other token ids. Set data.tokenizer_path to "
              f"{saved}")

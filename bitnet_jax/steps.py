@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bitnet_jax import diagnostics, sharding
+from bitnet_jax import diagnostics, distill, sharding
 from bitnet_jax import model as model_lib
 from bitnet_jax import optimizer as optimizer_lib
 from bitnet_jax.config import ConfigError
@@ -93,7 +93,8 @@ def check_micro_batch(config: ml_collections.ConfigDict,
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                     tx: optax.GradientTransformation, shardings: Any,
-                    mesh: jax.sharding.Mesh
+                    mesh: jax.sharding.Mesh,
+                    teacher: distill.Teacher | None = None
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Jits one optimizer step; the state and the batch are donated.
 
@@ -107,6 +108,14 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   accuracy, grad_norm (before clipping), learning_rate and weight_decay as
   applied in this step.
 
+  With a `teacher` (`distill.load_teacher`) the loss is
+  `distill.distillation_sums`'s: the teacher's parameters are a third,
+  undonated argument of the jitted function in their own (FSDP) shardings,
+  bound here, so the returned step still maps (state, batch); its forward
+  pass runs per micro-batch, without gradient. Metrics add `distill_kl`,
+  `distill_attention` (nats per position) and `teacher_loss` (the teacher's
+  cross-entropy on the batch, nats/token).
+
   Raises:
     ConfigError: see `check_micro_batch`.
   """
@@ -117,7 +126,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   # its own stream: not the parameter init's key(seed)
   dropout_seed = jax.random.fold_in(jax.random.key(config.seed), 0x64726F70)
 
-  def train_step(state: TrainState, batch: dict
+  def train_step(state: TrainState, batch: dict, teacher_params: Any = None
                  ) -> tuple[TrainState, dict]:
     params = state.params
     blend = model_lib.quantization_blend(config, state.step)
@@ -127,14 +136,23 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
       model_kwargs = {"quant_blend": blend}
       if config.model.dropout_rate > 0:
         model_kwargs["dropout_key"] = jax.random.fold_in(step_key, index)
+      if teacher is not None:
+        teacher_model = nnx.merge(teacher.graphdef, teacher_params)
+        teacher_out = distill.teacher_outputs(teacher, teacher_model, batch,
+                                              config)
 
       def summed_loss(params):
-        sums = next_token_sums(nnx.merge(graphdef, params), batch,
-                               label_smoothing=t.label_smoothing,
-                               z_loss_weight=t.z_loss_weight,
-                               entropy_weight=t.entropy_weight,
-                               chunk_size=t.loss_chunk_size,
-                               model_kwargs=model_kwargs)
+        model = nnx.merge(graphdef, params)
+        if teacher is not None:
+          sums = distill.distillation_sums(model, teacher_model, teacher_out,
+                                           batch, config, model_kwargs)
+        else:
+          sums = next_token_sums(model, batch,
+                                 label_smoothing=t.label_smoothing,
+                                 z_loss_weight=t.z_loss_weight,
+                                 entropy_weight=t.entropy_weight,
+                                 chunk_size=t.loss_chunk_size,
+                                 model_kwargs=model_kwargs)
         return sums["loss"], sums
       grads, sums = jax.grad(summed_loss, has_aux=True)(params)
       return sums, jax.lax.with_sharding_constraint(grads,
@@ -150,6 +168,10 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                     "accuracy": sums["hits"] / count,
                     "grad_norm": optax.global_norm(grads),
                     **optimizer_lib.current_hyperparams(opt_state)}
+    if teacher is not None:
+      step_metrics.update(distill_kl=sums["distill_kl"] / count,
+                          distill_attention=sums["distill_attention"] / count,
+                          teacher_loss=sums["teacher_nll"] / count)
     if blend is not None:
       step_metrics["quantization_blend"] = blend
     new_state = TrainState(step=state.step + 1,
@@ -160,10 +182,31 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   # The state keeps its shardings (parameters FSDP-sharded, see
   # `sharding.state_shardings`); the batch rows are split over the data
   # axes (`batch_sharding`); the metrics are replicated scalars.
-  return jax.jit(train_step,
-                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(shardings, sharding.replicated(mesh)),
-                 donate_argnums=(0, 1))
+  in_shardings = (shardings, sharding.batch_sharding(mesh))
+  out_shardings = (shardings, sharding.replicated(mesh))
+  if teacher is None:
+    return jax.jit(train_step, in_shardings=in_shardings,
+                   out_shardings=out_shardings, donate_argnums=(0, 1))
+  jitted = jax.jit(train_step,
+                   in_shardings=(*in_shardings, teacher.shardings),
+                   out_shardings=out_shardings, donate_argnums=(0, 1))
+  return DistillationStep(jitted, teacher.params)
+
+
+class DistillationStep:
+  """The train step with the teacher's parameters bound: (state, batch) ->
+  (state, metrics), like the plain step; `lower(state, batch)` lowers it
+  (ahead-of-time compilation)."""
+
+  def __init__(self, jitted: Any, teacher_params: Any):
+    self.jitted, self.teacher_params = jitted, teacher_params
+
+  def __call__(self, state: TrainState, batch: dict
+               ) -> tuple[TrainState, dict]:
+    return self.jitted(state, batch, self.teacher_params)
+
+  def lower(self, state: Any, batch: Any) -> Any:
+    return self.jitted.lower(state, batch, self.teacher_params)
 
 
 def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
