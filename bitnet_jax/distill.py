@@ -45,7 +45,7 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from bitnet_jax import paths, runs
+from bitnet_jax import paths, runs, sharding
 from bitnet_jax.attention import kv_heads
 from bitnet_jax.config import ConfigError
 from bitnet_jax.loss import outputs_from_hidden, split_batch
@@ -174,6 +174,31 @@ def load_teacher(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                     t.teacher, teacher_config.model.quantization)
   return Teacher(config=teacher_config, graphdef=graphdef, params=params,
                  step=found, source=t.teacher, quant_blend=blend)
+
+
+def abstract_teacher(config: ml_collections.ConfigDict,
+                     mesh: jax.sharding.Mesh) -> Teacher | None:
+  """`train.teacher` as shapes only: its run's config and parameter
+  `jax.ShapeDtypeStruct`s in the FSDP shardings of `mesh` (no weights are
+  read), so a distillation step can be lowered and compiled ahead of time
+  (`bitnet_jax.aot`). None without a teacher.
+
+  Raises:
+    ConfigError: as `load_teacher`, for the checkpoint and the fit.
+  """
+  t = config.train
+  if not t.teacher:
+    return None
+  directory, step = runs.resolve_checkpoint(t.teacher, "train.teacher")
+  teacher_config = runs.load_run_config(paths.parent(directory))
+  check_teacher(config, teacher_config)
+  graphdef, shapes = runs.abstract_model(teacher_config.model)
+  shapes = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      shapes, sharding.state_shardings(shapes, mesh))
+  return Teacher(config=teacher_config, graphdef=graphdef, params=shapes,
+                 step=step, source=t.teacher,
+                 quant_blend=quantization_blend(teacher_config, step))
 
 
 def teacher_outputs(teacher: Teacher, model: Any,

@@ -164,7 +164,7 @@ def _place(host_params: Any, abstract_params: Any) -> Any:
       host_params, abstract_params)
 
 
-def _abstract_model(model_config: ml_collections.ConfigDict,
+def abstract_model(model_config: ml_collections.ConfigDict,
                     device: jax.Device | None = None) -> tuple[Any, Any]:
   """(graphdef, parameter `jax.ShapeDtypeStruct`s on one device), from one
   `nnx.eval_shape` of the Transformer."""
@@ -179,7 +179,7 @@ def _abstract_model(model_config: ml_collections.ConfigDict,
 def abstract_params(model_config: ml_collections.ConfigDict,
                     device: jax.Device | None = None) -> Any:
   """The parameter tree's `jax.ShapeDtypeStruct`s, placed on one device."""
-  return _abstract_model(model_config, device)[1]
+  return abstract_model(model_config, device)[1]
 
 
 def _checkpoint_source(workdir: str, step: int | None
@@ -221,7 +221,7 @@ def load_model(workdir: str, step: int | None = None
   Like `load_run` (same arguments and errors), with the model built.
   """
   config, source = _checkpoint_source(workdir, step)
-  graphdef, abstract = _abstract_model(config.model)
+  graphdef, abstract = abstract_model(config.model)
   params, found = load_params(source, abstract, key="--workdir")
   return config, nnx.merge(graphdef, params), found
 
@@ -238,7 +238,7 @@ def load_sharded_model(workdir: str, step: int | None, mesh: jax.sharding.Mesh,
   key that gave `workdir` in messages.
   """
   config, source = _checkpoint_source(workdir, step)
-  graphdef, abstract = _abstract_model(config.model)
+  graphdef, abstract = abstract_model(config.model)
   abstract = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract, sharding.state_shardings(abstract, mesh))

@@ -38,8 +38,9 @@ import pytest
 # listed follow in their usual order.
 _SLOWEST_FIRST = (
     "test_multihost.py", "test_evaluation.py", "test_resilience.py",
-    "test_hf.py", "test_train.py", "test_aot.py", "test_experiments.py",
-    "test_gcs.py", "test_scan.py", "test_steps.py", "test_sharding.py")
+    "test_hf.py", "test_train.py", "test_aot.py", "test_distill.py",
+    "test_experiments.py", "test_gcs.py", "test_scan.py", "test_steps.py",
+    "test_sharding.py")
 
 
 def pytest_collection_modifyitems(items):

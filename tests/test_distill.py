@@ -271,3 +271,49 @@ def test_a_missing_teacher_names_the_key(tiny_config, tmp_path):
   config.train.distill_logit_weight = 1.0
   with pytest.raises(ConfigError, match="train.teacher"):
     train.train_and_evaluate(config, str(tmp_path / "student"))
+
+
+def test_the_distill_config_builds_both_stages_from_the_runs(teacher_run):
+  from bitnet_jax import config as config_lib
+  from drivers import load_config
+  student = load_config(f"configs/distill.py:continue,{teacher_run}")
+  assert student.train.init_from == teacher_run
+  assert student.model.quantization == "ternary"
+  assert student.model.quantization_warmup_steps > 0, "no warm-up in stage 2"
+  assert student.model.d_model == 64, "not the student run's model"
+  distilled = load_config(
+      f"configs/distill.py:distill,{teacher_run},{teacher_run}")
+  assert distilled.train.teacher == teacher_run
+  assert distilled.train.distill_logit_weight > 0
+  assert distilled.train.distill_attention_weight > 0
+  for config in (student, distilled):
+    config_lib.validate(config)
+  for bad in ("distill," + teacher_run, "pretrain," + teacher_run):
+    with pytest.raises(ConfigError, match="configs/distill.py"):
+      load_config(f"configs/distill.py:{bad}")
+
+
+def test_a_distillation_step_lowers_ahead_of_time_from_shapes(teacher_run,
+                                                              tiny_config):
+  config = _short(tiny_config, 6)
+  config.train.teacher = teacher_run
+  config.train.distill_logit_weight = 1.0
+  config.train.distill_attention_weight = 1.0
+  mesh = sharding.make_mesh(config.mesh)
+  teacher = distill.abstract_teacher(config, mesh)
+  assert all(isinstance(x, jax.ShapeDtypeStruct)
+             for x in jax.tree.leaves(teacher.params)), "weights were read"
+  tx = optimizer.make_optimizer(config)
+  graphdef, state, shardings = train_state.create_train_state(
+      config, mesh, tx, initialize=False)
+  batch = {"tokens": jax.ShapeDtypeStruct(
+      (config.train.batch_size, config.train.seq_len + 1), jnp.int32,
+      sharding=sharding.batch_sharding(mesh))}
+  lowered = steps.make_train_step(config, graphdef, tx, shardings, mesh,
+                                  teacher=teacher).lower(state, batch)
+  arguments = len(jax.tree.leaves(lowered.args_info))
+  expected = (len(jax.tree.leaves(state)) + 1
+              + len(jax.tree.leaves(teacher.params)))
+  assert arguments == expected, (
+      f"{arguments} arguments, not state + batch + the teacher's {expected}")
+  lowered.compile()
