@@ -45,7 +45,7 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from bitnet_jax import paths, runs, sharding
+from bitnet_jax import paths, runs
 from bitnet_jax.attention import kv_heads
 from bitnet_jax.config import ConfigError
 from bitnet_jax.loss import outputs_from_hidden, split_batch
@@ -63,37 +63,38 @@ class Teacher:
     graphdef: its model structure (static in the jitted step).
     params: its parameters, in the FSDP shardings of the student's mesh.
     step: the checkpoint read.
-    source: `train.teacher` as given.
-    quant_blend: the quantization blend of its config at `step` (None: its
-      plain `model.quantization`).
   """
   config: ml_collections.ConfigDict
   graphdef: nnx.GraphDef
   params: Any
   step: int
-  source: str
-  quant_blend: Any = None
 
   @property
   def shardings(self) -> Any:
     return jax.tree.map(lambda x: x.sharding, self.params)
 
+  @property
+  def quant_blend(self) -> jax.Array | None:
+    """The quantization blend of its config at `step` (None: its plain
+    `model.quantization`)."""
+    return quantization_blend(self.config, self.step)
 
-def attention_layer(config: ml_collections.ConfigDict, key: str) -> int:
-  """`train.distill_attention_layer` of a model as a block index (-1: the
+
+def attention_layer(train: ml_collections.ConfigDict,
+                    model: ml_collections.ConfigDict, who: str) -> int:
+  """`train.distill_attention_layer` as a block index of `model` (-1: the
   last block).
 
   Raises:
     ConfigError: naming `train.distill_attention_layer` when the index is
-      outside the model `key` names (the student or the teacher).
+      outside the model `who` names (the student or the teacher).
   """
-  layer = config.train.distill_attention_layer
-  n_layers = config.model.n_layers
+  layer, n_layers = train.distill_attention_layer, model.n_layers
   index = layer + n_layers if layer < 0 else layer
   if not 0 <= index < n_layers:
     raise ConfigError(
         f"config.train.distill_attention_layer={layer} is outside the "
-        f"{key}'s {n_layers} blocks: use 0 .. {n_layers - 1}, or -1 for the "
+        f"{who}'s {n_layers} blocks: use 0 .. {n_layers - 1}, or -1 for the "
         "last")
   return index
 
@@ -124,16 +125,20 @@ def check_teacher(config: ml_collections.ConfigDict,
             f"the student {ours}: attention-relation distillation compares "
             "head by head; set train.distill_attention_weight=0 or use a "
             "teacher with the student's heads")
-    attention_layer(config, "student")
-    attention_layer(_with_train(teacher_config, t), "teacher")
+    attention_layer(t, m, "student")
+    attention_layer(t, tm, "teacher")
 
 
-def _with_train(teacher_config: ml_collections.ConfigDict,
-                train: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The teacher's model with the student's train fields (its layer)."""
-  config = ml_collections.ConfigDict()
-  config.model, config.train = teacher_config.model, train
-  return config
+def _teacher_run(config: ml_collections.ConfigDict
+                 ) -> tuple[str, int, ml_collections.ConfigDict]:
+  """(run directory, checkpoint step, run config) of `train.teacher`,
+  checked against the student (`check_teacher`)."""
+  directory, step = runs.resolve_checkpoint(config.train.teacher,
+                                            "train.teacher")
+  workdir = paths.parent(directory)
+  teacher_config = runs.load_run_config(workdir)
+  check_teacher(config, teacher_config)
+  return workdir, step, teacher_config
 
 
 def load_teacher(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
@@ -156,16 +161,15 @@ def load_teacher(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   t = config.train
   if not t.teacher:
     return None
-  directory, step = runs.resolve_checkpoint(t.teacher, "train.teacher")
+  workdir, step, teacher_config = _teacher_run(config)
   runs.check_init_tokenizer(t.teacher, tokenizer_json, t.allow_config_change,
                             key="train.teacher")
-  workdir = paths.parent(directory)
-  teacher_config, graphdef, params, found = runs.load_sharded_model(
-      workdir, step, mesh, key="train.teacher")
-  check_teacher(config, teacher_config)
-  blend = quantization_blend(teacher_config, found)
+  graphdef, shapes = runs.sharded_abstract_model(teacher_config.model, mesh)
+  params, _ = runs.load_params(
+      paths.join(workdir, "checkpoints", str(step)), shapes,
+      key="train.teacher")
   logging.info("distilling from the teacher %s (checkpoint %d, "
-               "model.quantization=%s)", workdir, found,
+               "model.quantization=%s)", workdir, step,
                teacher_config.model.quantization)
   if teacher_config.model.quantization != "none":
     logging.warning("train.teacher=%r is a %s model, not a full-precision "
@@ -173,7 +177,7 @@ def load_teacher(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                     "original (`convert import-hf --quantization=none`)",
                     t.teacher, teacher_config.model.quantization)
   return Teacher(config=teacher_config, graphdef=graphdef, params=params,
-                 step=found, source=t.teacher, quant_blend=blend)
+                 step=step)
 
 
 def abstract_teacher(config: ml_collections.ConfigDict,
@@ -186,19 +190,12 @@ def abstract_teacher(config: ml_collections.ConfigDict,
   Raises:
     ConfigError: as `load_teacher`, for the checkpoint and the fit.
   """
-  t = config.train
-  if not t.teacher:
+  if not config.train.teacher:
     return None
-  directory, step = runs.resolve_checkpoint(t.teacher, "train.teacher")
-  teacher_config = runs.load_run_config(paths.parent(directory))
-  check_teacher(config, teacher_config)
-  graphdef, shapes = runs.abstract_model(teacher_config.model)
-  shapes = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      shapes, sharding.state_shardings(shapes, mesh))
+  _, step, teacher_config = _teacher_run(config)
+  graphdef, shapes = runs.sharded_abstract_model(teacher_config.model, mesh)
   return Teacher(config=teacher_config, graphdef=graphdef, params=shapes,
-                 step=step, source=t.teacher,
-                 quant_blend=quantization_blend(teacher_config, step))
+                 step=step)
 
 
 def teacher_outputs(teacher: Teacher, model: Any,
@@ -220,8 +217,7 @@ def teacher_outputs(teacher: Teacher, model: Any,
   inputs, _, features, _ = split_batch(batch)
   layer = None
   if config.train.distill_attention_weight > 0:
-    layer = attention_layer(_with_train(teacher.config, config.train),
-                            "teacher")
+    layer = attention_layer(config.train, teacher.config.model, "teacher")
   hidden, stats = model.hidden_and_statistics(
       inputs, **features, quant_blend=teacher.quant_blend,
       capture_layer=layer)
@@ -308,7 +304,8 @@ def attention_relation_distillation(
 
 
 def distillation_sums(model: Any, teacher_model: Any,
-                      teacher_out: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
+                      teacher_out: Mapping[str, jax.Array],
+                      batch: Mapping[str, jax.Array],
                       config: ml_collections.ConfigDict,
                       model_kwargs: Mapping[str, Any] | None = None
                       ) -> dict[str, jax.Array]:
@@ -333,7 +330,7 @@ def distillation_sums(model: Any, teacher_model: Any,
   inputs, targets, features, weights = split_batch(batch)
   if weights is None:
     weights = jnp.ones(targets.shape, jnp.float32)
-  layer = attention_layer(config, "student") if (
+  layer = attention_layer(t, config.model, "student") if (
       t.distill_attention_weight > 0) else None
   hidden, stats = model.hidden_and_statistics(
       inputs, **features, **(model_kwargs or {}), capture_layer=layer)

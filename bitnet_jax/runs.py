@@ -226,23 +226,29 @@ def load_model(workdir: str, step: int | None = None
   return config, nnx.merge(graphdef, params), found
 
 
-def load_sharded_model(workdir: str, step: int | None, mesh: jax.sharding.Mesh,
-                       key: str = "--workdir"
+def sharded_abstract_model(model_config: ml_collections.ConfigDict,
+                           mesh: jax.sharding.Mesh) -> tuple[nnx.GraphDef, Any]:
+  """(graphdef, parameter `jax.ShapeDtypeStruct`s in the FSDP shardings of
+  `mesh`, `sharding.state_shardings`): the target `load_params` reads a
+  sharded model into, or shapes to lower a step with."""
+  graphdef, abstract = abstract_model(model_config)
+  return graphdef, jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract, sharding.state_shardings(abstract, mesh))
+
+
+def load_sharded_model(workdir: str, step: int | None, mesh: jax.sharding.Mesh
                        ) -> tuple[ml_collections.ConfigDict, nnx.GraphDef,
                                   Any, int]:
   """(config, graphdef, parameters, step) of a run's checkpoint, the
   parameters read straight into the FSDP shardings of `mesh`
-  (`sharding.state_shardings`), each process reading its own shards.
+  (`sharded_abstract_model`), each process reading its own shards.
 
-  Arguments and errors as for `load_run`; `key` names the flag or config
-  key that gave `workdir` in messages.
+  Arguments and errors as for `load_run`.
   """
   config, source = _checkpoint_source(workdir, step)
-  graphdef, abstract = abstract_model(config.model)
-  abstract = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract, sharding.state_shardings(abstract, mesh))
-  params, found = load_params(source, abstract, key=key)
+  graphdef, abstract = sharded_abstract_model(config.model, mesh)
+  params, found = load_params(source, abstract, key="--workdir")
   return config, graphdef, params, found
 
 

@@ -55,7 +55,7 @@ def _model(config, seed):
 
 def _sums(config, student, teacher_model, batch):
   teacher = distill.Teacher(config=_fp(config), graphdef=None, params=None,
-                            step=0, source="in memory")
+                            step=0)
   out = distill.teacher_outputs(teacher, teacher_model, batch, config)
   return distill.distillation_sums(student, teacher_model, out, batch, config)
 
@@ -157,7 +157,7 @@ def _distill_step(config, batch, devices):
   t_graphdef, t_state, _ = train_state.create_train_state(teacher_config,
                                                           mesh, tx)
   teacher = distill.Teacher(config=teacher_config, graphdef=t_graphdef,
-                            params=t_state.params, step=0, source="memory")
+                            params=t_state.params, step=0)
   step = steps.make_train_step(config, graphdef, tx, shardings, mesh,
                                teacher=teacher)
   before = jax.device_get(t_state.params)
@@ -198,7 +198,7 @@ def test_the_attention_layer_must_exist_in_both_models(tiny_config):
   with pytest.raises(ConfigError, match="distill_attention_layer=3"):
     distill.check_teacher(config, _fp(config))
   config.train.distill_attention_layer = -1
-  assert distill.attention_layer(config, "student") == 2
+  assert distill.attention_layer(config.train, config.model, "student") == 2
   teacher = _fp(config)
   teacher.model.n_kv_heads = 4
   with pytest.raises(ConfigError, match="n_kv_heads=4"):
