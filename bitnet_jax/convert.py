@@ -33,13 +33,18 @@ from absl import app, flags
 from absl import logging as absl_logging
 from safetensors.numpy import save_file
 
-from bitnet_jax import (checkpoint, gguf_export, hf, hf_sources, paths,
-                        run_identity, runs)
+from bitnet_jax.runs import checkpoint
+from bitnet_jax.interop import gguf
+from bitnet_jax.interop import hf
+from bitnet_jax.interop import hf_sources
+from bitnet_jax.storage import paths
+from bitnet_jax.runs import identity
+from bitnet_jax.runs import reader
 from bitnet_jax import config as config_lib
 from bitnet_jax.data.tokenizer import load_tokenizer
-from bitnet_jax.attention import kv_heads
+from bitnet_jax.model.attention import kv_heads
 
-HF_SOURCE = runs.HF_SOURCE
+HF_SOURCE = reader.HF_SOURCE
 _HF_FILES = ("config.json", "generation_config.json", "tokenizer.json",
              "tokenizer_config.json", "special_tokens_map.json",
              "chat_template.jinja")
@@ -59,7 +64,7 @@ def _run_config(fields: dict, config_path: str, workdir: str
                 ) -> ml_collections.ConfigDict:
   """The fine-tuning config: --config (checked) or the defaults + model."""
   if config_path:
-    config = runs.load_config_file(config_path)
+    config = reader.load_config_file(config_path)
     ours = {**config.model, "n_kv_heads": kv_heads(config.model)}
     for key, value in fields.items():
       if ours[key] != value:
@@ -71,7 +76,7 @@ def _run_config(fields: dict, config_path: str, workdir: str
     config = config_lib.base_config()
     config.model.update(fields)
     config_lib.apply_fine_tuning(config)
-  config.data.tokenizer_path = os.path.join(workdir, runs.TOKENIZER_JSON)
+  config.data.tokenizer_path = os.path.join(workdir, reader.TOKENIZER_JSON)
   config_lib.validate(config)
   return config
 
@@ -93,13 +98,13 @@ def _config_py(config: ml_collections.ConfigDict, hf_dir: str) -> str:
 
 def _flat(config: ml_collections.ConfigDict) -> dict:
   """{"model.d_model": 256, ...}: the config as config.json stores it."""
-  return run_identity.flatten(run_identity.config_dict(config))
+  return identity.flatten(identity.config_dict(config))
 
 
 def import_hf(hf_dir: str, workdir: str, config_path: str = "", *,
               quantization: str = "", sub_norms: str = "") -> str:
   """Converts a local HF folder (BitNet, or a full-precision Llama, Qwen2 or
-  Qwen3 model, `bitnet_jax.hf_sources`) into a run directory.
+  Qwen3 model, `bitnet_jax.interop.hf_sources`) into a run directory.
 
   Args:
     hf_dir: the HF folder (config.json, *.safetensors, tokenizer.json).
@@ -140,15 +145,15 @@ def import_hf(hf_dir: str, workdir: str, config_path: str = "", *,
       hf_sources.latent_tensors(hf_sources.read_safetensors(hf_dir),
                                 hf_config, hf_dir),
       config.model)
-  params = hf.from_hf_tensors(tensors, runs.abstract_params(config.model),
+  params = hf.from_hf_tensors(tensors, reader.abstract_params(config.model),
                               hf_dir)
   os.makedirs(os.path.join(workdir, HF_SOURCE), exist_ok=True)
   for name in _HF_FILES:
     if os.path.isfile(os.path.join(hf_dir, name)):
       shutil.copyfile(os.path.join(hf_dir, name),
                       os.path.join(workdir, HF_SOURCE, name))
-  shutil.copyfile(tokenizer_json, os.path.join(workdir, runs.TOKENIZER_JSON))
-  config_py = os.path.join(workdir, runs.CONFIG_PY)
+  shutil.copyfile(tokenizer_json, os.path.join(workdir, reader.TOKENIZER_JSON))
+  config_py = os.path.join(workdir, reader.CONFIG_PY)
   with open(config_py, "w", encoding="utf-8") as f:
     f.write(_config_py(config, hf_dir))
   saver = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -168,7 +173,7 @@ def _write_side_files(workdir: str, out: str, tokenizer, hf_cfg: dict
   """
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(hf_cfg, f, indent=2)
-  shutil.copyfile(runs.tokenizer_path(workdir),
+  shutil.copyfile(reader.tokenizer_path(workdir),
                   os.path.join(out, "tokenizer.json"))
   for name in ("generation_config.json", "tokenizer_config.json",
                "special_tokens_map.json", "chat_template.jinja"):
@@ -197,12 +202,12 @@ def _write_weights(out: str, fmt: str, tensors: dict[str, np.ndarray],
   """The weight file(s) of one format in `out`; returns what to report."""
   if fmt == "gguf":
     path = os.path.join(out, f"model-{ternary_type}.gguf")
-    gguf_export.write_gguf(
+    gguf.write_gguf(
         path, hf_config=hf_cfg, ternary_type=ternary_type,
         tensors={n: t for n, t in tensors.items() if not hf.is_bitlinear(n)},
         ternary={n: hf.ternary_codes(t) for n, t in tensors.items()
                  if hf.is_bitlinear(n)},
-        tokenizer_json=runs.tokenizer_path(workdir))
+        tokenizer_json=reader.tokenizer_path(workdir))
     return path
   store = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
   written = {}
@@ -253,22 +258,22 @@ def export_hf(workdir: str, out: str, fmt: str, *, step: int | None = None,
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
     raise hf.ConversionError(f"--out={out!r} exists and is not an empty "
                              "folder; choose a new one")
-  source = runs.hf_source_config(workdir)
+  source = reader.hf_source_config(workdir)
   source_quant = source.get("quantization_config") or {}
   if linear_class is None:
     linear_class = (source_quant.get("linear_class", "bitlinear")
                     if source_quant.get("quantization_mode") == "offline"
                     else "bitlinear")
-  config = runs.load_run_config(workdir)
-  tokenizer = load_tokenizer(runs.tokenizer_path(workdir))
-  bos, eos = runs.special_token_ids(workdir, tokenizer)
+  config = reader.load_run_config(workdir)
+  tokenizer = load_tokenizer(reader.tokenizer_path(workdir))
+  bos, eos = reader.special_token_ids(workdir, tokenizer)
   hf_cfg = hf.hf_config(
       config.model, bos_token_id=bos, eos_token_id=eos, torch_dtype=dtype,
       max_position_embeddings=source.get("max_position_embeddings",
                                          int(config.train.seq_len)),
       quantization=None if fmt == "gguf" else hf.quantization_config(
           fmt == "packed", linear_class))
-  _, params, found = runs.load_run(workdir, step)
+  _, params, found = reader.load_run(workdir, step)
   warmup = config.model.quantization_warmup_steps
   if found < warmup:
     absl_logging.warning(

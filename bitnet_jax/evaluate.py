@@ -31,7 +31,7 @@ import jax
 from absl import app, flags
 from absl import logging as absl_logging
 
-from bitnet_jax import checkpoint
+from bitnet_jax.runs import checkpoint
 from bitnet_jax.config import ConfigError
 
 FLAGS = flags.FLAGS

@@ -7,7 +7,7 @@ r"""Continue a prompt with a run's model, or show what it predicts (--debug).
       (--prompt="..." | --text_file=FILE)
 
 Loads the run's config, its tokenizer (`WORKDIR/tokenizer.json`) and its
-newest (or step N) checkpoint. Decoding uses a KV cache (`bitnet_jax.decode`);
+newest (or step N) checkpoint. Decoding uses a KV cache (`bitnet_jax.model.decode`);
 `--temperature=0` (the default) is greedy. The prompt plus `--max_new_tokens`
 must fit in the context the model trained on (`train.seq_len`).
 
@@ -31,10 +31,12 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
-from bitnet_jax import checkpoint, decode, runs
+from bitnet_jax.runs import checkpoint
+from bitnet_jax.model import decode
+from bitnet_jax.runs import reader
 from bitnet_jax.config import ConfigError, window_length
 from bitnet_jax.data.tokenizer import load_tokenizer
-from bitnet_jax.model import Transformer, quantization_blend
+from bitnet_jax.model.transformer import Transformer, quantization_blend
 
 
 def greedy(model: Transformer, prompt: np.ndarray, max_new_tokens: int
@@ -66,11 +68,11 @@ def debug_table(model: Transformer, tokens: list[int], tokenizer,
   """The notes' per-position diagnostic table of `tokens`.
 
   Args:
-    model: a `bitnet_jax.model.Transformer` (one forward pass).
+    model: a `bitnet_jax.model.transformer.Transformer` (one forward pass).
     tokens: the text's token ids (>= 2: position i is scored against
       token i + 1), at most the model's context + 1.
     tokenizer: a `tokenizers.Tokenizer` (shows each id as text).
-    quant_blend: see `bitnet_jax.model.quantization_blend` (None: 1).
+    quant_blend: see `bitnet_jax.model.transformer.quantization_blend` (None: 1).
     top: how many predictions per position to list, with probabilities.
 
   Returns:
@@ -129,8 +131,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    config, model, step = runs.load_model(FLAGS.workdir, FLAGS.step)
-    tokenizer = load_tokenizer(runs.tokenizer_path(FLAGS.workdir))
+    config, model, step = reader.load_model(FLAGS.workdir, FLAGS.step)
+    tokenizer = load_tokenizer(reader.tokenizer_path(FLAGS.workdir))
     blend = quantization_blend(config, step)
     text = _text()
     tokens = tokenizer.encode(text).ids

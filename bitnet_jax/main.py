@@ -14,11 +14,14 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from bitnet_jax import checkpoint, run_lock, sharding, train
+from bitnet_jax.runs import checkpoint
+from bitnet_jax.runs import lock
+from bitnet_jax.distributed import sharding
+from bitnet_jax.training import loop
 from bitnet_jax.config import ConfigError
 
 # Failures with a message that says what to do: printed without a traceback.
-_EXPLAINED_ERRORS = (ConfigError, run_lock.WorkdirLockedError,
+_EXPLAINED_ERRORS = (ConfigError, lock.WorkdirLockedError,
                      checkpoint.CheckpointMismatchError,
                      checkpoint.CheckpointSaveError, FloatingPointError)
 
@@ -54,7 +57,7 @@ def main(argv):
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize()
                                               .split("=", 1)[1])
   try:
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
   except _EXPLAINED_ERRORS as e:
     absl_logging.error("%s: %s", type(e).__name__, e)
     sys.exit(1)

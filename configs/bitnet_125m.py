@@ -1,10 +1,10 @@
 """bitnet_125m: a 125M-class model, not in the FAQ (GPT-3 Small shape).
 
 Recipe, batch and usage (`--config=configs/bitnet_125m.py`, `:fp` for the
-full-precision baseline): `bitnet_jax.recipes.faq_config`.
+full-precision baseline): `bitnet_jax.config.recipes.faq_config`.
 """
 
-from bitnet_jax.recipes import faq_config
+from bitnet_jax.config.recipes import faq_config
 
 
 def get_config(variant: str = ""):

@@ -30,7 +30,7 @@ classification, lambda = 1 and gamma = 1e3 for summarization; stage 2 on
 Values marked "ours" are this project's choices, not published ones.
 """
 
-from bitnet_jax import runs
+from bitnet_jax.runs import reader
 from bitnet_jax.config import ConfigError
 
 STAGES = ("continue", "distill")
@@ -50,7 +50,7 @@ def get_config(argument: str = ""):
         f"[,TEACHER_RUN] with STAGE one of {', '.join(STAGES)} (e.g. "
         "configs/distill.py:distill,runs/q_continue,runs/q_fp)")
   stage, student = parts[0], parts[1]
-  c = runs.load_run_config(student)  # the converted model, as imported
+  c = reader.load_run_config(student)  # the converted model, as imported
   c.train.init_from = student  # its newest checkpoint starts this stage
   c.model.quantization = "ternary"
   c.optimizer.learning_rate = 1e-4  # ours: a fine-tuning peak, not 1.5e-3
@@ -59,7 +59,7 @@ def get_config(argument: str = ""):
   if stage == "continue":
     c.train.steps = 10000  # ours (BitDistill: 10B tokens; set to your budget)
     # ours: lambda from 0 to 1 over the first 10% (the HF 1.58-bit
-    # fine-tuning's quantization warm-up, bitnet_jax.model.quantization_blend)
+    # fine-tuning's quantization warm-up, bitnet_jax.model.transformer.quantization_blend)
     c.model.quantization_warmup_steps = 1000
     return c
   if len(parts) < 3:

@@ -41,7 +41,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from bitnet_jax import config as config_lib
-from bitnet_jax import metrics, optimizer, sharding, steps, train_state
+from bitnet_jax import metrics
+from bitnet_jax.optim import optimizer
+from bitnet_jax.distributed import sharding
+from bitnet_jax.training import steps
+from bitnet_jax.training import train_state
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/d20.py:cpu",
                                           "Config to benchmark.")

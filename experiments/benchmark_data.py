@@ -29,7 +29,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from bitnet_jax import config as config_lib
-from bitnet_jax import data, files
+from bitnet_jax import data
+from bitnet_jax.storage import files
 from bitnet_jax.data import stdlib as stdlib_corpus
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py",

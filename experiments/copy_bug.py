@@ -21,7 +21,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
-from bitnet_jax import generate, loss, metrics, runs, train  # noqa: E402
+from bitnet_jax import generate, metrics
+from bitnet_jax.training import loss
+from bitnet_jax.runs import reader
+from bitnet_jax.training import loop  # noqa: E402
 from bitnet_jax.config import window_length  # noqa: E402
 from bitnet_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from drivers import corpus_documents, load_config  # noqa: E402
@@ -37,7 +40,7 @@ def main(argv):
   config = load_config("configs/tiny.py", {
       "train.steps": FLAGS.steps, "train.eval_every": 25,
       "train.checkpoint_every": FLAGS.steps})
-  train.train_and_evaluate(config, FLAGS.workdir)
+  loop.train_and_evaluate(config, FLAGS.workdir)
   print("| step | train loss | eval accuracy | copy rate | top token share "
         "| health_alarms |")
   print("|---|---|---|---|---|---|")
@@ -50,8 +53,8 @@ def main(argv):
             f"{record['eval_accuracy']:.3f} | {record['copy_rate']:.3f} | "
             f"{record['top_token_share']:.3f} | "
             f"{', '.join(record['health_alarms']) or '-'} |")
-  _, model, _ = runs.load_model(FLAGS.workdir)
-  tokenizer = load_tokenizer(runs.tokenizer_path(FLAGS.workdir))
+  _, model, _ = reader.load_model(FLAGS.workdir)
+  tokenizer = load_tokenizer(reader.tokenizer_path(FLAGS.workdir))
   text = corpus_documents(1, chars=400)[0]
   tokens = tokenizer.encode(text).ids[:window_length(config)]
   _, summary = generate.debug_table(model, tokens, tokenizer)

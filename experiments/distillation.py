@@ -34,7 +34,8 @@ from absl import app, flags, logging
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from bitnet_jax import metrics, train  # noqa: E402
+from bitnet_jax import metrics
+from bitnet_jax.training import loop  # noqa: E402
 from bitnet_jax.config import base_config  # noqa: E402
 
 FLAGS = flags.DEFINE_string("out", "runs/distillation", "output directory")
@@ -91,7 +92,7 @@ def run_student(name: str, fields: dict, teacher: str, out: str,
   if c.train.distill_logit_weight or c.train.distill_attention_weight:
     c.train.teacher = teacher
   workdir = os.path.join(out, name)
-  train.train_and_evaluate(c, workdir)
+  loop.train_and_evaluate(c, workdir)
   return final_eval(workdir)
 
 
@@ -112,7 +113,7 @@ def main(argv):
   c.optimizer.stage2_learning_rate = 1e-3
   c.data.data_dir = os.path.join(out, "data")
   teacher = os.path.join(out, "teacher")
-  train.train_and_evaluate(c, teacher)
+  loop.train_and_evaluate(c, teacher)
   rows = {"teacher": final_eval(teacher)}
   for name, fields in STUDENTS.items():
     logging.info("student %s", name)

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import local_tasks  # noqa: E402  (this folder)
 
-from bitnet_jax import runs  # noqa: E402
+from bitnet_jax.runs import reader  # noqa: E402
 from bitnet_jax.evaluation import harness, perplexity  # noqa: E402
 from bitnet_jax.evaluation.backend import BitNetLM  # noqa: E402
 from bitnet_jax.metrics import read_records  # noqa: E402
@@ -51,7 +51,7 @@ def evaluate_run(workdir: str, manager, batch_size: int,
                  step: int | None = None) -> dict:
   """{"step", "tokens_seen", "quantization", "tasks": {...}, "perplexity"}
   of the run's checkpoint `step` (default: its newest)."""
-  config = runs.load_run_config(workdir)
+  config = reader.load_run_config(workdir)
   lm = BitNetLM.from_run(workdir, step, batch_size=batch_size)
   counts = {"requests": 0}
   _count_requests(lm, counts)

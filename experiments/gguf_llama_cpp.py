@@ -23,7 +23,7 @@ from absl import app, flags
 from llama_cpp import Llama
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bitnet_jax import runs  # noqa: E402
+from bitnet_jax.runs import reader  # noqa: E402
 from bitnet_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from bitnet_jax.generate import greedy  # noqa: E402
 
@@ -36,8 +36,8 @@ LOGIT_PROMPT = "def main(argv):\n    parser = argparse.ArgumentParser("
 
 def main(argv):
   del argv
-  tokenizer = load_tokenizer(runs.tokenizer_path(_WORKDIR.value))
-  _, model, _ = runs.load_model(_WORKDIR.value)
+  tokenizer = load_tokenizer(reader.tokenizer_path(_WORKDIR.value))
+  _, model, _ = reader.load_model(_WORKDIR.value)
   llm = Llama(model_path=_GGUF.value, n_ctx=128, logits_all=True,
               verbose=False)
   for prompt in PROMPTS:

@@ -28,7 +28,8 @@ from flax import nnx  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bitnet_jax import convert, runs  # noqa: E402
+from bitnet_jax import convert
+from bitnet_jax.runs import reader  # noqa: E402
 from bitnet_jax.generate import greedy  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run.")
@@ -51,7 +52,7 @@ def _near_ties(model, tokens: np.ndarray) -> tuple[int, int]:
 
 def main(argv):
   del argv
-  config = runs.load_run_config(_WORKDIR.value)
+  config = reader.load_run_config(_WORKDIR.value)
   tokens = np.random.default_rng(0).integers(
       0, config.model.vocab_size, (_BATCH.value, _SEQ.value), np.int32)
   print("| export | tensors | max rel. logit diff | positions within 1e-4 "
@@ -66,7 +67,7 @@ def main(argv):
         if dtype == "bfloat16":  # our model on the rounded weights
           reference = f"{tmp}/{fmt}_{dtype}_run"
           convert.import_hf(out, reference)
-        _, model, _ = runs.load_model(reference)
+        _, model, _ = reader.load_model(reference)
         ours = np.asarray(model(jnp.asarray(tokens)))
         theirs_model = AutoModelForCausalLM.from_pretrained(
             out, dtype=torch.float32)

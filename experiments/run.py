@@ -187,13 +187,13 @@ def run_experiment(name: str, preset: str, out: str,
   if not report_only:
     with open(marker, "w", encoding="utf-8") as f:
       json.dump({"experiment": name, "preset": preset}, f)
-    from bitnet_jax import train  # pylint: disable=g-import-not-at-top
+    from bitnet_jax.training import loop  # pylint: disable=g-import-not-at-top
     for variant in variants or every:
       logging.info("experiment %s (%s): variant %s %s", name, preset, variant,
                    every[variant])
       steps = configs[variant].train.steps
       try:
-        final = train.train_and_evaluate(configs[variant],
+        final = loop.train_and_evaluate(configs[variant],
                                          os.path.join(directory, variant))
       except Exception as e:  # pylint: disable=broad-except
         logging.exception("variant %s failed", variant)
@@ -231,7 +231,7 @@ def write_csv(path: str, results: dict[str, list[dict]]) -> None:
 def plot(path: str, results: dict[str, list[dict]], configs: dict,
          title: str) -> None:
   """A 2x2 PNG of PANELS against step: a line per variant, dashed at the
-  stage boundary (round(stage_boundary x steps), as bitnet_jax.optimizer)."""
+  stage boundary (round(stage_boundary x steps), as bitnet_jax.optim.optimizer)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top

@@ -43,7 +43,7 @@ def load_config(spec: str, overrides: dict | None = None):
 
 def slow_train_steps(seconds: float) -> None:
   """Makes every train step sleep `seconds` first, so signals land mid-run."""
-  from bitnet_jax import steps  # pylint: disable=g-import-not-at-top
+  from bitnet_jax.training import steps  # pylint: disable=g-import-not-at-top
   real = steps.make_train_step
 
   def make(*args, **kwargs):

@@ -3,7 +3,10 @@
 import numpy as np
 import pytest
 
-from bitnet_jax import actions, metrics, run, train
+from bitnet_jax import metrics
+from bitnet_jax.training import actions
+from bitnet_jax.training import setup
+from bitnet_jax.training import loop
 
 
 class _Lines:
@@ -81,21 +84,21 @@ def test_a_new_periodic_action_sees_every_step_and_the_plan_says_finished(
     def end(self):
       self.ended = True
 
-  built = run.build_run(config, workdir)
-  assert built.start is run.Start.FRESH and built.start_step == 0, built.start
+  built = setup.build_run(config, workdir)
+  assert built.start is setup.Start.FRESH and built.start_step == 0, built.start
   recorder = Recorder()
   built.actions.append(recorder)
-  final = train.train(built)
+  final = loop.train(built)
   assert recorder.steps == [(s, s) for s in range(1, 13)], recorder.steps
   assert recorder.ended, "end() was not called after the last step"
   assert final["step"] == 12 and "eval_loss" in final, final
 
-  finished = run.build_run(config, workdir)
-  assert isinstance(finished, run.Finished) and finished.step == 12, finished
+  finished = setup.build_run(config, workdir)
+  assert isinstance(finished, setup.Finished) and finished.step == 12, finished
   assert finished.metrics["eval_loss"] == final["eval_loss"]
   config.train.steps = 18
-  resumed = run.build_run(config, workdir)
-  assert resumed.start is run.Start.RESUME and resumed.start_step == 12, (
+  resumed = setup.build_run(config, workdir)
+  assert resumed.start is setup.Start.RESUME and resumed.start_step == 12, (
       resumed.start, resumed.start_step)
   for action in reversed(resumed.actions):
     action.close()

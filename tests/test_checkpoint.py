@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_jax import checkpoint
+from bitnet_jax.runs import checkpoint
 
 
 def _state(width: int = 8):

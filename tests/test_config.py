@@ -6,7 +6,8 @@ import os
 import pytest
 
 from bitnet_jax import config as config_lib
-from bitnet_jax import config_fields, defaults
+from bitnet_jax.config import fields
+from bitnet_jax.config import defaults
 from bitnet_jax.config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,7 +143,7 @@ def test_research_configs_follow_the_faq_tables(load_config, name, shape,
                                                 peaks, billions):
   # pylint: disable-next=g-import-not-at-top
   import jax
-  from bitnet_jax import runs
+  from bitnet_jax.runs import reader
   c = load_config(name)
   m, o, t = c.model, c.optimizer, c.train
   assert (m.d_model, m.ffn_dim, m.n_heads, m.n_layers) == shape, name
@@ -153,7 +154,7 @@ def test_research_configs_follow_the_faq_tables(load_config, name, shape,
       f"{name}: not the FAQ's 1M tokens per step at seq 2048")
   assert m.quantization == "ternary" and m.dtype == "bfloat16"
   n_params = sum(x.size for x in jax.tree.leaves(
-      runs.abstract_params(m)))
+      reader.abstract_params(m)))
   assert n_params / 1e9 == pytest.approx(billions, abs=0.01), (
       f"{name}: {n_params:,} parameters")
   fp = load_config(name + ":fp")
@@ -163,7 +164,7 @@ def test_research_configs_follow_the_faq_tables(load_config, name, shape,
   assert fp.optimizer.stage2_weight_decay == fp.optimizer.weight_decay == 0.1
 
 
-# The field table (bitnet_jax.defaults.FIELDS).
+# The field table (bitnet_jax.config.defaults.FIELDS).
 
 
 def _flat(config) -> dict:
@@ -188,7 +189,7 @@ def test_every_base_config_leaf_has_exactly_one_table_line_in_order():
 def test_a_key_listed_twice_in_the_table_is_refused():
   field = config_lib.FIELDS["train.steps"]
   with pytest.raises(ValueError, match="train.steps.*twice"):
-    config_fields.field_table(field, field)
+    fields.field_table(field, field)
 
 
 @pytest.mark.parametrize("key", list(config_lib.FIELDS))
@@ -202,7 +203,7 @@ def test_every_table_default_passes_its_own_rule_with_its_type(key):
       f"config.{key}: default {field.default!r} is a "
       f"{default_type.__name__}, its rule wants {wanted.__name__} (a "
       "number field needs a float default, or ConfigDict types it int)")
-  assert field.doc and field.resume in config_fields.RESUME_CLASSES
+  assert field.doc and field.resume in fields.RESUME_CLASSES
 
 
 @pytest.mark.parametrize("key,value,allowed", [
@@ -261,7 +262,7 @@ def test_a_bool_which_configdict_accepts_in_an_int_field_is_rejected(
 @pytest.mark.parametrize("bounds", ["1", "[0, 1", ">> 0", "(a, b)"])
 def test_malformed_bounds_in_the_table_fail_at_import(bounds):
   with pytest.raises(ValueError, match="bounds"):
-    config_fields.number(bounds)
+    fields.number(bounds)
 
 
 # Unknown keys: ml_collections names the nearest key on the command line,
@@ -294,11 +295,11 @@ def test_an_unknown_key_set_in_a_config_file_names_the_nearest_key(
 def test_an_unknown_key_in_a_saved_config_json_names_the_nearest_key(
     tiny_config, tmp_path):
   # pylint: disable-next=g-import-not-at-top
-  from bitnet_jax import runs
+  from bitnet_jax.runs import reader
   saved = json.loads(tiny_config.to_json_best_effort())
   saved["optimizer"]["lerning_rate"] = 3e-3  # a typo in the file
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  config = runs.load_run_config(str(tmp_path))  # update() adds it silently
+  config = reader.load_run_config(str(tmp_path))  # update() adds it silently
   assert config.optimizer.lerning_rate == 3e-3, "update() refused the key"
   with pytest.raises(ConfigError,
                      match=r"config\.optimizer\.lerning_rate=0\.003 is "
@@ -317,7 +318,7 @@ def test_a_missing_key_is_rejected_naming_it_and_its_default(tiny_config):
 def test_window_length_is_seq_len_plus_the_shifted_target(tiny_config):
   # pylint: disable-next=g-import-not-at-top
   import numpy as np
-  from bitnet_jax import loss
+  from bitnet_jax.training import loss
   tiny_config.train.seq_len = 7
   length = config_lib.window_length(tiny_config)
   inputs, targets = loss.split_window(np.zeros((2, length), np.int32))
@@ -353,7 +354,7 @@ def _shifted_base():
 def test_configs_set_only_fields_that_differ_from_the_defaults(
     load_config, monkeypatch, name):
   # pylint: disable-next=g-import-not-at-top
-  from bitnet_jax import recipes
+  from bitnet_jax.config import recipes
   monkeypatch.setattr(config_lib, "base_config", _shifted_base)
   monkeypatch.setattr(recipes, "base_config", _shifted_base)
   config, shifted = _flat(load_config(name)), _flat(_shifted_base())

@@ -20,7 +20,8 @@ import pytest
 import tensorflow_datasets as tfds
 from absl import flags
 
-from bitnet_jax import data, files
+from bitnet_jax import data
+from bitnet_jax.storage import files
 from bitnet_jax.config import ConfigError
 from bitnet_jax.data import corpus, tokenizer
 from bitnet_jax.data import stdlib as stdlib_corpus

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bitnet_jax import decode, generate
-from bitnet_jax.model import Transformer
+from bitnet_jax import generate
+from bitnet_jax.model import decode
+from bitnet_jax.model.transformer import Transformer
 
 
 def _model(tiny_config, **overrides):

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bitnet_jax import diagnostics
-from bitnet_jax.model import Transformer
-from bitnet_jax.tree_paths import bitlinear_kind
+from bitnet_jax.model import diagnostics
+from bitnet_jax.model.transformer import Transformer
+from bitnet_jax.model.tree_paths import bitlinear_kind
 
 
 def _params(model_config, scan_layers: bool):

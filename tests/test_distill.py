@@ -10,11 +10,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bitnet_jax import distill, optimizer, sharding, steps, train, train_state
+from bitnet_jax.training.objectives import distillation
+from bitnet_jax.optim import optimizer
+from bitnet_jax.distributed import sharding
+from bitnet_jax.training import steps
+from bitnet_jax.training import loop
+from bitnet_jax.training import train_state
 from bitnet_jax.config import ConfigError
 from bitnet_jax.data.stream import document_features
-from bitnet_jax.loss import logit_distillation
-from bitnet_jax.model import Transformer
+from bitnet_jax.training.loss import logit_distillation
+from bitnet_jax.model.transformer import Transformer
 from drivers import stream_config
 
 
@@ -54,10 +59,10 @@ def _model(config, seed):
 
 
 def _sums(config, student, teacher_model, batch):
-  teacher = distill.Teacher(config=_fp(config), graphdef=None, params=None,
+  teacher = distillation.Teacher(config=_fp(config), graphdef=None, params=None,
                             step=0)
-  out = distill.teacher_outputs(teacher, teacher_model, batch, config)
-  return distill.distillation_sums(student, teacher_model, out, batch, config)
+  out = distillation.teacher_outputs(teacher, teacher_model, batch, config)
+  return distillation.distillation_sums(student, teacher_model, out, batch, config)
 
 
 def test_logit_distillation_is_the_tempered_kl_times_t_squared():
@@ -156,7 +161,7 @@ def _distill_step(config, batch, devices):
   teacher_config.seed = 1
   t_graphdef, t_state, _ = train_state.create_train_state(teacher_config,
                                                           mesh, tx)
-  teacher = distill.Teacher(config=teacher_config, graphdef=t_graphdef,
+  teacher = distillation.Teacher(config=teacher_config, graphdef=t_graphdef,
                             params=t_state.params, step=0)
   step = steps.make_train_step(config, graphdef, tx, shardings, mesh,
                                teacher=teacher)
@@ -196,17 +201,17 @@ def test_the_distillation_step_on_devices_and_micro_batches_equals_one(
 def test_the_attention_layer_must_exist_in_both_models(tiny_config):
   config = _distill_config(tiny_config, distill_attention_layer=3)
   with pytest.raises(ConfigError, match="distill_attention_layer=3"):
-    distill.check_teacher(config, _fp(config))
+    distillation.check_teacher(config, _fp(config))
   config.train.distill_attention_layer = -1
-  assert distill.attention_layer(config.train, config.model, "student") == 2
+  assert distillation.attention_layer(config.train, config.model, "student") == 2
   teacher = _fp(config)
   teacher.model.n_kv_heads = 4
   with pytest.raises(ConfigError, match="n_kv_heads=4"):
-    distill.check_teacher(config, teacher)
+    distillation.check_teacher(config, teacher)
   teacher = _fp(config)
   teacher.model.vocab_size = 1024
   with pytest.raises(ConfigError, match="vocab_size=1024"):
-    distill.check_teacher(config, teacher)
+    distillation.check_teacher(config, teacher)
 
 
 def test_distillation_weights_without_a_teacher_are_refused(tiny_config):
@@ -235,7 +240,7 @@ def teacher_run(tmp_path_factory, data_dir):
   config.data.data_dir = data_dir
   config.model.quantization = "none"
   workdir = str(tmp_path_factory.mktemp("teacher"))
-  train.train_and_evaluate(config, workdir)
+  loop.train_and_evaluate(config, workdir)
   return workdir
 
 
@@ -251,7 +256,7 @@ def test_a_streamed_run_distils_from_its_teacher(teacher_run, tiny_config,
   config.mesh.fsdp = 2  # 4 x 2 devices: both models' parameters sharded
   config.model.remat_policy = "full"
   workdir = str(tmp_path / "student")
-  train.train_and_evaluate(config, workdir)
+  loop.train_and_evaluate(config, workdir)
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     records = [json.loads(line) for line in f]
   logged = [r for r in records if "loss" in r]
@@ -270,7 +275,7 @@ def test_a_missing_teacher_names_the_key(tiny_config, tmp_path):
   config.train.teacher = str(tmp_path / "nowhere")
   config.train.distill_logit_weight = 1.0
   with pytest.raises(ConfigError, match="train.teacher"):
-    train.train_and_evaluate(config, str(tmp_path / "student"))
+    loop.train_and_evaluate(config, str(tmp_path / "student"))
 
 
 def test_the_distill_config_builds_both_stages_from_the_runs(teacher_run):
@@ -300,7 +305,7 @@ def test_a_distillation_step_lowers_ahead_of_time_from_shapes(teacher_run,
   config.train.distill_logit_weight = 1.0
   config.train.distill_attention_weight = 1.0
   mesh = sharding.make_mesh(config.mesh)
-  teacher = distill.abstract_teacher(config, mesh)
+  teacher = distillation.abstract_teacher(config, mesh)
   assert all(isinstance(x, jax.ShapeDtypeStruct)
              for x in jax.tree.leaves(teacher.params)), "weights were read"
   tx = optimizer.make_optimizer(config)

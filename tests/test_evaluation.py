@@ -19,12 +19,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bitnet_jax import decode, runs, sharding, train
+from bitnet_jax.model import decode
+from bitnet_jax.runs import reader
+from bitnet_jax.distributed import sharding
+from bitnet_jax.training import loop
 from bitnet_jax.config import ConfigError
 from bitnet_jax.data.tokenizer import load_tokenizer
 from bitnet_jax.evaluation import harness, perplexity, scoring
 from bitnet_jax.evaluation.backend import BitNetLM
-from bitnet_jax.model import Transformer
+from bitnet_jax.model.transformer import Transformer
 from drivers import REPO, free_port, load_config
 
 _SPEC = importlib.util.spec_from_file_location(
@@ -57,7 +60,7 @@ HARNESS = {"eval.harness_tasks": "stdlib_choice", "eval.harness_every": 75,
 def trained_run(tmp_path_factory, data_dir, task_dir):
   """The module's run: 150 steps, stdlib_choice scored during training."""
   workdir = str(tmp_path_factory.mktemp("evaluated"))
-  train.train_and_evaluate(_run_config(
+  loop.train_and_evaluate(_run_config(
       data_dir, **HARNESS, **{"eval.harness_include_path": task_dir}),
                            workdir)
   return workdir
@@ -279,7 +282,7 @@ def test_training_writes_harness_metrics_and_refuses_unknown_tasks(
   bad = {**HARNESS, "eval.harness_include_path": task_dir,
          "eval.harness_tasks": "stdlib_choice,no_such_task"}
   with pytest.raises(harness.TaskError, match="no_such_task"):
-    train.train_and_evaluate(_run_config(data_dir, **bad),
+    loop.train_and_evaluate(_run_config(data_dir, **bad),
                              str(tmp_path / "bad"))
   saved = os.listdir(tmp_path / "bad" / "checkpoints")
   assert not any(name.isdigit() for name in saved), (
@@ -438,8 +441,8 @@ def test_command_line_perplexity_and_a_run_without_checkpoint(
 
 
 def test_a_run_trained_here_has_its_context_and_special_tokens(trained_run):
-  assert runs.context_length(trained_run, runs.load_run_config(
+  assert reader.context_length(trained_run, reader.load_run_config(
       trained_run)) == SEQ_LEN
-  tokenizer = load_tokenizer(runs.tokenizer_path(trained_run))
-  bos, eos = runs.special_token_ids(trained_run, tokenizer)
+  tokenizer = load_tokenizer(reader.tokenizer_path(trained_run))
+  bos, eos = reader.special_token_ids(trained_run, tokenizer)
   assert bos == eos == tokenizer.token_to_id("<|endoftext|>")

@@ -19,7 +19,8 @@ import time
 import numpy as np
 import pytest
 
-from bitnet_jax import checkpoint, paths
+from bitnet_jax.runs import checkpoint
+from bitnet_jax.storage import paths
 from drivers import REPO, free_port
 from test_checkpoint import _abstract, _iterator, _save_steps, _state
 from test_resilience import TIMING_KEYS
@@ -115,7 +116,8 @@ def test_a_damaged_checkpoint_on_gcs_is_moved_aside(gcs):
 
 
 def test_a_second_writer_of_a_gcs_workdir_is_refused_until_released(gcs):
-  from bitnet_jax import gcs_lock, run_lock
+  from bitnet_jax.runs import gcs_lock
+  from bitnet_jax.runs import lock
   workdir = f"{gcs}/locked"
   first = gcs_lock.workdir_lock(workdir, stale_seconds=60,
                                 heartbeat_seconds=1)
@@ -123,7 +125,7 @@ def test_a_second_writer_of_a_gcs_workdir_is_refused_until_released(gcs):
   first.acquire()
   second = gcs_lock.workdir_lock(workdir, stale_seconds=60,
                                  heartbeat_seconds=1)
-  with pytest.raises(run_lock.WorkdirLockedError) as caught:
+  with pytest.raises(lock.WorkdirLockedError) as caught:
     second.acquire()
   assert f"{workdir}/run.lock" in str(caught.value), str(caught.value)
   generation = first._generation  # pylint: disable=protected-access
@@ -141,7 +143,7 @@ def test_a_second_writer_of_a_gcs_workdir_is_refused_until_released(gcs):
 
 def test_a_dead_holders_gcs_lock_is_taken_over(gcs):
   from etils import epath
-  from bitnet_jax import gcs_lock
+  from bitnet_jax.runs import gcs_lock
   import json as json_lib
   workdir = f"{gcs}/dead-holder"
   dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
@@ -195,13 +197,15 @@ def _short_run(config, steps: int = 4):
 
 
 def test_a_second_trainer_of_a_gcs_workdir_is_refused(gcs, tiny_config):
-  from bitnet_jax import gcs_lock, run_lock, train
+  from bitnet_jax.runs import gcs_lock
+  from bitnet_jax.runs import lock
+  from bitnet_jax.training import loop
   url = f"{gcs}/contended"
   holder = gcs_lock.workdir_lock(url, stale_seconds=60)
   holder.acquire()
   try:
-    with pytest.raises(run_lock.WorkdirLockedError, match="run.lock"):
-      train.train_and_evaluate(_short_run(tiny_config), url)
+    with pytest.raises(lock.WorkdirLockedError, match="run.lock"):
+      loop.train_and_evaluate(_short_run(tiny_config), url)
   finally:
     holder.release()
   assert not paths.isfile(f"{url}/config.json"), (
@@ -266,10 +270,10 @@ sys.path.insert(0, "tests")
 import drivers
 from absl import logging
 logging.set_verbosity(logging.INFO)
-from bitnet_jax import train
+from bitnet_jax.training import loop
 config = drivers.load_config("configs/tiny.py", {overrides!r})
 drivers.slow_train_steps(0.05)
-train.train_and_evaluate(config, {workdir!r})
+loop.train_and_evaluate(config, {workdir!r})
 """
 
 
@@ -318,7 +322,8 @@ class _Driver:
 @pytest.mark.slow
 def test_a_gcs_run_killed_and_stopped_resumes_bit_identically_and_exports(
     gcs, data_dir, tmp_path):
-  from bitnet_jax import convert, runs
+  from bitnet_jax import convert
+  from bitnet_jax.runs import reader
   overrides = {"data.data_dir": data_dir, "train.steps": 16,
                "train.log_every": 1, "train.eval_every": 8,
                "train.checkpoint_every": 4, "optimizer.warmup_steps": 2}
@@ -373,13 +378,13 @@ def test_a_gcs_run_killed_and_stopped_resumes_bit_identically_and_exports(
   from bitnet_jax.data.tokenizer import load_tokenizer
   continuations = []
   for workdir in (url, local):  # what `generate --workdir=...` runs
-    _, model, step = runs.load_model(workdir)
-    tokenizer = load_tokenizer(runs.tokenizer_path(workdir))
+    _, model, step = reader.load_model(workdir)
+    tokenizer = load_tokenizer(reader.tokenizer_path(workdir))
     prompt = np.array([tokenizer.encode("def main(").ids], np.int32)
     continuations.append((step, generate.greedy(model, prompt, 12).tolist()))
   assert continuations[0] == continuations[1], continuations
   with pytest.raises(Exception, match="--step=9"):
-    runs.load_run(url, step=9)
+    reader.load_run(url, step=9)
 
   exported = [convert.export_hf(workdir, str(tmp_path / name), "bf16")
               for workdir, name in ((url, "from-gcs"), (local, "from-local"))]

@@ -8,7 +8,7 @@ import pytest
 from tokenizers import (Regex, Tokenizer, decoders, models, pre_tokenizers,
                         trainers)
 
-from bitnet_jax import gguf_export
+from bitnet_jax.interop import gguf as gguf_export
 
 EOT = "<|endoftext|>"
 BITLINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",

@@ -13,7 +13,10 @@ Recorded on CPU (float32 model, XLA:CPU) with the code of commit 66828ab.
 import jax
 import numpy as np
 
-from bitnet_jax import optimizer, sharding, steps, train_state
+from bitnet_jax.optim import optimizer
+from bitnet_jax.distributed import sharding
+from bitnet_jax.training import steps
+from bitnet_jax.training import train_state
 from bitnet_jax.data.stream import document_features
 
 # (loss in nats/token, global gradient norm before clipping) of steps 1..3.

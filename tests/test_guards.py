@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from bitnet_jax import guards
+from bitnet_jax.training import guards
 
 
 def test_non_finite_grad_norm_raises_naming_the_step():

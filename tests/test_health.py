@@ -1,4 +1,4 @@
-"""Tests of the collapse alarms (bitnet_jax/health.py) on recorded metrics.
+"""Tests of the collapse alarms (bitnet_jax/metrics/health.py) on recorded metrics.
 
 The trajectories below are metrics.jsonl records, rounded. Eval rows are
 (step, eval_loss nats, eval_accuracy, unique_predictions, copy_rate,
@@ -10,7 +10,7 @@ TINY: recorded healthy run, seed 0 (three seeds behave alike):
     --config.train.steps=500 --config.train.eval_every=25
     --config.train.checkpoint_every=500 --config.train.sample_prompts=0
 COPY: the same tiny config, 200 steps, with the seeds' copy bug
-  (`bitnet_jax.loss.split_window` monkeypatched to return
+  (`bitnet_jax.training.loss.split_window` monkeypatched to return
   `(window[:, :-1], window[:, :-1])`, train and eval), through
   `train.train_and_evaluate`.
 TINY_60: configs/tiny.py as it is (60 steps, evals at 0, 30, 60).
@@ -24,7 +24,7 @@ from unittest import mock
 
 import pytest
 
-from bitnet_jax import health
+from bitnet_jax.metrics import health
 from bitnet_jax.config import ConfigError, base_config, validate
 
 TINY = [

@@ -5,7 +5,9 @@ import os
 
 import pytest
 
-from bitnet_jax import health, loss, train
+from bitnet_jax.metrics import health
+from bitnet_jax.training import loss
+from bitnet_jax.training import loop
 
 
 def _copy_bug(monkeypatch):
@@ -32,7 +34,7 @@ def _alarms(workdir):
 @pytest.mark.slow
 def test_unshifted_labels_fire_copying(tiny_config, tmp_path, monkeypatch):
   _copy_bug(monkeypatch)
-  train.train_and_evaluate(_copy_bug_config(tiny_config), str(tmp_path))
+  loop.train_and_evaluate(_copy_bug_config(tiny_config), str(tmp_path))
   alarms = _alarms(tmp_path)
   fired = [step for step, names in alarms.items() if "copying" in names]
   assert fired, f"the copy bug ran 150 steps and copying never fired: {alarms}"
@@ -40,7 +42,7 @@ def test_unshifted_labels_fire_copying(tiny_config, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_a_healthy_tiny_run_fires_no_alarm(tiny_config, tmp_path):
-  train.train_and_evaluate(_copy_bug_config(tiny_config), str(tmp_path))
+  loop.train_and_evaluate(_copy_bug_config(tiny_config), str(tmp_path))
   alarms = _alarms(tmp_path)
   assert not any(alarms.values()), f"alarms on a healthy run: {alarms}"
 
@@ -52,7 +54,7 @@ def test_halt_on_alarm_stops_with_a_checkpoint(tiny_config, tmp_path,
   config = _copy_bug_config(tiny_config)
   config.health.halt_on_alarm = True
   with pytest.raises(health.HealthAlarmError, match="copying") as error:
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
   step = max(_alarms(tmp_path))
   assert step < config.train.steps, "the run did not stop early"
   assert os.path.isdir(tmp_path / "checkpoints" / str(step)), (

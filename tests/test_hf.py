@@ -26,10 +26,15 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, BitNetConfig,
                           BitNetForCausalLM)
 from transformers.integrations.bitnet import pack_weights, unpack_weights
 
-from bitnet_jax import convert, gguf_export, hf, quant, runs, train
+from bitnet_jax import convert
+from bitnet_jax.interop import gguf
+from bitnet_jax.interop import hf
+from bitnet_jax.quant import quantizers
+from bitnet_jax.runs import reader
+from bitnet_jax.training import loop
 from bitnet_jax.config import ConfigError
 from bitnet_jax.generate import greedy
-from bitnet_jax.layout import unstack_layers
+from bitnet_jax.model.layout import unstack_layers
 from drivers import REPO, load_config
 from drivers import assert_logits_match as _assert_logits_match
 from drivers import relative_error as _relative_error
@@ -41,7 +46,7 @@ def _hf_logits(folder: str, tokens: np.ndarray) -> np.ndarray:
 
 
 def _our_logits(workdir: str, tokens: np.ndarray):
-  _, model, _ = runs.load_model(workdir)
+  _, model, _ = reader.load_model(workdir)
   return np.asarray(model(jnp.asarray(tokens))), model
 
 
@@ -55,13 +60,13 @@ def trained_run(tmp_path_factory, data_dir):
       "model.rope_theta": 500000.0, "train.steps": 30,
       "train.eval_every": 30, "train.checkpoint_every": 30})
   workdir = str(tmp_path_factory.mktemp("trained"))
-  train.train_and_evaluate(config, workdir)
+  loop.train_and_evaluate(config, workdir)
   return workdir
 
 
 @pytest.fixture(scope="module")
 def tokens(trained_run):
-  vocab = runs.load_run_config(trained_run).model.vocab_size
+  vocab = reader.load_run_config(trained_run).model.vocab_size
   return np.random.default_rng(0).integers(0, vocab, (8, 16), np.int32)
 
 
@@ -97,7 +102,7 @@ def test_latent_from_codes_requantizes_to_the_same_codes_and_scale(shape):
   np.testing.assert_array_equal(got_codes, codes, "codes changed")
   assert got_gamma == gamma, f"scale {got_gamma!r} != {gamma!r}"
   np.testing.assert_allclose(  # the training quantizer sees the same
-      np.asarray(quant.weight_quant(jnp.asarray(latent))),
+      np.asarray(quantizers.weight_quant(jnp.asarray(latent))),
       codes * gamma, rtol=1e-5,  # its float32 mean, summed on device
       err_msg="weight_quant(latent) != codes * gamma")
 
@@ -155,15 +160,15 @@ def test_each_exported_layer_matches_transformers_on_identical_inputs(
   out, reference = _export(trained_run, tmp_path, fmt, dtype)
   hf_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
   modules = dict(hf_model.named_modules())
-  _, params, _ = runs.load_run(reference)
+  _, params, _ = reader.load_run(reference)
   rng = np.random.default_rng(2)
   checked = 0
   for name, kernel in hf.to_hf_tensors(params).items():
     if not hf.is_bitlinear(name):
       continue
     x = rng.normal(size=(3, 5, kernel.shape[1])).astype(np.float32)
-    ours = np.asarray(quant.activation_quant(jnp.asarray(x))
-                      @ quant.weight_quant(jnp.asarray(kernel.T)))
+    ours = np.asarray(quantizers.activation_quant(jnp.asarray(x))
+                      @ quantizers.weight_quant(jnp.asarray(kernel.T)))
     with torch.no_grad():
       theirs = modules[name[:-len(".weight")]](torch.tensor(x)).numpy()
     assert _relative_error(ours, theirs) <= 1e-5, (
@@ -204,8 +209,8 @@ def _write_config(folder: str, config: dict, quantization: dict) -> None:
 
 
 def _latent_folder(folder: str, trained_run: str, dtype) -> str:
-  vocab = runs.load_run_config(trained_run).model.vocab_size
-  config = _random_hf_model(folder, runs.tokenizer_path(trained_run), vocab,
+  vocab = reader.load_run_config(trained_run).model.vocab_size
+  config = _random_hf_model(folder, reader.tokenizer_path(trained_run), vocab,
                             dtype)
   _write_config(folder, config, hf.quantization_config(False, ""))
   return folder
@@ -321,7 +326,7 @@ def test_fine_tuning_an_import_starts_from_its_weights(hf_latent, tmp_path,
                                                        data_dir):
   workdir = str(tmp_path / "run")
   config_py = convert.import_hf(hf_latent, workdir)
-  _, imported, _ = runs.load_run(workdir)
+  _, imported, _ = reader.load_run(workdir)
   frozen = {"data.data_dir": data_dir, "train.steps": 2,
             "train.batch_size": 8, "train.seq_len": 32,
             "train.eval_every": 2, "train.eval_batches": 1,
@@ -331,8 +336,8 @@ def test_fine_tuning_an_import_starts_from_its_weights(hf_latent, tmp_path,
   for target, extra in ((workdir, {}),
                         (str(tmp_path / "new"), {"train.init_from": workdir})):
     config = load_config(config_py, {**frozen, **extra})
-    train.train_and_evaluate(config, target)
-    _, params, step = runs.load_run(target)
+    loop.train_and_evaluate(config, target)
+    _, params, step = reader.load_run(target)
     assert step == 2, f"{target}: no step-2 checkpoint"
     for a, b in zip(jax.tree.leaves(imported), jax.tree.leaves(params)):
       np.testing.assert_array_equal(
@@ -363,7 +368,7 @@ def test_a_missing_init_from_names_the_key(tmp_path, data_dir):
   config = load_config("configs/tiny.py", {
       "data.data_dir": data_dir, "train.init_from": str(tmp_path / "none")})
   with pytest.raises(ConfigError, match="train.init_from"):
-    train.train_and_evaluate(config, str(tmp_path / "run"))
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -395,8 +400,8 @@ def test_command_lines_import_generate_and_export_gguf(trained_run,
   done = _cli("bitnet_jax.convert", "export-hf", f"--workdir={trained_run}",
               f"--out={out}", "--format=gguf")
   assert done.returncode == 0, f"export gguf failed:\n{done.stderr[-2000:]}"
-  metadata, tensors = gguf_export.read_gguf(done.stdout.strip())
-  _, params, _ = runs.load_run(trained_run)
+  metadata, tensors = gguf.read_gguf(done.stdout.strip())
+  _, params, _ = reader.load_run(trained_run)
   ternary = 0
   for name, latent in hf.to_hf_tensors(params).items():
     if hf.is_bitlinear(name):
@@ -430,7 +435,7 @@ def test_bitnet_2b4t_config_has_the_released_architecture():
               BitNetForCausalLM(hf_config).named_parameters()}
   ours = {}
   for path, x in jax.tree_util.tree_leaves_with_path(
-      unstack_layers(runs.abstract_params(config.model))):
+      unstack_layers(reader.abstract_params(config.model))):
     name, transpose = hf.hf_name(tuple(
         getattr(k, "key", None) for k in path))
     ours[name] = tuple(x.shape)[::-1] if transpose else tuple(x.shape)
@@ -459,11 +464,11 @@ def test_fine_tuning_with_another_tokenizer_is_refused(hf_latent, tmp_path,
            "data.tokenizer_path": str(tmp_path / "other.json")}
   config = load_config(f"{workdir}/config.py", other)
   with pytest.raises(ConfigError, match="tokenizer"):  # the import itself
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
   config = load_config(f"{workdir}/config.py",
                        {**other, "train.init_from": workdir})
   with pytest.raises(ConfigError, match="train.init_from"):  # a new run
-    train.train_and_evaluate(config, str(tmp_path / "new"))
+    loop.train_and_evaluate(config, str(tmp_path / "new"))
 
 
 def test_a_corrupt_or_missing_weight_file_is_named(hf_latent, tmp_path):
@@ -484,7 +489,7 @@ def test_a_corrupt_or_missing_weight_file_is_named(hf_latent, tmp_path):
 def test_exported_tokenizer_loads_with_auto_tokenizer(trained_run, tmp_path):
   out = convert.export_hf(trained_run, str(tmp_path / "out"), "packed")
   theirs = AutoTokenizer.from_pretrained(out)
-  ours = tokenizers.Tokenizer.from_file(runs.tokenizer_path(trained_run))
+  ours = tokenizers.Tokenizer.from_file(reader.tokenizer_path(trained_run))
   text = "def main(argv):\n    return 0  # done\n"
   assert theirs(text)["input_ids"] == ours.encode(text).ids, (
       "AutoTokenizer encodes differently from the run's tokenizer")
@@ -531,6 +536,6 @@ def test_a_config_json_from_before_n_kv_heads_loads_with_the_default(
   del saved["model"]["n_kv_heads"]  # as config.json was written before
   saved["model"]["n_heads"] = 2  # (its model then had plain attention)
   (old / "config.json").write_text(json.dumps(saved))
-  config = runs.load_run_config(str(old))
+  config = reader.load_run_config(str(old))
   assert config.model.n_kv_heads == 0 and config.model.n_heads == 2, (
       "a missing key must take today's default")

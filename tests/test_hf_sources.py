@@ -1,4 +1,4 @@
-"""Full-precision Llama / Qwen checkpoints imported (bitnet_jax.hf_sources).
+"""Full-precision Llama / Qwen checkpoints imported (bitnet_jax.interop.hf_sources).
 
 Tiny random `LlamaForCausalLM`s (default and Llama 3.1 RoPE),
 `Qwen2ForCausalLM` (q/k/v biases) and `Qwen3ForCausalLM` (QK-norm, its own
@@ -27,11 +27,13 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig,
                           Qwen3ForCausalLM)
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from bitnet_jax import convert, hf, runs
+from bitnet_jax import convert
+from bitnet_jax.interop import hf
+from bitnet_jax.runs import reader
 from bitnet_jax.generate import greedy
-from bitnet_jax.layers import rope_frequencies
-from bitnet_jax.layout import unstack_layers
-from bitnet_jax.tree_paths import path_name
+from bitnet_jax.model.layers import rope_frequencies
+from bitnet_jax.model.layout import unstack_layers
+from bitnet_jax.model.tree_paths import path_name
 from bitnet_jax.data.tokenizer import load_tokenizer
 from drivers import REPO, assert_logits_match, load_config, relative_error
 
@@ -126,7 +128,7 @@ def test_llama3_frequencies_equal_transformers():
 def test_none_none_import_is_the_source_model(source, tmp_path):
   workdir = str(tmp_path / "run")
   convert.import_hf(source, workdir, quantization="none", sub_norms="none")
-  config, model, _ = runs.load_model(workdir)
+  config, model, _ = reader.load_model(workdir)
   assert (config.model.quantization, config.model.sub_norms) == ("none",
                                                                  False)
   tokens = _tokens()
@@ -147,7 +149,7 @@ def test_none_none_import_is_the_source_model(source, tmp_path):
 
 
 def _flat_params(workdir: str) -> dict[str, np.ndarray]:
-  _, model, _ = runs.load_model(workdir)
+  _, model, _ = reader.load_model(workdir)
   from flax import nnx  # pylint: disable=g-import-not-at-top
   params = unstack_layers(jax.device_get(nnx.state(model, nnx.Param)))
   return {path_name(path): np.asarray(value) for path, value in
@@ -174,14 +176,14 @@ def test_default_import_is_ternary_with_sub_norms_and_the_tokenizer(
     source, tmp_path):
   workdir = str(tmp_path / "run")
   convert.import_hf(source, workdir)
-  config = runs.load_run_config(workdir)
+  config = reader.load_run_config(workdir)
   assert config.model.quantization == "ternary" and config.model.sub_norms
   tokenizer = AutoTokenizer.from_pretrained(
-      os.path.join(workdir, runs.HF_SOURCE))
+      os.path.join(workdir, reader.HF_SOURCE))
   assert tokenizer.chat_template == CHAT_TEMPLATE
   assert (tokenizer.bos_token, tokenizer.eos_token) == ("<s>", "</s>")
-  bos, eos = runs.special_token_ids(
-      workdir, load_tokenizer(runs.tokenizer_path(workdir)))
+  bos, eos = reader.special_token_ids(
+      workdir, load_tokenizer(reader.tokenizer_path(workdir)))
   assert (bos, eos) == (0, 1)
 
 
@@ -233,7 +235,7 @@ def test_a_converted_model_exports_as_bitnet_or_is_refused(source, tmp_path):
   else:
     convert.export_hf(workdir, out, "bf16", dtype="float32")
     tokens = _tokens(1)
-    _, model, _ = runs.load_model(workdir)
+    _, model, _ = reader.load_model(workdir)
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert type(exported).__name__ == "BitNetForCausalLM"
     with torch.no_grad():
@@ -262,7 +264,7 @@ def test_command_line_takes_the_conversion_flags(tmp_path):
   done = import_hf(f"--workdir={workdir}", "--quantization=none",
                    "--sub_norms=none")
   assert done.returncode == 0, done.stderr[-3000:]
-  model = runs.load_run_config(workdir).model
+  model = reader.load_run_config(workdir).model
   assert (model.quantization, model.sub_norms) == ("none", False)
   done = import_hf(f"--workdir={tmp_path / 'bad'}", "--sub_norms=maybe")
   assert done.returncode != 0 and "sub_norms" in done.stderr

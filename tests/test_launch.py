@@ -59,7 +59,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, "tests")
 import drivers
 config = drivers.load_config("configs/tiny.py", {"distributed.initialize": True})
-from bitnet_jax import sharding
+from bitnet_jax.distributed import sharding
 sharding.initialize_distributed(config)
 import jax
 print("processes", jax.process_index(), jax.process_count(), jax.device_count())

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_jax import loss
+from bitnet_jax.training import loss
 
 VOCAB = 16
 CONFIDENCE = 30.0  # logit margin of the fake models below
@@ -108,7 +108,7 @@ def _tiny_model_and_packed_batch(tiny_config):
   # pylint: disable-next=g-import-not-at-top
   from flax import nnx
   from bitnet_jax.data.stream import document_features
-  from bitnet_jax.model import Transformer
+  from bitnet_jax.model.transformer import Transformer
   model = Transformer(tiny_config.model, rngs=nnx.Rngs(0))
   seq_len = tiny_config.train.seq_len
   tokens = np.array(jax.random.randint(jax.random.key(1), (4, seq_len + 1),

@@ -12,9 +12,9 @@ import pytest
 from flax import nnx
 from tensorboardX.proto import event_pb2
 
-from bitnet_jax import loss as loss_lib
+from bitnet_jax.training import loss as loss_lib
 from bitnet_jax import metrics
-from bitnet_jax import model as model_lib
+from bitnet_jax.model import transformer as model_lib
 from bitnet_jax.config import base_config
 
 

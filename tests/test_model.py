@@ -6,11 +6,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bitnet_jax import attention, config, layers, model, quant
-from bitnet_jax.layers import BitLinear
-from bitnet_jax.layout import unstack_layers
-from bitnet_jax.model import Transformer
-from bitnet_jax.tree_paths import BITLINEAR_NAMES
+from bitnet_jax import config
+from bitnet_jax.model import attention
+from bitnet_jax.model import layers
+from bitnet_jax.model import transformer
+from bitnet_jax.quant import quantizers
+from bitnet_jax.model.layers import BitLinear
+from bitnet_jax.model.layout import unstack_layers
+from bitnet_jax.model.transformer import Transformer
+from bitnet_jax.model.tree_paths import BITLINEAR_NAMES
 
 
 def _model(tiny_config, **overrides):
@@ -54,7 +58,7 @@ def test_bitlinear_ternary_is_quantized_matmul():
   layer = BitLinear(16, 8, quantization="ternary", init_std=0.02,
                     dtype=jnp.float32, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (4, 16))
-  expected = quant.activation_quant(x) @ quant.weight_quant(layer.kernel[...])
+  expected = quantizers.activation_quant(x) @ quantizers.weight_quant(layer.kernel[...])
   np.testing.assert_allclose(layer(x), expected, rtol=1e-6,
                              err_msg="BitLinear != actq(x) @ weightq(W)")
   assert not np.allclose(layer(x), x @ layer.kernel[...], rtol=1e-3), (
@@ -172,7 +176,7 @@ def test_packed_documents_do_not_see_each_other(tiny_config, quantization,
 def test_cudnn_attention_falls_back_to_xla_with_a_warning(tiny_config,
                                                           caplog):
   # pylint: disable-next=g-import-not-at-top
-  from bitnet_jax import attention
+  from bitnet_jax.model import attention
   attention._LOGGED.clear()  # pylint: disable=protected-access
   model = _model(tiny_config, attention_implementation="cudnn",
                  dtype="bfloat16")
@@ -197,7 +201,7 @@ def test_cudnn_attention_falls_back_to_xla_with_a_warning(tiny_config,
 ])
 def test_cudnn_limits_are_named(dtype, head_dim, seq_len, masked, reason):
   # pylint: disable-next=g-import-not-at-top
-  from bitnet_jax.attention import cudnn_unsupported
+  from bitnet_jax.model.attention import cudnn_unsupported
   found = cudnn_unsupported(dtype, head_dim, seq_len, masked, backend="gpu")
   assert (reason in found) if reason else found == "", found
   assert cudnn_unsupported(dtype, head_dim, seq_len, masked).startswith(
@@ -249,8 +253,8 @@ def test_bf16_model_multiplies_in_the_compute_dtype(tiny_config, matmul,
 
 @pytest.mark.parametrize("implementations,choices", [
     (layers.BITLINEAR_MATMULS, config.BITLINEAR_MATMULS),
-    (model.FFN_ACTIVATIONS, config.FFN_ACTIVATIONS),
-    (model.REMAT_POLICIES, config.REMAT_POLICIES),
+    (transformer.FFN_ACTIVATIONS, config.FFN_ACTIVATIONS),
+    (transformer.REMAT_POLICIES, config.REMAT_POLICIES),
     (attention.ATTENTION_IMPLEMENTATIONS, config.ATTENTION_IMPLEMENTATIONS)])
 def test_the_models_implementations_are_the_configs_choices(implementations,
                                                             choices):

@@ -18,7 +18,8 @@ import time
 import numpy as np
 import pytest
 
-from bitnet_jax import data, train
+from bitnet_jax import data
+from bitnet_jax.training import loop
 from drivers import REPO, free_port, stream_config
 
 WORKER = """
@@ -33,12 +34,13 @@ config.distributed.num_processes = 2
 config.distributed.process_id = int(sys.argv[1])
 from absl import logging
 logging.set_verbosity(logging.INFO)  # as app.run does in bitnet_jax.main
-from bitnet_jax import sharding, train
+from bitnet_jax.distributed import sharding
+from bitnet_jax.training import loop
 sharding.initialize_distributed(config)
 import jax
 assert jax.process_count() == 2 and jax.device_count() == 8
 drivers.slow_train_steps({sleep})
-train.train_and_evaluate(config, {workdir!r})
+loop.train_and_evaluate(config, {workdir!r})
 """
 
 
@@ -87,7 +89,7 @@ def test_two_processes_match_one_process_and_resume(tiny_config, tmp_path):
     section, field = key.split(".")
     tiny_config[section][field] = value
   data.prepare(tiny_config)  # the workers then only read the caches
-  train.train_and_evaluate(tiny_config, str(tmp_path / "one_process"))
+  loop.train_and_evaluate(tiny_config, str(tmp_path / "one_process"))
 
   workdir = str(tmp_path / "two_processes")
   _run_workers(overrides, workdir)

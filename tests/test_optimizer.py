@@ -7,8 +7,8 @@ import optax
 import pytest
 from flax import nnx
 
-from bitnet_jax import optimizer
-from bitnet_jax.model import Transformer
+from bitnet_jax.optim import optimizer
+from bitnet_jax.model.transformer import Transformer
 
 
 @pytest.fixture

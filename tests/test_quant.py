@@ -9,7 +9,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from bitnet_jax import quant
+from bitnet_jax.quant import quantizers
 
 
 def _reference_activation_quant(x: np.ndarray) -> np.ndarray:
@@ -26,14 +26,14 @@ def test_activation_quant_matches_per_token_absmax_formula():
   x = np.random.default_rng(0).normal(size=(3, 5, 16)).astype(np.float32)
   x[0, 0] *= 100.0  # one token with a large range must not affect the others
   np.testing.assert_allclose(
-      quant.activation_quant(jnp.asarray(x)), _reference_activation_quant(x),
+      quantizers.activation_quant(jnp.asarray(x)), _reference_activation_quant(x),
       rtol=1e-6, atol=1e-7,
       err_msg="activation_quant is not per-token absmax int8 fake quant")
 
 
 def test_activation_quant_levels_are_int8_per_token():
   x = jax.random.normal(jax.random.key(1), (4, 64))
-  q = np.asarray(quant.activation_quant(x))
+  q = np.asarray(quantizers.activation_quant(x))
   scale = 127.0 / np.abs(np.asarray(x)).max(axis=-1, keepdims=True)
   levels = q * scale
   np.testing.assert_allclose(levels, np.round(levels), atol=1e-3,
@@ -43,7 +43,7 @@ def test_activation_quant_levels_are_int8_per_token():
 
 def test_weight_quant_is_ternary_times_absmean():
   w = np.random.default_rng(2).normal(size=(32, 48)).astype(np.float32) * 0.02
-  q = np.asarray(quant.weight_quant(jnp.asarray(w)))
+  q = np.asarray(quantizers.weight_quant(jnp.asarray(w)))
   gamma = np.abs(w).mean()
   np.testing.assert_allclose(q, _reference_weight_quant(w), rtol=1e-6,
                              err_msg="weight_quant differs from the formula")
@@ -51,7 +51,7 @@ def test_weight_quant_is_ternary_times_absmean():
       "quantized weights are not {-gamma, 0, +gamma}")
 
 
-@pytest.mark.parametrize("fn", [quant.activation_quant, quant.weight_quant])
+@pytest.mark.parametrize("fn", [quantizers.activation_quant, quantizers.weight_quant])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_quant_keeps_shape_and_dtype(fn, dtype):
   x = jax.random.normal(jax.random.key(3), (2, 3, 8), dtype)
@@ -60,13 +60,13 @@ def test_quant_keeps_shape_and_dtype(fn, dtype):
       f"{fn.__name__} changed {x.shape}/{x.dtype} into {y.shape}/{y.dtype}")
 
 
-@pytest.mark.parametrize("fn", [quant.activation_quant, quant.weight_quant])
+@pytest.mark.parametrize("fn", [quantizers.activation_quant, quantizers.weight_quant])
 def test_zero_input_gives_zero_not_nan(fn):
   y = fn(jnp.zeros((2, 8)))
   assert np.all(np.asarray(y) == 0), f"{fn.__name__}(0) is not 0 (eps clamp)"
 
 
-@pytest.mark.parametrize("fn", [quant.activation_quant, quant.weight_quant])
+@pytest.mark.parametrize("fn", [quantizers.activation_quant, quantizers.weight_quant])
 def test_straight_through_gradient_is_identity(fn):
   x = jax.random.normal(jax.random.key(4), (4, 16))
   cotangent = jax.random.normal(jax.random.key(5), (4, 16))
@@ -79,11 +79,11 @@ def test_straight_through_gradient_is_identity(fn):
 def _int8_and_fake_quant(x, kernel):
   """Outputs and gradients of both BitLinear matmuls on the same inputs."""
   def fake(x, kernel):
-    return quant.activation_quant(x) @ quant.weight_quant(kernel)
+    return quantizers.activation_quant(x) @ quantizers.weight_quant(kernel)
 
   weights = jax.random.normal(jax.random.key(9), (x.shape[0], kernel.shape[1]))
   results = []
-  for matmul in (quant.int8_matmul, fake):
+  for matmul in (quantizers.int8_matmul, fake):
     loss = lambda x, k, matmul=matmul: jnp.sum(matmul(x, k) * weights)
     results.append((matmul(x, kernel), jax.grad(loss, (0, 1))(x, kernel)))
   return results
@@ -105,7 +105,7 @@ def test_int8_matmul_equals_fake_quant_forward_and_gradient():
 def test_int8_matmul_multiplies_int8_codes_with_int32_accumulation():
   x = jnp.ones((2, 8), jnp.bfloat16)
   kernel = jnp.ones((8, 4), jnp.float32)
-  jaxpr = jax.make_jaxpr(quant.int8_matmul)(x, kernel)
+  jaxpr = jax.make_jaxpr(quantizers.int8_matmul)(x, kernel)
   dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
   for eqn in jaxpr.jaxpr.eqns:  # the custom_vjp's forward
     for value in eqn.params.values():
@@ -117,7 +117,7 @@ def test_int8_matmul_multiplies_int8_codes_with_int32_accumulation():
     dtypes = [v.aval.dtype for v in dot.invars]
     assert dtypes == [jnp.int8, jnp.int8], f"dot inputs {dtypes}, not int8"
     assert dot.outvars[0].aval.dtype == jnp.int32, "accumulation not int32"
-  assert quant.int8_matmul(x, kernel).dtype == jnp.bfloat16
+  assert quantizers.int8_matmul(x, kernel).dtype == jnp.bfloat16
 
 
 # Property tests (hypothesis). Shapes are fixed so each jitted quantizer
@@ -126,11 +126,11 @@ def test_int8_matmul_multiplies_int8_codes_with_int32_accumulation():
 _PROPERTY = settings(max_examples=30, deadline=None, derandomize=True,
                      database=None)
 _X_SHAPE, _W_SHAPE = (4, 16), (16, 8)  # [tokens, features], [in, out]
-_activation_quant = jax.jit(quant.activation_quant)
-_weight_quant = jax.jit(quant.weight_quant)
-_activation_codes = jax.jit(quant.activation_codes)
-_weight_codes = jax.jit(quant.weight_codes)
-_int8_matmul = jax.jit(quant.int8_matmul)
+_activation_quant = jax.jit(quantizers.activation_quant)
+_weight_quant = jax.jit(quantizers.weight_quant)
+_activation_codes = jax.jit(quantizers.activation_codes)
+_weight_codes = jax.jit(quantizers.weight_codes)
+_int8_matmul = jax.jit(quantizers.int8_matmul)
 
 
 def _finite(low, high):
@@ -268,9 +268,9 @@ def _vjp(fn, *primals):
   return jax.jit(lambda cotangent, *p: jax.vjp(fn, *p)[1](cotangent))
 
 
-_activation_vjp = _vjp(quant.activation_quant)
-_weight_vjp = _vjp(quant.weight_quant)
-_int8_matmul_vjp = _vjp(quant.int8_matmul)
+_activation_vjp = _vjp(quantizers.activation_quant)
+_weight_vjp = _vjp(quantizers.weight_quant)
+_int8_matmul_vjp = _vjp(quantizers.int8_matmul)
 
 
 @_PROPERTY

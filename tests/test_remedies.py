@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bitnet_jax import loss, quant, residual
-from bitnet_jax.layers import BitLinear
-from bitnet_jax.model import Transformer, quantization_blend
+from bitnet_jax.training import loss
+from bitnet_jax.quant import quantizers
+from bitnet_jax.model import residual
+from bitnet_jax.model.layers import BitLinear
+from bitnet_jax.model.transformer import Transformer, quantization_blend
 
 
 def _model(tiny_config, **overrides):
@@ -93,8 +95,8 @@ def test_blend_mixes_values_and_keeps_the_straight_through_gradient():
   x = jax.random.normal(jax.random.key(1), (3, 8))
   w = layer.kernel[...]
   lam = jnp.float32(0.25)
-  x_mix = x + lam * (quant.activation_quant(x) - x)
-  w_mix = w + lam * (quant.weight_quant(w) - w)
+  x_mix = x + lam * (quantizers.activation_quant(x) - x)
+  w_mix = w + lam * (quantizers.weight_quant(w) - w)
   np.testing.assert_allclose(layer(x, lam), x_mix @ w_mix, rtol=1e-5,
                              err_msg="not (x + l(Q(x)-x)) @ (W + l(Q(W)-W))")
   grad = jax.grad(lambda x: jnp.sum(layer(x, lam)))(x)
@@ -182,14 +184,14 @@ def test_mhc_lite_streams_separate_and_their_mixing_learns(tiny_config):
 
 @pytest.mark.slow
 def test_mhc_lite_model_trains(tiny_config):
-  from bitnet_jax import train  # pylint: disable=g-import-not-at-top
+  from bitnet_jax.training import loop  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
   tiny_config.model.residual = "mhc_lite"
   tiny_config.train.steps = 40
   tiny_config.train.eval_every = 40
   tiny_config.train.sample_prompts = 0
   with tempfile.TemporaryDirectory() as workdir:
-    final = train.train_and_evaluate(tiny_config, workdir)
+    final = loop.train_and_evaluate(tiny_config, workdir)
     from bitnet_jax import metrics  # pylint: disable=g-import-not-at-top
     first = metrics.final_metrics(workdir, 0)
   assert final["eval_loss"] < first["eval_loss"] - 0.5, (
@@ -198,7 +200,7 @@ def test_mhc_lite_model_trains(tiny_config):
 
 
 def test_an_mhc_lite_model_refuses_the_hf_export(tiny_config):
-  from bitnet_jax import hf  # pylint: disable=g-import-not-at-top
+  from bitnet_jax.interop import hf  # pylint: disable=g-import-not-at-top
   tiny_config.model.residual = "mhc_lite"
   with pytest.raises(hf.ConversionError, match="config.model.residual"):
     hf.hf_config(tiny_config.model, max_position_embeddings=32,
@@ -207,7 +209,7 @@ def test_an_mhc_lite_model_refuses_the_hf_export(tiny_config):
 
 
 def test_mhc_lite_logits_get_no_weight_decay(tiny_config):
-  from bitnet_jax import optimizer  # pylint: disable=g-import-not-at-top
+  from bitnet_jax.optim import optimizer  # pylint: disable=g-import-not-at-top
   model = _model(tiny_config, residual="mhc_lite")
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   mask = optimizer.weight_decay_mask(params, decay_embeddings=True)

@@ -16,8 +16,12 @@ import time
 
 import pytest
 
-from bitnet_jax import (checkpoint, guards, run_identity, run_lock, steps,
-                        train)
+from bitnet_jax.runs import checkpoint
+from bitnet_jax.training import guards
+from bitnet_jax.runs import identity
+from bitnet_jax.runs import lock
+from bitnet_jax.training import steps
+from bitnet_jax.training import loop
 from drivers import REPO
 
 TIMING_KEYS = {"tokens_per_sec", "steps_per_sec", "step_time_ms",
@@ -28,14 +32,15 @@ sys.path.insert(0, "tests")
 import drivers
 from absl import logging
 logging.set_verbosity(logging.INFO)
-from bitnet_jax import data, train
+from bitnet_jax import data
+from bitnet_jax.training import loop
 config = drivers.load_config("configs/tiny.py", {overrides!r})
 drivers.slow_train_steps({sleep})
 if {file_limit}:
   data.prepare(config)  # caches exist already; only checkpoints grow
   signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, as a full disk
   resource.setrlimit(resource.RLIMIT_FSIZE, ({file_limit}, {file_limit}))
-train.train_and_evaluate(config, {workdir!r})
+loop.train_and_evaluate(config, {workdir!r})
 """
 
 
@@ -142,7 +147,7 @@ def test_chaos_kills_and_signals_change_no_logged_value(
   for key, value in overrides.items():
     section, field = key.split(".")
     tiny_config[section][field] = value
-  train.train_and_evaluate(tiny_config, str(tmp_path / "straight"))
+  loop.train_and_evaluate(tiny_config, str(tmp_path / "straight"))
   straight = _comparable(_records(tmp_path / "straight"))
 
   workdir = tmp_path / "chaos"
@@ -180,10 +185,10 @@ def test_a_second_writer_on_a_workdir_is_refused_naming_the_holder(
   process = _start(tmp_path, _overrides(data_dir, train__steps=200))
   try:
     _wait_for_step(process, tmp_path, 1)
-    with pytest.raises(run_lock.WorkdirLockedError) as caught:
-      train.train_and_evaluate(tiny_config, str(tmp_path))
+    with pytest.raises(lock.WorkdirLockedError) as caught:
+      loop.train_and_evaluate(tiny_config, str(tmp_path))
     assert f"pid {process.pid}" in str(caught.value), caught.value
-    starts = run_identity.read_history(str(tmp_path))
+    starts = identity.read_history(str(tmp_path))
     assert [entry["pid"] for entry in starts] == [process.pid], (
         f"the refused start was recorded as a start of the run: {starts}")
   finally:
@@ -220,15 +225,15 @@ def _short_run(config, steps=8):
 @pytest.mark.slow
 def test_a_resume_with_another_learning_rate_is_refused_and_writes_nothing(
     tiny_config, tmp_path):
-  train.train_and_evaluate(_short_run(tiny_config), str(tmp_path))
+  loop.train_and_evaluate(_short_run(tiny_config), str(tmp_path))
   files = {n: (tmp_path / n).read_bytes() for n in ("config.json",
                                                     "metrics.jsonl")}
   tiny_config.train.steps = 12
   tiny_config.optimizer.learning_rate = 3e-3
-  with pytest.raises(run_identity.RunIdentityError,
+  with pytest.raises(identity.RunIdentityError,
                      match=r"config\.optimizer\.learning_rate: 0\.0015 -> "
                      r"0\.003"):
-    train.train_and_evaluate(tiny_config, str(tmp_path))
+    loop.train_and_evaluate(tiny_config, str(tmp_path))
   for name, content in files.items():
     assert (tmp_path / name).read_bytes() == content, f"{name} was changed"
 
@@ -236,13 +241,13 @@ def test_a_resume_with_another_learning_rate_is_refused_and_writes_nothing(
 @pytest.mark.slow
 def test_a_forced_resume_into_another_model_size_names_each_array(
     tiny_config, tmp_path, capfd):
-  train.train_and_evaluate(_short_run(tiny_config), str(tmp_path))
+  loop.train_and_evaluate(_short_run(tiny_config), str(tmp_path))
   tiny_config.train.steps = 12
   tiny_config.model.d_model = 128
   tiny_config.train.allow_config_change = True
   capfd.readouterr()
   with pytest.raises(checkpoint.CheckpointMismatchError) as caught:
-    train.train_and_evaluate(tiny_config, str(tmp_path))
+    loop.train_and_evaluate(tiny_config, str(tmp_path))
   lines = str(caught.value).splitlines()
   assert any(line.strip().startswith("params/embed_tokens/embedding: "
                                      "checkpoint (512, 64)") for line in lines)
@@ -270,7 +275,7 @@ def test_a_diverged_run_stops_before_checkpointing_the_diverged_state(
 
   monkeypatch.setattr(steps, "make_train_step", exploding)
   with pytest.raises(guards.DivergenceError, match="diverged"):
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
   saved = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
   assert saved.all_steps() == [4, 8], (
       f"checkpoints {saved.all_steps()}: a diverged state was saved")
@@ -280,11 +285,11 @@ def test_a_diverged_run_stops_before_checkpointing_the_diverged_state(
 @pytest.mark.slow
 def test_a_half_written_metrics_line_does_not_stop_the_restart(
     tiny_config, tmp_path):
-  train.train_and_evaluate(_short_run(tiny_config), str(tmp_path))
+  loop.train_and_evaluate(_short_run(tiny_config), str(tmp_path))
   with open(tmp_path / "metrics.jsonl", "a") as f:
     f.write('{"step": 9, "lo')
   tiny_config.train.steps = 12
-  train.train_and_evaluate(tiny_config, str(tmp_path))
+  loop.train_and_evaluate(tiny_config, str(tmp_path))
   steps = [r["step"] for r in _records(tmp_path) if "loss" in r]
   assert steps == [2, 4, 6, 8, 10, 12], steps
 
@@ -292,13 +297,13 @@ def test_a_half_written_metrics_line_does_not_stop_the_restart(
 @pytest.mark.slow
 def test_tokens_seen_stays_true_across_a_forced_batch_size_change(
     tiny_config, tmp_path):
-  train.train_and_evaluate(_short_run(tiny_config), str(tmp_path))
+  loop.train_and_evaluate(_short_run(tiny_config), str(tmp_path))
   tiny_config.train.steps = 12
   tiny_config.train.batch_size = 16
   tiny_config.train.allow_config_change = True
-  final = train.train_and_evaluate(tiny_config, str(tmp_path))
+  final = loop.train_and_evaluate(tiny_config, str(tmp_path))
   assert final["tokens_seen"] == 8 * 8 * 32 + 4 * 16 * 32, (
       f"tokens_seen {final['tokens_seen']}: the tokens of the first 8 steps "
       "(batch 8) were recounted at the new batch size")
-  history = run_identity.read_history(str(tmp_path))
+  history = identity.read_history(str(tmp_path))
   assert history[-1]["overrode_refusal"], "the override was not recorded"

@@ -7,10 +7,10 @@ import os
 
 import pytest
 
-from bitnet_jax import optimizer as optimizer_lib
-from bitnet_jax import run_identity
+from bitnet_jax.optim import optimizer as optimizer_lib
+from bitnet_jax.runs import identity
 from bitnet_jax.config import ConfigError
-from bitnet_jax.run_identity import RunIdentityError, read_history, start_run
+from bitnet_jax.runs.identity import RunIdentityError, read_history, start_run
 
 
 def _set(config, key: str, value) -> None:
@@ -157,7 +157,7 @@ def test_a_key_added_since_at_its_default_is_no_change(tiny_config,
                                                         tmp_path):
   """A run started before `model.n_kv_heads` existed resumes unchanged."""
   _first_start(tmp_path, tiny_config)
-  path = tmp_path / run_identity.CONFIG_NAME
+  path = tmp_path / identity.CONFIG_NAME
   old = json.loads(_read(path))
   del old["model"]["n_kv_heads"]  # as written before the key existed
   path.write_text(json.dumps(old))
@@ -209,7 +209,7 @@ def _tokenizer(path, vocab: dict) -> str:
 
 def test_the_first_start_copies_the_tokenizer_into_the_workdir(tmp_path):
   source = _tokenizer(tmp_path / "bpe.json", {"a": 0})
-  run_identity.check_tokenizer(str(tmp_path / "run"), source, False)
+  identity.check_tokenizer(str(tmp_path / "run"), source, False)
   assert _read(tmp_path / "run" / "tokenizer.json") == _read(source), (
       "WORKDIR/tokenizer.json is not a copy of the run's tokenizer")
 
@@ -217,10 +217,10 @@ def test_the_first_start_copies_the_tokenizer_into_the_workdir(tmp_path):
 def test_a_changed_tokenizer_is_refused_naming_both_paths(tmp_path):
   workdir = str(tmp_path / "run")
   first = _tokenizer(tmp_path / "bpe-a.json", {"a": 0})
-  run_identity.check_tokenizer(workdir, first, False)
+  identity.check_tokenizer(workdir, first, False)
   second = _tokenizer(tmp_path / "bpe-b.json", {"b": 0})
   with pytest.raises(RunIdentityError) as error:
-    run_identity.check_tokenizer(workdir, second, False)
+    identity.check_tokenizer(workdir, second, False)
   for path in (second, os.path.join(workdir, "tokenizer.json")):
     assert path in str(error.value), f"{path} not named: {error.value}"
 
@@ -228,10 +228,10 @@ def test_a_changed_tokenizer_is_refused_naming_both_paths(tmp_path):
 def test_a_reformatted_identical_tokenizer_is_accepted(tmp_path):
   workdir = str(tmp_path / "run")
   first = _tokenizer(tmp_path / "bpe.json", {"a": 0})
-  run_identity.check_tokenizer(workdir, first, False)
+  identity.check_tokenizer(workdir, first, False)
   with open(tmp_path / "pretty.json", "w") as f:
     json.dump(json.loads(_read(first)), f, indent=2)
-  warnings = run_identity.check_tokenizer(
+  warnings = identity.check_tokenizer(
       workdir, str(tmp_path / "pretty.json"), False)
   assert warnings == [], f"same tokenizer content must pass: {warnings}"
 
@@ -240,9 +240,9 @@ def test_allow_change_accepts_a_changed_tokenizer_and_keeps_the_copy(
     tmp_path):
   workdir = str(tmp_path / "run")
   first = _tokenizer(tmp_path / "bpe-a.json", {"a": 0})
-  run_identity.check_tokenizer(workdir, first, False)
+  identity.check_tokenizer(workdir, first, False)
   second = _tokenizer(tmp_path / "bpe-b.json", {"b": 0})
-  warnings = run_identity.check_tokenizer(workdir, second, True)
+  warnings = identity.check_tokenizer(workdir, second, True)
   assert len(warnings) == 1 and second in warnings[0], (
       f"want one warning naming {second}, got {warnings}")
   assert _read(os.path.join(workdir, "tokenizer.json")) == _read(first), (
@@ -251,15 +251,15 @@ def test_allow_change_accepts_a_changed_tokenizer_and_keeps_the_copy(
 
 def test_a_new_run_replaces_a_different_tokenizer_copy(tmp_path):
   workdir = str(tmp_path / "run")
-  run_identity.check_tokenizer(
+  identity.check_tokenizer(
       workdir, _tokenizer(tmp_path / "bpe-a.json", {"a": 0}), False)
   second = _tokenizer(tmp_path / "bpe-b.json", {"b": 0})
-  run_identity.check_tokenizer(workdir, second, False, resuming=False)
+  identity.check_tokenizer(workdir, second, False, resuming=False)
   assert _read(os.path.join(workdir, "tokenizer.json")) == _read(second), (
       "a new run (no checkpoint) must take its own tokenizer")
 
 
-# Key classes come from the field table (bitnet_jax.defaults.FIELDS).
+# Key classes come from the field table (bitnet_jax.config.defaults.FIELDS).
 
 # What a resume may change, key by key: a line moved between these sets (or
 # out of them, to IDENTITY) changes which resumes are refused, so update it
@@ -282,23 +282,23 @@ _RUNTIME_SECTIONS = ("mesh.", "distributed.", "health.")
 
 
 def test_every_default_key_keeps_its_resume_class(tiny_config):
-  keys = run_identity.flatten(run_identity.config_dict(tiny_config))
+  keys = identity.flatten(identity.config_dict(tiny_config))
   for key in keys:
-    want = (run_identity.RUNTIME if key in _RUNTIME
-            or key.startswith(_RUNTIME_SECTIONS) else run_identity.SCHEDULE
-            if key in _SCHEDULE else run_identity.IDENTITY)
-    assert run_identity.key_class(key) == want, (
-        f"config.{key} is {run_identity.key_class(key)}, want {want}")
-  classes = {run_identity.key_class(key) for key in keys}
-  assert classes == {run_identity.RUNTIME, run_identity.SCHEDULE,
-                     run_identity.IDENTITY}, f"only {classes}: vacuous"
+    want = (identity.RUNTIME if key in _RUNTIME
+            or key.startswith(_RUNTIME_SECTIONS) else identity.SCHEDULE
+            if key in _SCHEDULE else identity.IDENTITY)
+    assert identity.key_class(key) == want, (
+        f"config.{key} is {identity.key_class(key)}, want {want}")
+  classes = {identity.key_class(key) for key in keys}
+  assert classes == {identity.RUNTIME, identity.SCHEDULE,
+                     identity.IDENTITY}, f"only {classes}: vacuous"
 
 
 def test_key_class_reads_the_field_table(monkeypatch):
-  field = run_identity.FIELDS["optimizer.b1"]
-  monkeypatch.setitem(run_identity.FIELDS, "optimizer.b1",
-                      field._replace(resume=run_identity.RUNTIME))
-  assert run_identity.key_class("optimizer.b1") == run_identity.RUNTIME, (
+  field = identity.FIELDS["optimizer.b1"]
+  monkeypatch.setitem(identity.FIELDS, "optimizer.b1",
+                      field._replace(resume=identity.RUNTIME))
+  assert identity.key_class("optimizer.b1") == identity.RUNTIME, (
       "key_class does not read the field table")
 
 
@@ -309,9 +309,9 @@ def test_key_class_reads_the_field_table(monkeypatch):
 ])
 def test_a_key_unknown_to_the_table_is_identity_except_in_runtime_sections(
     key, want):
-  assert key not in run_identity.FIELDS
-  assert run_identity.key_class(key) == want
+  assert key not in identity.FIELDS
+  assert identity.key_class(key) == want
 
 
 def test_runtime_prefixes_are_the_sections_without_another_class():
-  assert sorted(run_identity.RUNTIME_PREFIXES) == sorted(_RUNTIME_SECTIONS)
+  assert sorted(identity.RUNTIME_PREFIXES) == sorted(_RUNTIME_SECTIONS)

@@ -13,8 +13,9 @@ import time
 
 import pytest
 
-from bitnet_jax import files, run_lock
-from bitnet_jax.run_lock import WorkdirLock, WorkdirLockedError
+from bitnet_jax.storage import files
+from bitnet_jax.runs import lock
+from bitnet_jax.runs.lock import WorkdirLock, WorkdirLockedError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WAIT_SECONDS = 120  # generous bound on a child's start-up; never a sleep
@@ -23,7 +24,7 @@ WAIT_SECONDS = 120  # generous bound on a child's start-up; never a sleep
 # holds until the test creates the release file (or it is killed).
 CHILD = """
 import os, sys, time
-from bitnet_jax.run_lock import WorkdirLock, WorkdirLockedError
+from bitnet_jax.runs.lock import WorkdirLock, WorkdirLockedError
 workdir, report, release = sys.argv[1:4]
 lock = WorkdirLock(workdir, stale_seconds=60, heartbeat_seconds=1)
 try:
@@ -81,7 +82,7 @@ def holder(tmp_path):
 def _write_lock(workdir, *, host: str, pid: int, age_seconds: float,
                 token: str = "other-token", **extra) -> str:
   os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, run_lock.LOCK_NAME)
+  path = os.path.join(workdir, lock.LOCK_NAME)
   record = {"host": host, "pid": pid, "started": "2024-01-01T00:00:00+00:00",
             "token": token, "argv": ["train", "--workdir", str(workdir)],
             **extra}

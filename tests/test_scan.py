@@ -7,12 +7,17 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from bitnet_jax import (checkpoint, hf, optimizer, runs, sharding, steps,
-                        train_state)
+from bitnet_jax.runs import checkpoint
+from bitnet_jax.interop import hf
+from bitnet_jax.optim import optimizer
+from bitnet_jax.runs import reader
+from bitnet_jax.distributed import sharding
+from bitnet_jax.training import steps
+from bitnet_jax.training import train_state
 from bitnet_jax.config import REMAT_POLICIES
-from bitnet_jax.loss import next_token_loss
-from bitnet_jax.layout import stack_layers, unstack_layers
-from bitnet_jax.model import Transformer
+from bitnet_jax.training.loss import next_token_loss
+from bitnet_jax.model.layout import stack_layers, unstack_layers
+from bitnet_jax.model.transformer import Transformer
 
 
 def _params(model_config, scan_layers: bool, seed: int = 0):
@@ -146,7 +151,7 @@ def test_hf_names_are_the_same_in_both_layouts(tiny_config):
   assert from_scanned.keys() == from_unrolled.keys()
   for name, tensor in from_scanned.items():
     np.testing.assert_array_equal(tensor, from_unrolled[name], err_msg=name)
-  abstract = runs.abstract_params(tiny_config.model)  # scanned by default
+  abstract = reader.abstract_params(tiny_config.model)  # scanned by default
   back = hf.from_hf_tensors(from_unrolled, abstract, "test")
   _assert_trees_equal(back, scanned, "HF import into the scanned layout",
                       rtol=0, atol=0)
@@ -157,8 +162,8 @@ def test_init_from_a_checkpoint_of_the_other_layout(tiny_config, tmp_path):
   path = tmp_path / "run" / "checkpoints" / "0" / "state"
   with ocp.PyTreeCheckpointer() as checkpointer:
     checkpointer.save(path, {"params": unrolled})
-  abstract = runs.abstract_params(tiny_config.model)
-  loaded, step = runs.load_params(str(tmp_path / "run"), abstract)
+  abstract = reader.abstract_params(tiny_config.model)
+  loaded, step = reader.load_params(str(tmp_path / "run"), abstract)
   assert step == 0
   _assert_trees_equal(loaded, stack_layers(unrolled),
                       "unrolled checkpoint read into the scanned layout",
@@ -173,19 +178,19 @@ def test_init_from_a_checkpoint_of_the_other_layout(tiny_config, tmp_path):
 def test_a_resume_takes_the_layout_of_its_checkpoints(tiny_config, tmp_path,
                                                       caplog):
   # pylint: disable-next=g-import-not-at-top
-  from bitnet_jax import train
+  from bitnet_jax.training import loop
   workdir = str(tmp_path / "run")
   tiny_config.model.scan_layers = False
   tiny_config.optimizer.warmup_steps = 1
   tiny_config.train.steps = 4
   tiny_config.train.eval_batches = 1
   tiny_config.train.eval_every = tiny_config.train.checkpoint_every = 4
-  train.train_and_evaluate(tiny_config, workdir)
+  loop.train_and_evaluate(tiny_config, workdir)
   resumed = tiny_config.copy_and_resolve_references()
   resumed.model.scan_layers = True
   resumed.train.steps = 6
   with caplog.at_level("WARNING"):
-    final = train.train_and_evaluate(resumed, workdir)
+    final = loop.train_and_evaluate(resumed, workdir)
   assert final["loss"] > 0, final
   assert any("hold unrolled layers: resuming in their layout" in r.getMessage()
              for r in caplog.records), "no WARNING about the layout"

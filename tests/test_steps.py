@@ -4,7 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from bitnet_jax import optimizer, sharding, steps, train_state
+from bitnet_jax.optim import optimizer
+from bitnet_jax.distributed import sharding
+from bitnet_jax.training import steps
+from bitnet_jax.training import train_state
 from bitnet_jax.config import ConfigError
 from bitnet_jax.data.stream import document_features
 

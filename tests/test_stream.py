@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from absl import flags
 
-from bitnet_jax import data, train
+from bitnet_jax import data
+from bitnet_jax.training import loop
 from bitnet_jax.config import ConfigError
 from bitnet_jax.data import corpus, pipeline, sources, stream
 from bitnet_jax.data import stdlib as stdlib_corpus
@@ -48,7 +49,7 @@ def test_each_source_trains_the_tiny_config_in_stream_mode(
   config.train.steps, config.train.eval_every = 6, 3
   config.train.checkpoint_every, config.train.log_every = 3, 1
   config.optimizer.warmup_steps = 2
-  final = train.train_and_evaluate(config, str(tmp_path / "run"))
+  final = loop.train_and_evaluate(config, str(tmp_path / "run"))
   assert np.isfinite(final["loss"]) and np.isfinite(final["eval_loss"]), final
   assert final["tokens_seen"] == 6 * 8 * 32, final
   assert not os.path.exists(tmp_path / "cache" / "tokens"), (

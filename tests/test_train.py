@@ -9,7 +9,8 @@ import sys
 import pytest
 from absl import flags
 
-from bitnet_jax import steps, train
+from bitnet_jax.training import steps
+from bitnet_jax.training import loop
 from drivers import stream_config
 
 TRAIN_KEYS = {"step", "loss", "learning_rate", "weight_decay", "grad_norm",
@@ -49,7 +50,7 @@ def _wrap_train_step(monkeypatch, wrapper):
 def test_tiny_run_learns_and_logs_every_required_metric(tiny_config,
                                                         tmp_path):
   config = tiny_config  # default mesh: all 8 simulated devices
-  final = train.train_and_evaluate(config, str(tmp_path))
+  final = loop.train_and_evaluate(config, str(tmp_path))
   records = _records(tmp_path)
   logged = [r for r in records if "loss" in r]
   evals = [r for r in records if "eval_loss" in r]
@@ -88,7 +89,7 @@ def test_resumed_run_repeats_the_uninterrupted_losses_exactly(
   config.train.steps, config.train.log_every = 20, 1
   config.train.checkpoint_every, config.train.eval_every = 10, 10
   config.optimizer.warmup_steps = 2
-  train.train_and_evaluate(config, str(tmp_path / "straight"))
+  loop.train_and_evaluate(config, str(tmp_path / "straight"))
 
   def crash_at_15(index, step, state, window):
     if index == 15:
@@ -98,7 +99,7 @@ def test_resumed_run_repeats_the_uninterrupted_losses_exactly(
   with monkeypatch.context() as patch:
     _wrap_train_step(patch, crash_at_15)
     with pytest.raises(Preempted):
-      train.train_and_evaluate(config, str(tmp_path / "resumed"))
+      loop.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert max(r["step"] for r in _records(tmp_path / "resumed")) >= 14
   executed = []
 
@@ -107,7 +108,7 @@ def test_resumed_run_repeats_the_uninterrupted_losses_exactly(
     return step(state, window)
 
   _wrap_train_step(monkeypatch, count)
-  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  loop.train_and_evaluate(config, str(tmp_path / "resumed"))
 
   assert len(executed) == 10, (
       f"the second run trained {len(executed)} steps: it did not resume "
@@ -185,6 +186,6 @@ def test_non_finite_loss_stops_the_run_before_a_bad_checkpoint(
 
   _wrap_train_step(monkeypatch, nan_from_step_6)
   with pytest.raises(FloatingPointError, match="loss is nan at step 8"):
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
   saved = sorted(os.listdir(tmp_path / "checkpoints"))
   assert saved == ["4"], f"checkpoints {saved}: a NaN step was saved"

@@ -6,8 +6,11 @@ import jax
 import numpy as np
 import optax
 
-from bitnet_jax import checkpoint, optimizer, sharding, train_state
-from bitnet_jax.tree_paths import path_name
+from bitnet_jax.runs import checkpoint
+from bitnet_jax.optim import optimizer
+from bitnet_jax.distributed import sharding
+from bitnet_jax.training import train_state
+from bitnet_jax.model.tree_paths import path_name
 
 
 def _tiny_state(config):

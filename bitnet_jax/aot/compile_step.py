@@ -40,7 +40,11 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from bitnet_jax import config as config_lib
-from bitnet_jax import distill, optimizer, sharding, steps, train_state
+from bitnet_jax.training.objectives import distillation
+from bitnet_jax.optim import optimizer
+from bitnet_jax.distributed import sharding
+from bitnet_jax.training import steps
+from bitnet_jax.training import train_state
 from bitnet_jax.aot import hlo, tpu
 from bitnet_jax.config import ConfigError
 from bitnet_jax.metrics import throughput
@@ -226,7 +230,7 @@ def compile_report(config: ml_collections.ConfigDict, topology: str,
   start = time.perf_counter()
   lowered = steps.make_train_step(
       config, graphdef, tx, shardings, mesh,
-      teacher=distill.abstract_teacher(config, mesh)).lower(state, batch)
+      teacher=distillation.abstract_teacher(config, mesh)).lower(state, batch)
   compiled = _compile(lowered, "train", tpu_slice)
   compile_seconds = time.perf_counter() - start
 

@@ -27,7 +27,8 @@ import shutil
 
 from absl import logging
 
-from bitnet_jax import files, paths
+from bitnet_jax.storage import files
+from bitnet_jax.storage import paths
 
 _CHUNK_BYTES = 16 << 20  # copy buffer: token files are gigabytes
 

@@ -39,7 +39,7 @@ import numpy as np
 import tokenizers
 from absl import logging
 
-from bitnet_jax import files
+from bitnet_jax.storage import files
 from bitnet_jax.config import STREAM_SCHEMES, ConfigError, window_length
 from bitnet_jax.data import mirror, stream
 from bitnet_jax.data import tokenizer as tokenizer_lib

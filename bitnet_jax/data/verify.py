@@ -13,7 +13,7 @@ of seq_len, drawn or not; a copy at another offset is not looked for); a
 token frequency summary (of the targets, `tokens[:, 1:]`); windows per epoch
 and `epochs = train.steps x train.batch_size / windows`, with a WARNING
 above 1 (repeated data, which a model memorizes: the `memorization` alarm
-of `bitnet_jax.health`). Windows are compared by a hash of their tokens.
+of `bitnet_jax.metrics.health`). Windows are compared by a hash of their tokens.
 
 "Within an epoch", by data mode:
   prepared  the train token file holds `windows` windows and each epoch is

@@ -21,7 +21,7 @@ Requests are handled as lm-eval's `hf` backend handles them
   model's context (`max_length`) and `make_disjoint_window`, summed.
 - generate_until: contexts left-truncated to `max_length - max_gen_toks`,
   greedy (or sampled) decoding of `max_gen_toks` tokens with the KV cache
-  (`bitnet_jax.decode`), cut at the first EOS token, decoded without special
+  (`bitnet_jax.model.decode`), cut at the first EOS token, decoded without special
   tokens, cut at the first stop sequence.
 
 Every request runs through the model's own quantized forward (fake-quantized
@@ -54,10 +54,12 @@ from lm_eval.models.utils import (handle_stop_sequences, has_bos_prefix,
                                   normalize_gen_kwargs,
                                   postprocess_generated_text)
 
-from bitnet_jax import decode, runs, sharding
+from bitnet_jax.model import decode
+from bitnet_jax.runs import reader
+from bitnet_jax.distributed import sharding
 from bitnet_jax.data.tokenizer import load_tokenizer
 from bitnet_jax.evaluation.scoring import Scorer, bucket_length
-from bitnet_jax.model import quantization_blend
+from bitnet_jax.model.transformer import quantization_blend
 
 MAX_GEN_TOKS = 256  # lm-eval's default `max_gen_toks` (as the hf backend)
 _SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p")
@@ -66,7 +68,7 @@ _SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p")
 def special_tokens(workdir: str, tokenizer) -> dict[str, int | None]:
   """`BitNetLM`'s `eos_token_id` / `bos_token_id` keywords for a run: its
   (imported model's) special tokens, the first of a list."""
-  bos, eos = runs.special_token_ids(workdir, tokenizer)
+  bos, eos = reader.special_token_ids(workdir, tokenizer)
   first = lambda ids: ids[0] if isinstance(ids, list) else ids  # noqa: E731
   return {"eos_token_id": first(eos), "bos_token_id": first(bos)}
 
@@ -77,16 +79,16 @@ class BitNetLM(TemplateLM):
 
   Args:
     graphdef, params: the model (`nnx.split` of a
-      `bitnet_jax.model.Transformer`); the same quantized forward it trains
+      `bitnet_jax.model.transformer.Transformer`); the same quantized forward it trains
       with scores every request.
     tokenizer: its `tokenizers.Tokenizer` (the run's tokenizer.json).
     mesh: the (data, fsdp) mesh rows are sharded over.
-    max_length: the model's context in tokens (`runs.context_length`).
+    max_length: the model's context in tokens (`reader.context_length`).
     eos_token_id: end of text (generation stops there; lm-eval's `eot`).
     bos_token_id: the prefix of empty contexts and rolling windows, like the
       hf backend's `prefix_token_id` (None: EOS).
     batch_size: rows per scoring or decoding call (int).
-    quant_blend: `bitnet_jax.model.quantization_blend` of the checkpoint.
+    quant_blend: `bitnet_jax.model.transformer.quantization_blend` of the checkpoint.
     add_bos_token: None: the tokenizer's own post-processor decides (as
       `AutoTokenizer` does); True / False: force special tokens on / off.
   """
@@ -117,13 +119,13 @@ class BitNetLM(TemplateLM):
       ConfigError: not a run, no checkpoint (or no `step`), no tokenizer.
       CheckpointMismatchError: the checkpoint does not fit the config.
     """
-    mesh = sharding.make_mesh(runs.load_run_config(workdir).mesh)
-    config, graphdef, params, found = runs.load_sharded_model(
+    mesh = sharding.make_mesh(reader.load_run_config(workdir).mesh)
+    config, graphdef, params, found = reader.load_sharded_model(
         workdir, step, mesh)
-    tokenizer = load_tokenizer(runs.tokenizer_path(workdir), "--workdir")
+    tokenizer = load_tokenizer(reader.tokenizer_path(workdir), "--workdir")
     logging.info("evaluating checkpoint %d of %s", found, workdir)
     lm = cls(graphdef, params, tokenizer, mesh=mesh,
-             max_length=max_length or runs.context_length(workdir, config),
+             max_length=max_length or reader.context_length(workdir, config),
              **special_tokens(workdir, tokenizer), batch_size=batch_size,
              quant_blend=quantization_blend(config, found),
              add_bos_token=add_bos_token)

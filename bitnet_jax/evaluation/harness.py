@@ -25,7 +25,7 @@ import lm_eval
 from lm_eval import utils as lm_utils
 from lm_eval.tasks import TaskManager
 
-from bitnet_jax import paths
+from bitnet_jax.storage import paths
 
 # What datasets / huggingface_hub raise for data that is not there.
 _MISSING_DATA = (ConnectionError, FileNotFoundError, TimeoutError)

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from bitnet_jax import sharding
+from bitnet_jax.distributed import sharding
 
 MIN_BUCKET = 16  # the shortest padded row length
 
@@ -68,13 +68,13 @@ class Scorer:
   Args:
     graphdef, params: the model (`nnx.split` of a `Transformer`); params
       already on `mesh` (train state shardings) or anywhere else (then they
-      are placed with the FSDP shardings of `bitnet_jax.sharding`).
+      are placed with the FSDP shardings of `bitnet_jax.distributed.sharding`).
     mesh: the run's (data, fsdp) mesh.
     batch_size: rows per scoring call; rounded up to a multiple of the
       mesh's data-parallel devices.
     max_length: the model's context in tokens (rows hold at most this many
       inputs).
-    quant_blend: see `bitnet_jax.model.quantization_blend` (None: ternary).
+    quant_blend: see `bitnet_jax.model.transformer.quantization_blend` (None: ternary).
 
   Attributes:
     shapes: the (rows, length) shapes compiled so far.

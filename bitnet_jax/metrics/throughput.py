@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from bitnet_jax.tree_paths import path_keys
+from bitnet_jax.model.tree_paths import path_keys
 
 # Dense (no sparsity) bf16 peak FLOP/s per JAX device, from the vendors' spec
 # sheets; `mfu` divides by it whatever model.dtype is (MaxText's convention).

@@ -16,8 +16,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from bitnet_jax import paths
-from bitnet_jax.files import write_atomically
+from bitnet_jax.storage import paths
+from bitnet_jax.storage.files import write_atomically
 
 _SHOWN_CHARS = 80  # characters of a dropped or corrupt line put in messages
 

@@ -1,0 +1,118 @@
+"""`train_and_evaluate(config, workdir)`: the train loop.
+
+Where each concern lives:
+
+  bitnet_jax.training.setup          how a run starts (fresh / resume / weights-only /
+                          finished) and everything the loop uses, built once
+  bitnet_jax.training.steps        the jitted train and eval steps
+  bitnet_jax.training.train_state  `TrainState(step, params, opt_state)`, created
+                          already sharded
+  bitnet_jax.training.actions      what runs after each step, each on its cadence:
+                          preemption, evaluation (+ samples), metric records,
+                          collapse alarms (+ halt), checkpoints (+ the
+                          divergence guard)
+  bitnet_jax.runs.lock     one writer per workdir (gcs_lock: on gs://)
+  bitnet_jax.runs.identity a resume that would change the run is refused
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+
+from bitnet_jax import config as config_lib
+from bitnet_jax.runs import gcs_lock
+from bitnet_jax.distributed import multihost
+from bitnet_jax.storage import paths
+from bitnet_jax.training.actions import StepDone
+from bitnet_jax.training.setup import Finished, Run, build_run
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint.
+
+  Writes `workdir/metrics.jsonl`, `workdir/tensorboard/`,
+  `workdir/checkpoints/`, `workdir/config.json` (the first start's config),
+  `workdir/config_history.jsonl` (every start), `workdir/tokenizer.json`
+  and `workdir/samples.jsonl` (greedy continuations at each evaluation),
+  and holds `workdir/run.lock` while it runs (one writer per workdir).
+  `workdir` may be local or an object store (`gs://bucket/run`: every file
+  goes through `bitnet_jax.storage.paths`, the lock through GCS preconditions).
+  SIGTERM or SIGINT ends the run after the step in flight, with a checkpoint
+  of that step; a finished run started again returns its final metrics.
+
+  Returns:
+    The last metric record, `step` included (train and eval scalars of the
+    final step, or of the step a signal stopped the run at).
+
+  Raises:
+    ConfigError: on an invalid config value (before any work is done);
+      `run_identity.RunIdentityError` when a resume would change the run.
+    WorkdirLockedError: another live process writes to `workdir`.
+    CheckpointMismatchError: the checkpoint's arrays do not fit the config.
+    CheckpointSaveError: a checkpoint cannot be written (path and cause).
+    FloatingPointError: the loss became NaN/inf (or `DivergenceError`:
+      diverged); the newest checkpoint predates it.
+    health.HealthAlarmError: a collapse alarm fired with
+      `health.halt_on_alarm` (the evaluated step is checkpointed first).
+  """
+  config_lib.validate(config)
+  workdir = paths.resolve(workdir)  # gs://… stays a URL
+  paths.makedirs(workdir)
+  lock = None
+  if jax.process_index() == 0:  # one lock per run, held by process 0
+    stale = config.train.lock_stale_seconds
+    lock = gcs_lock.workdir_lock(workdir, stale_seconds=stale,
+                                 heartbeat_seconds=min(30.0, stale / 4))
+  multihost.on_process_zero(lambda: lock.acquire(), "lock the workdir")
+  try:
+    run = build_run(config, workdir)
+    return run.metrics if isinstance(run, Finished) else train(run)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def train(run: Run) -> dict[str, Any]:
+  """Trains from `run.start_step` to `train.steps`, or until an action stops
+  the run; returns the last metric record."""
+  failing = True
+  with run.preemption:
+    try:
+      if run.start_step == 0:  # the collapse diagnostics' reference point
+        baseline = StepDone(0, run.state, metrics=None)
+        run.evaluation(baseline)
+        run.metric_log(baseline)
+      run.throughput.begin()
+      for step in range(run.start_step + 1, run.total_steps + 1):
+        run.state, step_metrics = run.train_step(run.state, next(run.batches))
+        done = StepDone(step, run.state, step_metrics,
+                        is_last=step == run.total_steps)
+        for action in run.actions:
+          action(done)
+        for finish in done.stops:
+          finish(done)
+        if done.stops:
+          break
+      for action in run.actions:
+        action.end()
+      failing = False
+    finally:  # a crash still completes the pending checkpoint saves
+      _close_all(reversed(run.actions), failing=failing)
+  return run.metric_log.last
+
+
+def _close_all(closables: Any, *, failing: bool) -> None:
+  """Closes each; while an error is already propagating, only logs theirs."""
+  for closable in closables:
+    try:
+      closable.close()
+    except Exception:  # pylint: disable=broad-except
+      if not failing:
+        raise
+      logging.exception("while stopping after an error, closing %s failed",
+                        type(closable).__name__)

@@ -1,0 +1,291 @@
+"""The jitted train and eval steps (gradient accumulation, chunked loss).
+
+The train step maps (`TrainState`, batch) to (new `TrainState`, metrics);
+both arguments are donated (the state is replaced, the batch is used once),
+so their buffers are free for the step's own use. The model's structure
+(`graphdef`) is static.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from bitnet_jax.model import diagnostics
+from bitnet_jax.training.objectives import distillation
+from bitnet_jax.distributed import sharding
+from bitnet_jax.model import transformer as model_lib
+from bitnet_jax.optim import optimizer as optimizer_lib
+from bitnet_jax.config import ConfigError
+from bitnet_jax.training.loss import next_token_sums, position_outputs, split_batch
+from bitnet_jax.metrics import statistics
+from bitnet_jax.training.train_state import TrainState
+
+# XLA reuses a donated buffer only for an output of its shape and dtype, and
+# no output of the train step matches the int32 batch arrays, so JAX warns
+# at compilation that their donation is unusable. That one warning is
+# silenced; one that names any other buffer (a state array that lost its
+# donation, a real memory cost) still shows.
+warnings.filterwarnings(
+    "ignore", category=UserWarning,
+    message=r"Some donated buffers were not usable: "
+    r"int32\[[0-9,]+\](, int32\[[0-9,]+\])*\.")
+
+
+def micro_batches(batch: dict, steps: int, mesh: jax.sharding.Mesh) -> dict:
+  """Splits a global batch `[batch, ...]` into `[steps, batch / steps, ...]`.
+
+  Micro-batch j takes rows j, j + steps, j + 2 steps, ...: every device's
+  contiguous block of rows holds its share of every micro-batch, so each
+  micro-batch stays split over all data-parallel devices (no data moves).
+  """
+
+  def split(x):
+    x = x.reshape(x.shape[0] // steps, steps, *x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(mesh, P(None, sharding.BATCH_AXES)))
+
+  return jax.tree.map(split, batch)
+
+
+def sum_over_micro_batches(fn: Callable[[dict, jax.Array], Any], batch: dict,
+                           steps: int, mesh: jax.sharding.Mesh) -> Any:
+  """`fn(batch, 0)`, a pytree of sums, as the sum of `fn(micro_batch, j)`
+  over `steps` micro-batches (`micro_batches`; j the int32 index) run one
+  after another by `jax.lax.scan`; with `steps` 1, one call on the whole
+  batch."""
+  if steps == 1:
+    return fn(batch, jnp.int32(0))
+  micro = micro_batches(batch, steps, mesh)
+  shapes = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], micro),
+                          jnp.int32(0))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  def add(totals, xs):
+    return jax.tree.map(jnp.add, totals, fn(*xs)), None
+
+  return jax.lax.scan(add, zeros,
+                      (micro, jnp.arange(steps, dtype=jnp.int32)))[0]
+
+
+def check_micro_batch(config: ml_collections.ConfigDict,
+                      mesh: jax.sharding.Mesh) -> None:
+  """Raises ConfigError naming `train.grad_accum_steps` when a micro-batch
+  does not split evenly over the mesh's data-parallel devices."""
+  t = config.train
+  devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro = t.batch_size // t.grad_accum_steps
+  if micro % devices:
+    raise ConfigError(
+        f"config.train.grad_accum_steps={t.grad_accum_steps} makes "
+        f"micro-batches of {micro} sequences (train.batch_size / "
+        f"grad_accum_steps), which do not split over the {devices} "
+        "data-parallel devices; pick grad_accum_steps so that batch_size / "
+        "grad_accum_steps is a multiple of the device count")
+
+
+def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+                    tx: optax.GradientTransformation, shardings: Any,
+                    mesh: jax.sharding.Mesh,
+                    teacher: distillation.Teacher | None = None
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """Jits one optimizer step; the state and the batch are donated.
+
+  The step maps (state, batch) to (new state, metrics); a batch is
+  "tokens" int32 `[batch, seq_len + 1]` (plus "segment_ids" and "positions"
+  with document packing, see `loss.split_batch`). With
+  `train.grad_accum_steps` k > 1 the batch runs as k micro-batches inside the
+  step (`jax.lax.scan`), their gradients of the summed loss added and divided
+  by the whole batch's count of positions once: the same update as one pass
+  over the batch, up to float rounding. Metrics: loss (nats/token),
+  accuracy, grad_norm (before clipping), learning_rate and weight_decay as
+  applied in this step.
+
+  With a `teacher` (`distillation.load_teacher`) the loss is
+  `distillation.distillation_sums`'s: the teacher's parameters are a third,
+  undonated argument of the jitted function in their own (FSDP) shardings,
+  bound here, so the returned step still maps (state, batch); its forward
+  pass runs per micro-batch, without gradient. Metrics add `distill_kl`,
+  `distill_attention` (nats per position) and `teacher_loss` (the teacher's
+  cross-entropy on the batch, nats/token).
+
+  Raises:
+    ConfigError: see `check_micro_batch`.
+  """
+  t = config.train
+  if t.grad_accum_steps > 1:
+    check_micro_batch(config, mesh)
+
+  # its own stream: not the parameter init's key(seed)
+  dropout_seed = jax.random.fold_in(jax.random.key(config.seed), 0x64726F70)
+
+  def train_step(state: TrainState, batch: dict, teacher_params: Any = None
+                 ) -> tuple[TrainState, dict]:
+    params = state.params
+    blend = model_lib.quantization_blend(config, state.step)
+    step_key = jax.random.fold_in(dropout_seed, state.step)
+
+    def sums_and_grads(batch, index):  # gradients in the params' shardings
+      model_kwargs = {"quant_blend": blend}
+      if config.model.dropout_rate > 0:
+        model_kwargs["dropout_key"] = jax.random.fold_in(step_key, index)
+      if teacher is not None:
+        teacher_model = nnx.merge(teacher.graphdef, teacher_params)
+        teacher_out = distillation.teacher_outputs(teacher, teacher_model, batch,
+                                              config)
+
+      def summed_loss(params):
+        model = nnx.merge(graphdef, params)
+        if teacher is not None:
+          sums = distillation.distillation_sums(model, teacher_model, teacher_out,
+                                           batch, config, model_kwargs)
+        else:
+          sums = next_token_sums(model, batch,
+                                 label_smoothing=t.label_smoothing,
+                                 z_loss_weight=t.z_loss_weight,
+                                 entropy_weight=t.entropy_weight,
+                                 chunk_size=t.loss_chunk_size,
+                                 model_kwargs=model_kwargs)
+        return sums["loss"], sums
+      grads, sums = jax.grad(summed_loss, has_aux=True)(params)
+      return sums, jax.lax.with_sharding_constraint(grads,
+                                                    shardings.params)
+
+    sums, grads = sum_over_micro_batches(sums_and_grads, batch,
+                                         t.grad_accum_steps, mesh)
+    count = jnp.maximum(sums["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, params)
+    step_metrics = {"loss": sums["loss"] / count,
+                    "nll": sums["nll"] / count,
+                    "accuracy": sums["hits"] / count,
+                    "grad_norm": optax.global_norm(grads),
+                    **optimizer_lib.current_hyperparams(opt_state)}
+    if teacher is not None:
+      step_metrics.update(distill_kl=sums["distill_kl"] / count,
+                          distill_attention=sums["distill_attention"] / count,
+                          teacher_loss=sums["teacher_nll"] / count)
+    if blend is not None:
+      step_metrics["quantization_blend"] = blend
+    new_state = TrainState(step=state.step + 1,
+                           params=optax.apply_updates(params, updates),
+                           opt_state=opt_state)
+    return new_state, step_metrics
+
+  # The state keeps its shardings (parameters FSDP-sharded, see
+  # `sharding.state_shardings`); the batch rows are split over the data
+  # axes (`batch_sharding`); the metrics are replicated scalars.
+  in_shardings = (shardings, sharding.batch_sharding(mesh))
+  out_shardings = (shardings, sharding.replicated(mesh))
+  if teacher is None:
+    return jax.jit(train_step, in_shardings=in_shardings,
+                   out_shardings=out_shardings, donate_argnums=(0, 1))
+  jitted = jax.jit(train_step,
+                   in_shardings=(*in_shardings, teacher.shardings),
+                   out_shardings=out_shardings, donate_argnums=(0, 1))
+  return DistillationStep(jitted, teacher.params)
+
+
+class DistillationStep:
+  """The train step with the teacher's parameters bound: (state, batch) ->
+  (state, metrics), like the plain step; `lower(state, batch)` lowers it
+  (ahead-of-time compilation)."""
+
+  def __init__(self, jitted: Any, teacher_params: Any):
+    self.jitted, self.teacher_params = jitted, teacher_params
+
+  def __call__(self, state: TrainState, batch: dict
+               ) -> tuple[TrainState, dict]:
+    return self.jitted(state, batch, self.teacher_params)
+
+  def lower(self, state: Any, batch: Any) -> Any:
+    return self.jitted.lower(state, batch, self.teacher_params)
+
+
+def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+                   param_shardings: Any, mesh: jax.sharding.Mesh
+                   ) -> Callable[[Any, dict], dict]:
+  """Jits the per-batch eval statistics (summed, see `metrics`).
+
+  The eval step maps (params, batch, step) to sums: the loss, the
+  prediction statistics (`statistics.prediction_statistics`), the predictive
+  entropy and the blocks' output RMS (`Transformer.hidden_and_statistics`,
+  one value per batch, with `batches` counting them). `step` (int32) sets
+  the quantization blend of `model.quantization_warmup_steps`, so the model
+  is evaluated as it trains. As in training, the logits are made
+  `train.loss_chunk_size` positions at a time and a batch runs as
+  `train.grad_accum_steps` micro-batches (whose statistics add up), so
+  evaluation fits wherever a train step does.
+  """
+  t = config.train
+  if t.grad_accum_steps > 1:
+    check_micro_batch(config, mesh)
+
+  def batch_statistics(params: Any, batch: dict, step: jax.Array) -> dict:
+    inputs, targets, _, _ = split_batch(batch)
+    outputs = position_outputs(
+        nnx.merge(graphdef, params), batch, chunk_size=t.loss_chunk_size,
+        model_kwargs={"quant_blend": model_lib.quantization_blend(config,
+                                                                  step)},
+        block_statistics=True)
+    weights = outputs["weight"]
+    stats = statistics.prediction_statistics(
+        outputs["prediction"], inputs, targets, config.model.vocab_size,
+        weights)
+    stats["loss_sum"] = jnp.sum(outputs["nll"] * weights)
+    stats["entropy_sum"] = jnp.sum(outputs["entropy"] * weights)
+    stats["attention_rms"] = outputs["attention_rms"]
+    stats["ffn_rms"] = outputs["ffn_rms"]
+    stats["batches"] = jnp.float32(1.0)
+    return stats
+
+  def eval_step(params: Any, batch: dict, step: jax.Array) -> dict:
+    return sum_over_micro_batches(
+        lambda b, _: batch_statistics(params, b, step), batch,
+        t.grad_accum_steps, mesh)
+
+  return jax.jit(eval_step,
+                 in_shardings=(param_shardings, sharding.batch_sharding(mesh),
+                               None),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def evaluate(eval_step: Callable, params: Any, batches: list[dict],
+             step: int) -> dict[str, float]:
+  """Runs the fixed eval set; sums stay on device until one final read.
+
+  The result adds the weight statistics of every BitLinear kind
+  (`diagnostics.weight_statistics`) to `statistics.summarize_eval`'s.
+
+  Args:
+    step: the train step the params come from (the quantization blend).
+    eval_step: `make_eval_step`'s function (params, batch, step) -> sums.
+    params: the model parameters (pure dict, sharded).
+    batches: global batches (dicts of int32 `[batch_size, seq_len + 1]`,
+      see `loss.split_batch`), already placed on the mesh (they are the same
+      at every evaluation).
+
+  Returns:
+    Python floats: `statistics.summarize_eval`'s keys (eval_loss nats,
+    eval_accuracy, unique_predictions, copy_rate, top_token_share,
+    prediction_entropy nats, attention_rms/i, ffn_rms/i) and
+    `zero_share/<kind>`, `mean_abs_weight/<kind>` per BitLinear kind.
+  """
+  totals = None
+  for batch in batches:
+    stats = eval_step(params, batch, jnp.int32(step))
+    totals = stats if totals is None else jax.tree.map(jnp.add, totals, stats)
+  weights = diagnostics.weight_statistics(params)
+  totals, weights = jax.device_get((totals, weights))
+  return {**statistics.summarize_eval(totals),
+          **{k: float(v) for k, v in weights.items()}}
+
