@@ -31,8 +31,8 @@ import jax
 from absl import app, flags
 from absl import logging as absl_logging
 
-from bitnet_jax.runs import checkpoint
 from bitnet_jax.config import ConfigError
+from bitnet_jax.runs import checkpoint
 
 FLAGS = flags.FLAGS
 

@@ -25,91 +25,14 @@ from __future__ import annotations
 
 import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
-from bitnet_jax.runs import checkpoint
-from bitnet_jax.model import decode
-from bitnet_jax.runs import reader
 from bitnet_jax.config import ConfigError, window_length
 from bitnet_jax.data.tokenizer import load_tokenizer
-from bitnet_jax.model.transformer import Transformer, quantization_blend
-
-
-def greedy(model: Transformer, prompt: np.ndarray, max_new_tokens: int
-           ) -> np.ndarray:
-  """Greedy decoding (KV cache): each new token is the argmax.
-
-  Args:
-    model: the language model.
-    prompt: int32 `[batch, prompt_len]` token ids, prompt_len >= 1.
-    max_new_tokens: tokens to append, >= 1.
-
-  Returns:
-    int32 `[batch, max_new_tokens]`, the generated ids.
-
-  Raises:
-    ValueError: naming `--max_new_tokens` when it is < 1, or when the prompt
-      is empty.
-  """
-  prompt = np.asarray(prompt, np.int32)
-  if prompt.ndim != 2 or prompt.shape[1] == 0:
-    raise ValueError(f"the prompt must be [batch, len >= 1], got shape "
-                     f"{prompt.shape}")
-  return decode.generate(model, prompt.tolist(), max_new_tokens,
-                         context_len=prompt.shape[1] + max(max_new_tokens, 0))
-
-
-def debug_table(model: Transformer, tokens: list[int], tokenizer,
-                quant_blend=None, top: int = 5) -> tuple[str, dict]:
-  """The notes' per-position diagnostic table of `tokens`.
-
-  Args:
-    model: a `bitnet_jax.model.transformer.Transformer` (one forward pass).
-    tokens: the text's token ids (>= 2: position i is scored against
-      token i + 1), at most the model's context + 1.
-    tokenizer: a `tokenizers.Tokenizer` (shows each id as text).
-    quant_blend: see `bitnet_jax.model.transformer.quantization_blend` (None: 1).
-    top: how many predictions per position to list, with probabilities.
-
-  Returns:
-    (the table as text, {"copy_rate", "accuracy", "positions"}); copy_rate
-    is the share of positions whose argmax is the input token, accuracy the
-    share whose argmax is the next token.
-
-  Raises:
-    ValueError: naming --prompt / --text_file for fewer than 2 tokens.
-  """
-  if len(tokens) < 2:
-    raise ValueError("--debug needs a text of at least 2 tokens "
-                     "(--prompt or --text_file)")
-  logits = model(jnp.asarray([tokens[:-1]]), quant_blend=quant_blend)[0]
-  probs = np.asarray(jax.nn.softmax(logits, axis=-1))
-  order = np.argsort(-probs, axis=-1)[:, :top]
-
-  def show(token: int) -> str:
-    return repr(tokenizer.decode([int(token)]))[:14]
-
-  lines = [f"{'pos':>4} {'input':>14} {'next':>14}  marks     top-{top}"]
-  copies = hits = 0
-  for i in range(len(tokens) - 1):
-    prediction = int(order[i, 0])
-    copy, hit = prediction == tokens[i], prediction == tokens[i + 1]
-    copies, hits = copies + copy, hits + hit
-    marks = ("copy " if copy else "     ") + ("hit" if hit else "   ")
-    best = "  ".join(f"{show(t)} {probs[i, t]:.3f}" for t in order[i])
-    lines.append(f"{i:>4} {show(tokens[i]):>14} {show(tokens[i + 1]):>14}  "
-                 f"{marks:9} {best}")
-  count = len(tokens) - 1
-  summary = {"copy_rate": copies / count, "accuracy": hits / count,
-             "positions": count}
-  lines.append(f"copy rate {summary['copy_rate']:.3f}, accuracy "
-               f"{summary['accuracy']:.3f} over {count} positions")
-  return "\n".join(lines), summary
-
+from bitnet_jax.evaluation import diagnose
+from bitnet_jax.model import decode
+from bitnet_jax.runs import checkpoint, reader
 
 FLAGS = flags.FLAGS
 
@@ -133,12 +56,11 @@ def main(argv):
   try:
     config, model, step = reader.load_model(FLAGS.workdir, FLAGS.step)
     tokenizer = load_tokenizer(reader.tokenizer_path(FLAGS.workdir))
-    blend = quantization_blend(config, step)
     text = _text()
     tokens = tokenizer.encode(text).ids
     if FLAGS.debug:
       window = window_length(config)
-      table, _ = debug_table(model, tokens[:window], tokenizer, blend)
+      table, _ = diagnose.debug_table(model, tokens[:window], tokenizer)
       absl_logging.info("checkpoint %d of %s", step, FLAGS.workdir)
       print(table)
       if len(tokens) > window:
@@ -148,8 +70,7 @@ def main(argv):
     out = decode.generate(
         model, [tokens], FLAGS.max_new_tokens,
         context_len=config.train.seq_len, temperature=FLAGS.temperature,
-        top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed,
-        quant_blend=blend)
+        top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
   except (ConfigError, checkpoint.CheckpointMismatchError, ValueError) as e:
     absl_logging.error("%s: %s", type(e).__name__, e)
     sys.exit(1)

@@ -14,11 +14,10 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from bitnet_jax.runs import checkpoint
-from bitnet_jax.runs import lock
-from bitnet_jax.distributed import sharding
-from bitnet_jax.training import loop
 from bitnet_jax.config import ConfigError
+from bitnet_jax.distributed import sharding
+from bitnet_jax.runs import checkpoint, lock
+from bitnet_jax.training import loop
 
 # Failures with a message that says what to do: printed without a traceback.
 _EXPLAINED_ERRORS = (ConfigError, lock.WorkdirLockedError,

@@ -30,8 +30,8 @@ classification, lambda = 1 and gamma = 1e3 for summarization; stage 2 on
 Values marked "ours" are this project's choices, not published ones.
 """
 
-from bitnet_jax.runs import reader
 from bitnet_jax.config import ConfigError
+from bitnet_jax.runs import reader
 
 STAGES = ("continue", "distill")
 

@@ -42,10 +42,11 @@ from ml_collections import config_flags
 
 from bitnet_jax import config as config_lib
 from bitnet_jax import metrics
-from bitnet_jax.optim import optimizer
+from bitnet_jax.data.batch import Batch
 from bitnet_jax.distributed import sharding
-from bitnet_jax.training import steps
-from bitnet_jax.training import train_state
+from bitnet_jax.optim import optimizer
+from bitnet_jax.training import steps, train_state
+from bitnet_jax.training.objectives import NextToken
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/d20.py:cpu",
                                           "Config to benchmark.")
@@ -79,8 +80,8 @@ def measured_matmul_flops(size: int = 4096, repeats: int = 5) -> float:
 def _random_batch(config, mesh):
   rng = np.random.default_rng(0)
   shape = (config.train.batch_size, config_lib.window_length(config))
-  return sharding.global_batch({"tokens": rng.integers(
-      0, config.model.vocab_size, shape, dtype=np.int32)}, mesh)
+  return sharding.global_batch(Batch.of_windows(rng.integers(
+      0, config.model.vocab_size, shape, dtype=np.int32)), mesh)
 
 
 def compiled_step(config):
@@ -88,10 +89,11 @@ def compiled_step(config):
   mesh = sharding.make_mesh(config.mesh)
   tx = optimizer.make_optimizer(config)
   graphdef, state, shardings = train_state.create_train_state(config, mesh, tx)
-  step = steps.make_train_step(config, graphdef, tx, shardings, mesh)
+  step = steps.make_train_step(config, graphdef, tx, shardings, mesh,
+                               NextToken(config.train))
   batch = _random_batch(config, mesh)
   start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  compiled = step.lower(state, batch).compile()  # takes (state, batch, None)
   compile_seconds = time.perf_counter() - start
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   return compiled, state, batch, compile_seconds, n_params
@@ -108,13 +110,13 @@ def peak_memory_bytes(compiled) -> float:
 def run_variant(config, n_steps: int, profile_dir: str) -> dict:
   """Compiles and times one variant; returns its row's figures."""
   compiled, state, batch, compile_seconds, n_params = compiled_step(config)
-  state, out = compiled(state, batch)  # warm-up
+  state, out = compiled(state, batch, None)  # warm-up
   jax.block_until_ready(out)
   if profile_dir:
     jax.profiler.start_trace(profile_dir)
   start = time.perf_counter()
   for _ in range(n_steps):
-    state, out = compiled(state, batch)
+    state, out = compiled(state, batch, None)
   jax.block_until_ready(out)
   seconds = (time.perf_counter() - start) / n_steps
   if profile_dir:

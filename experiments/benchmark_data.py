@@ -30,8 +30,8 @@ from ml_collections import config_flags
 
 from bitnet_jax import config as config_lib
 from bitnet_jax import data
-from bitnet_jax.storage import files
 from bitnet_jax.data import stdlib as stdlib_corpus
+from bitnet_jax.storage import files
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py",
                                           "Config whose data settings to use.")
@@ -128,7 +128,7 @@ def measure(prepared, config, workers: int, batches: int) -> dict:
   it = data.train_iterator(prepared, config)
   batch = next(it)
   first = time.perf_counter() - start
-  assert batch["tokens"].shape == shape, (batch["tokens"].shape, shape)
+  assert batch.tokens.shape == shape, (batch.tokens.shape, shape)
   start = time.perf_counter()
   for _ in range(batches):
     next(it)

@@ -35,8 +35,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from bitnet_jax import metrics
-from bitnet_jax.training import loop  # noqa: E402
 from bitnet_jax.config import base_config  # noqa: E402
+from bitnet_jax.training import loop  # noqa: E402
 
 FLAGS = flags.DEFINE_string("out", "runs/distillation", "output directory")
 PRESET = flags.DEFINE_enum("preset", "cpu", ["cpu", "smoke"],

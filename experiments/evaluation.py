@@ -25,10 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import local_tasks  # noqa: E402  (this folder)
 
-from bitnet_jax.runs import reader  # noqa: E402
 from bitnet_jax.evaluation import harness, perplexity  # noqa: E402
 from bitnet_jax.evaluation.backend import BitNetLM  # noqa: E402
 from bitnet_jax.metrics import read_records  # noqa: E402
+from bitnet_jax.runs import reader  # noqa: E402
 
 _METHODS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
 _SHOWN = (("stdlib_choice", "acc,none"), ("stdlib_choice", "acc_norm,none"),

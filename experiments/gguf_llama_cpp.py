@@ -5,11 +5,11 @@ r"""Does upstream llama.cpp run our GGUF export as we do?
   python experiments/gguf_llama_cpp.py --workdir=RUN --gguf=OUT/model-TQ2_0.gguf
 
 Prints, for a few prompts, whether llama.cpp's greedy 20-token continuation
-equals ours (`bitnet_jax.generate.greedy`), and the relative difference of the
-next-token logits along one prompt. llama.cpp quantizes activations per block
-of 256 (q8_K), not per token, so small differences are expected. Upstream's
-"bitnet" graph is SiLU-gated and has no separate output matrix: use a run
-with ffn_activation="swiglu" and tie_embeddings=True.
+equals ours (`bitnet_jax.model.decode.greedy`), and the relative difference of
+the next-token logits along one prompt. llama.cpp quantizes activations per
+block of 256 (q8_K), not per token, so small differences are expected.
+Upstream's "bitnet" graph is SiLU-gated and has no separate output matrix:
+use a run with ffn_activation="swiglu" and tie_embeddings=True.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from absl import app, flags
 from llama_cpp import Llama
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bitnet_jax.runs import reader  # noqa: E402
 from bitnet_jax.data.tokenizer import load_tokenizer  # noqa: E402
-from bitnet_jax.generate import greedy  # noqa: E402
+from bitnet_jax.model.decode import greedy  # noqa: E402
+from bitnet_jax.runs import reader  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The exported run.")
 _GGUF = flags.DEFINE_string("gguf", None, "Its GGUF file.")

@@ -28,9 +28,9 @@ from flax import nnx  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bitnet_jax import convert
+from bitnet_jax.interop import exporter, importer  # noqa: E402
+from bitnet_jax.model.decode import greedy  # noqa: E402
 from bitnet_jax.runs import reader  # noqa: E402
-from bitnet_jax.generate import greedy  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences compared.")
@@ -61,12 +61,12 @@ def main(argv):
   with tempfile.TemporaryDirectory() as tmp:
     for fmt in ("bf16", "packed"):
       for dtype in ("float32", "bfloat16"):
-        out = convert.export_hf(_WORKDIR.value, f"{tmp}/{fmt}_{dtype}", fmt,
-                                dtype=dtype)
+        out = exporter.export_hf(_WORKDIR.value, f"{tmp}/{fmt}_{dtype}",
+                                 fmt, dtype=dtype)
         reference = _WORKDIR.value
         if dtype == "bfloat16":  # our model on the rounded weights
           reference = f"{tmp}/{fmt}_{dtype}_run"
-          convert.import_hf(out, reference)
+          importer.import_hf(out, reference)
         _, model, _ = reader.load_model(reference)
         ours = np.asarray(model(jnp.asarray(tokens)))
         theirs_model = AutoModelForCausalLM.from_pretrained(

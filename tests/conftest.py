@@ -1,6 +1,23 @@
-"""Shared test setup: 8 simulated CPU devices and one data cache per session."""
+"""Shared test setup for both tiers: 8 simulated CPU devices, a data cache
+per worker, and one prepared tiny corpus and one trained tiny run per session.
 
+The tests come in two tiers (pyproject's `testpaths` is the unit tier):
+
+    pytest                     # tests/unit: one function or module each,
+                               # under 2 minutes on 2 cores
+    pytest tests/integration   # training runs, subprocesses of the commands,
+                               # several hosts, the GCS emulator, the HF /
+                               # GGUF / lm-eval round trips
+    pytest tests               # both (CI: `-n 2 --dist loadfile tests`)
+
+tests/drivers.py and tests/gcs_server.py serve both tiers (pyproject's
+`pythonpath` puts tests/ on sys.path).
+"""
+
+import json
 import os
+import pathlib
+import shutil
 import tempfile
 
 # Must be set before jax is imported anywhere: tests may build multi-device
@@ -28,19 +45,28 @@ import jax  # noqa: E402  (after XLA_FLAGS)
 
 jax.config.update("jax_numpy_rank_promotion", "raise")  # if imported earlier
 
+import filelock
 import pytest
-
 
 # The slowest test files first (from `--durations=0` on 2 cores): CI's
 # pytest-xdist workers (`-n 2 --dist loadfile`) take files in collection
 # order (pyproject's `--no-loadscope-reorder`), so the longest ones start
 # early instead of leaving one worker running alone at the end. Files not
-# listed follow in their usual order.
+# listed follow in their usual order. Names are unique across the tiers.
 _SLOWEST_FIRST = (
-    "test_multihost.py", "test_evaluation.py", "test_resilience.py",
-    "test_hf.py", "test_train.py", "test_aot.py", "test_distill.py",
-    "test_experiments.py", "test_gcs.py", "test_scan.py", "test_steps.py",
-    "test_sharding.py")
+    # tests/integration
+    "test_evaluation.py", "test_multihost.py", "test_resilience.py",
+    "test_compile.py", "test_hf_export.py", "test_actions_in_a_run.py",
+    "test_scan_resume.py", "test_stream_training.py", "test_hf_sources.py",
+    "test_distill_runs.py", "test_train.py", "test_experiments.py",
+    "test_gcs.py", "test_hf_import.py", "test_remedies_training.py",
+    "test_sharded_training.py", "test_data_without_tensorflow.py",
+    "test_health_run.py", "test_launch_slurm.py",
+    # tests/unit (test_verify.py well after test_data.py: the worker that
+    # takes it then finds prepared_data_dir built)
+    "test_data.py", "test_distill.py", "test_steps.py", "test_scan.py",
+    "test_aot.py", "test_verify.py", "test_decode.py", "test_loss.py",
+    "test_model.py", "test_remedies.py", "test_metrics.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -69,3 +95,63 @@ def tiny_config(data_dir):
   config = _load_config("configs/tiny.py")
   config.data.data_dir = data_dir
   return config
+
+
+def _built_once(tmp_path_factory, name: str, build) -> pathlib.Path:
+  """The session's directory `name`, made by `build(path)` once.
+
+  The pytest-xdist workers of a session share it: the first to ask builds
+  it under a file lock in their common temporary directory, the others wait
+  for it.
+  """
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # pytest-N/, above each worker's popen-gwK/
+  path, done = root / name, root / f"{name}.done"
+  with filelock.FileLock(str(root / f"{name}.lock")):
+    if not done.exists():
+      shutil.rmtree(path, ignore_errors=True)  # a failed build's remains
+      build(path)
+      done.touch()
+  return path
+
+
+@pytest.fixture(scope="session")
+def prepared_data_dir(tmp_path_factory) -> str:
+  """A data directory holding configs/tiny.py's corpus, tokenizer and token
+  caches (about 45 s to build on 2 cores), prepared once per session and
+  shared by the workers, for tests of the prepared data. `data.prepare`
+  writes atomically: tests may add other caches beside it.
+  """
+  def prepare(path):
+    from bitnet_jax import data  # pylint: disable=g-import-not-at-top
+    config = _load_config("configs/tiny.py")
+    config.data.data_dir = str(path)
+    data.prepare(config)
+
+  return str(_built_once(tmp_path_factory, "prepared_data", prepare))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, data_dir) -> str:
+  """configs/tiny.py (60 steps, the session's data cache) trained once per
+  session and shared by the workers, for tests that only read a run:
+  generate, evaluate, export. Never write into it: copy it first
+  (shutil.copytree).
+  """
+  def train(workdir):
+    from bitnet_jax.training import loop  # pylint: disable=g-import-not-at-top
+    config = _load_config("configs/tiny.py")
+    config.data.data_dir = data_dir
+    final = loop.train_and_evaluate(config, str(workdir))
+    with open(f"{workdir}.json", "w", encoding="utf-8") as f:
+      json.dump(final, f, default=lambda x: x.item())  # numpy scalars
+
+  return str(_built_once(tmp_path_factory, "trained_run", train))
+
+
+@pytest.fixture(scope="session")
+def trained_run_final(trained_run) -> dict:
+  """What `train_and_evaluate` returned for `trained_run`: its last record."""
+  with open(f"{trained_run}.json", encoding="utf-8") as f:
+    return json.load(f)

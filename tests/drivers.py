@@ -1,4 +1,7 @@
-"""Helpers shared by tests and the subprocesses they start (no jax import).
+"""Helpers shared by both test tiers and the subprocesses they start.
+
+No jax import at module level: the helpers that need jax, torch or
+bitnet_jax import them when called.
 
 Subprocess programs run with the repository as working directory and import
 this module with `sys.path.insert(0, "tests")`.
@@ -164,7 +167,7 @@ def assert_logits_match(ours: np.ndarray, theirs: np.ndarray, what: str):
   TOLERANCE (a flip touches one row's suffix; a real mismatch such as a
   wrong RoPE base, head grouping or scale touches nearly every position),
   and none may differ by 1e-2. That each layer computes the same on
-  identical inputs is checked exactly by tests/test_hf.py's
+  identical inputs is checked exactly by tests/integration/test_hf_export.py's
   `test_each_exported_layer_matches_transformers_on_identical_inputs`.
   """
   per_position = np.abs(ours - theirs).max(-1) / np.abs(ours).max()
@@ -172,3 +175,161 @@ def assert_logits_match(ours: np.ndarray, theirs: np.ndarray, what: str):
   assert matching >= 0.5 and per_position.max() < 1e-2, (
       f"{what}: logits differ by up to {per_position.max():.2e} (relative); "
       f"only {matching:.0%} of the positions match to {TOLERANCE}")
+
+
+# --- Hugging Face models (torch, transformers and bitnet_jax imported when
+# called, so that the subprocesses importing this module stay light) --------
+
+def hf_logits(folder: str, tokens: np.ndarray) -> np.ndarray:
+  """float32 logits of transformers' model saved in `folder` (torch, CPU)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from transformers import AutoModelForCausalLM  # pylint: disable=g-import-not-at-top
+  model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+  with torch.no_grad():
+    return model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+
+
+def run_logits(workdir: str, tokens: np.ndarray):
+  """(logits of the run's newest checkpoint, its model)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from bitnet_jax.runs import reader  # pylint: disable=g-import-not-at-top
+  _, model, _ = reader.load_model(workdir)
+  return np.asarray(model(jnp.asarray(tokens))), model
+
+
+def random_hf_model(folder: str, tokenizer_json: str, vocab: int,
+                    dtype) -> dict:
+  """Saves a random 2B-4T-shaped BitNetForCausalLM; returns its config.
+
+  dtype: the torch dtype of the saved tensors.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+
+  import torch  # pylint: disable=g-import-not-at-top
+  from transformers import BitNetConfig, BitNetForCausalLM  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  config = BitNetConfig(
+      vocab_size=vocab, hidden_size=64, intermediate_size=128,
+      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+      hidden_act="relu2", rms_norm_eps=1e-5, tie_word_embeddings=True,
+      rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+      bos_token_id=0, eos_token_id=0)
+  model = BitNetForCausalLM(config)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight"):  # make the norms matter
+        p.copy_(1 + 0.2 * torch.randn_like(p))
+  model.to(dtype).save_pretrained(folder)
+  with open(os.path.join(tokenizer_json), "rb") as f:
+    tokenizer = f.read()
+  with open(os.path.join(folder, "tokenizer.json"), "wb") as f:
+    f.write(tokenizer)
+  with open(os.path.join(folder, "config.json")) as f:
+    saved = json.load(f)
+  return saved
+
+
+def write_hf_config(folder: str, config: dict, quantization: dict) -> None:
+  """Writes `config` with `quantization` as its quantization_config."""
+  import json  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump({**config, "quantization_config": quantization}, f)
+
+
+def hf_latent_folder(folder: str, run: str, dtype) -> str:
+  """`random_hf_model` with online quantization, in `run`'s vocabulary and
+  tokenizer; returns `folder`."""
+  from bitnet_jax.interop import hf  # pylint: disable=g-import-not-at-top
+  from bitnet_jax.runs import reader  # pylint: disable=g-import-not-at-top
+  vocab = reader.load_run_config(run).model.vocab_size
+  config = random_hf_model(folder, reader.tokenizer_path(run), vocab, dtype)
+  write_hf_config(folder, config, hf.quantization_config(False, ""))
+  return folder
+
+
+def params_of(model):
+  """(graphdef, its `nnx.Param`s as a pure dict) of a Transformer: what a
+  train state holds; `transformer.bind(graphdef, params, step)` rebuilds
+  the model."""
+  # pylint: disable-next=g-import-not-at-top
+  from flax import nnx
+  return nnx.split(model)[0], nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def next_token_loss(model, batch, **train_fields):
+  """(mean loss, {"nll", "accuracy"}) of the next-token objective on one
+  batch: `batch` a `Batch`, or int32 windows `[batch, seq_len + 1]`;
+  `train_fields` set `config.train` (label_smoothing, loss_chunk_size...)."""
+  # pylint: disable-next=g-import-not-at-top
+  from bitnet_jax.config import base_config
+  from bitnet_jax.data.batch import Batch
+  from bitnet_jax.training.objectives import NextToken
+  from bitnet_jax.training.objectives.next_token import mean_loss
+  train = base_config().train
+  train.update(train_fields)
+  if not isinstance(batch, Batch):
+    batch = Batch.of_windows(np.asarray(batch))
+  return mean_loss(NextToken(train), model, batch)
+
+
+# --- checkpoints (tests/unit/test_checkpoint.py, tests/integration/test_gcs.py)
+
+def small_state(width: int = 8) -> dict:
+  """A train-state-shaped tree: a step and one (4, width) parameter."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return {"step": jnp.zeros((), jnp.int32),
+          "params": {"w": jnp.arange(4 * width, dtype=jnp.float32)
+                     .reshape(4, width)}}
+
+
+def grain_iterator():
+  """A grain iterator over 0..99, whose position a checkpoint saves."""
+  import grain  # pylint: disable=g-import-not-at-top
+  return iter(grain.MapDataset.range(100).to_iter_dataset())
+
+
+def abstract_of(state):
+  """`state` as ShapeDtypeStructs on the first device (a restore target)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                     sharding=sharding), state)
+
+
+def save_steps(ckpt, losses: dict) -> None:
+  """Saves `small_state()` at each step of {step: eval_loss or None}."""
+  for step, eval_loss in losses.items():
+    run = {"tokens_seen": step * 10}
+    if eval_loss is not None:
+      run["eval_loss"] = eval_loss
+    ckpt.save(step, small_state(), grain_iterator(), run)
+    ckpt.wait()
+
+
+# --- run locks (tests/unit/test_run_lock.py and the processes that hold and
+# race in tests/integration/test_run_lock_processes.py) ----------------------
+
+def write_lock(workdir, *, host: str, pid: int, age_seconds: float,
+               token: str = "other-token", **extra) -> str:
+  """Writes another holder's run lock, `age_seconds` old; returns its path."""
+  import json  # pylint: disable=g-import-not-at-top
+
+  from bitnet_jax.runs import directory  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, directory.RUN_LOCK)
+  record = {"host": host, "pid": pid, "started": "2024-01-01T00:00:00+00:00",
+            "token": token, "argv": ["train", "--workdir", str(workdir)],
+            **extra}
+  with open(path, "w") as f:
+    json.dump(record, f)
+  then = time.time() - age_seconds
+  os.utime(path, (then, then))
+  return path
+
+
+def lock_token(path: str) -> str:
+  """The token of the run lock at `path`."""
+  import json  # pylint: disable=g-import-not-at-top
+  with open(path) as f:
+    return json.load(f)["token"]

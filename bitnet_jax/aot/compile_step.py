@@ -40,14 +40,13 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from bitnet_jax import config as config_lib
-from bitnet_jax.training.objectives import distillation
-from bitnet_jax.optim import optimizer
-from bitnet_jax.distributed import sharding
-from bitnet_jax.training import steps
-from bitnet_jax.training import train_state
 from bitnet_jax.aot import hlo, tpu
 from bitnet_jax.config import ConfigError
+from bitnet_jax.data.batch import Batch
+from bitnet_jax.distributed import sharding
 from bitnet_jax.metrics import throughput
+from bitnet_jax.optim import optimizer
+from bitnet_jax.training import objectives, steps, train_state
 
 HEADROOM = 0.10  # `find_batch` keeps this fraction of HBM free
 
@@ -87,22 +86,19 @@ def make_mesh(config: ml_collections.ConfigDict, devices: list,
   return Mesh(grid, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 2)
 
 
-def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict:
-  """The train batch `main` feeds, as `jax.ShapeDtypeStruct`s: "tokens"
-  int32 `[batch, seq_len + 1]`, plus "segment_ids" and "positions" with
-  `data.packing="document"`.
+def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> Batch:
+  """The train batch `main` feeds, as `jax.ShapeDtypeStruct`s
+  (`Batch.shapes`): windows `[batch, seq_len + 1]`, the loss mask, and
+  with `data.packing="document"` segment ids and positions.
 
   Raises:
     ConfigError: see `sharding.check_batch_size`.
   """
   t = config.train
   sharding.check_batch_size(t.batch_size, mesh)
-  spec = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32,
-                              sharding=sharding.batch_sharding(mesh))
-  keys = ["tokens"]
-  if config.data.packing == "document":
-    keys += ["segment_ids", "positions"]
-  return {k: spec for k in keys}
+  return Batch.shapes(t.batch_size, t.seq_len,
+                      packed=config.data.packing == "document",
+                      sharding=sharding.batch_sharding(mesh))
 
 
 def _memory(compiled) -> dict:
@@ -230,7 +226,7 @@ def compile_report(config: ml_collections.ConfigDict, topology: str,
   start = time.perf_counter()
   lowered = steps.make_train_step(
       config, graphdef, tx, shardings, mesh,
-      teacher=distillation.abstract_teacher(config, mesh)).lower(state, batch)
+      objectives.make_objective(config, mesh, None)).lower(state, batch)
   compiled = _compile(lowered, "train", tpu_slice)
   compile_seconds = time.perf_counter() - start
 
@@ -275,7 +271,7 @@ def compile_report(config: ml_collections.ConfigDict, topology: str,
                    if seconds else None)
   if eval_step:
     lowered = steps.make_eval_step(config, graphdef, shardings.params,
-                                   mesh).lower(
+                                   mesh, objectives.NextToken(t)).lower(
         state.params, batch, jax.ShapeDtypeStruct((), jnp.int32))
     report["eval_per_chip_bytes"] = _memory(
         _compile(lowered, "eval", tpu_slice))["per_chip_bytes"]

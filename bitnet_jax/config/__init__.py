@@ -1,8 +1,10 @@
 """The run configuration: one field table, validated once at start-up.
 
+  choices.py     the names of every choice field, one `StrEnum` each
+                 (`RematPolicy`, `Quantization`, ...)
   fields.py      a `Rule` per field and the resume classes
   defaults.py    `FIELDS`, the table (key, default, rule, resume class, doc),
-                 the choice names, `base_config()`
+                 `base_config()`
   validation.py  `validate(config)`, `ConfigError`, the relations between
                  fields
   recipes.py     the FAQ's research-size configs

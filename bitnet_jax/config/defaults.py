@@ -15,31 +15,37 @@ from __future__ import annotations
 
 import ml_collections
 
-from bitnet_jax.config.fields import (FLAG, IDENTITY, RUNTIME, SCHEDULE, TEXT,
-                                      choice, field_table, integer, number)
+from bitnet_jax.config.choices import (
+  AttentionImplementation,
+  BitLinearMatmul,
+  DataMode,
+  Dtype,
+  FfnActivation,
+  Packing,
+  Quantization,
+  RematPolicy,
+  Residual,
+  RopeScaling,
+)
+from bitnet_jax.config.fields import (
+  FLAG,
+  IDENTITY,
+  RUNTIME,
+  SCHEDULE,
+  TEXT,
+  choice,
+  field_table,
+  integer,
+  number,
+)
 from bitnet_jax.config.fields import Field as F
-
-# The allowed values of the choice fields (also imported from bitnet_jax.config
-# by the modules that branch on them).
-QUANTIZATIONS = ("ternary", "none")
-FFN_ACTIVATIONS = ("swiglu", "relu2")
-DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
-REMAT_POLICIES = ("none", "full", "dots_saveable", "save_qkv_out")
-BITLINEAR_MATMULS = ("fake_quant", "int8")
-RESIDUALS = ("standard", "mhc_lite")
-ROPE_SCALINGS = ("none", "llama3")
-# data.dataset schemes: random-access sources, and sharded file sources that
-# can stream (see bitnet_jax.data.sources).
-DATASET_SCHEMES = ("tfds", "files")
-STREAM_SCHEMES = ("parquet", "jsonl", "arrayrecord")
-DATA_MODES = ("auto", "stream", "prepared")
-PACKINGS = ("concat", "document")
 
 # F(key, default, allowed values, resume class, doc). A number field's default
 # is a float (ConfigDict then casts an int assigned to it); ranges that depend
 # on another field (e.g. loss_chunk_size divides seq_len) are checked by
-# bitnet_jax.config.validate, and the rule here gives the type.
+# bitnet_jax.config.validate, and the rule here gives the type. A choice field
+# allows its enum's values (bitnet_jax.config.choices), and its default is a
+# member's plain string (`.value`).
 FIELDS = field_table(
     F("seed", 0, integer(">= 0"), IDENTITY,
       "PRNG seed for parameter initialization"),
@@ -61,16 +67,18 @@ FIELDS = field_table(
       "key/value heads (GQA); 0 = n_heads; divides n_heads"),
     F("model.ffn_dim", 768, integer(">= 1"), IDENTITY,
       "hidden width of the gated feed-forward"),
-    F("model.ffn_activation", "swiglu", choice(FFN_ACTIVATIONS), IDENTITY,
+    F("model.ffn_activation", FfnActivation.SWIGLU.value,
+      choice(FfnActivation), IDENTITY,
       "'swiglu' (b1.58 paper) or 'relu2' (2B4T)"),
-    F("model.quantization", "ternary", choice(QUANTIZATIONS), IDENTITY,
-      "'ternary' (BitLinear) or 'none' (fp baseline)"),
+    F("model.quantization", Quantization.TERNARY.value, choice(Quantization),
+      IDENTITY, "'ternary' (BitLinear) or 'none' (fp baseline)"),
     F("model.tie_embeddings", False, FLAG, IDENTITY,
-      "share embed_tokens with lm_head (README failure table: tied ->"
+      "share embed_tokens with lm_head (docs/failing_loudly.md: tied ->"
       " copying)"),
     F("model.rope_theta", 10000.0, number("> 0"), IDENTITY,
       "RoPE base frequency"),
-    F("model.rope_scaling", "none", choice(ROPE_SCALINGS), IDENTITY,
+    F("model.rope_scaling", RopeScaling.NONE.value, choice(RopeScaling),
+      IDENTITY,
       "'llama3': Llama 3.1's frequency scaling (imported Llama 3 models)"),
     F("model.rope_scaling_factor", 8.0, number(">= 1"), IDENTITY,
       "llama3: low frequencies are divided by this ('factor')"),
@@ -85,34 +93,36 @@ FIELDS = field_table(
     F("model.norm_eps", 1e-5, number("> 0"), IDENTITY, "RMSNorm epsilon"),
     F("model.init_std", 0.02, number("> 0"), IDENTITY,
       "stddev of the normal init of every weight"),
-    F("model.dtype", "float32", choice(DTYPES), IDENTITY,
+    F("model.dtype", Dtype.FLOAT32.value, choice(Dtype), IDENTITY,
       "compute dtype; parameters are float32"),
-    F("model.attention_implementation", "auto",
-      choice(ATTENTION_IMPLEMENTATIONS), RUNTIME,
+    F("model.attention_implementation", AttentionImplementation.AUTO.value,
+      choice(AttentionImplementation), RUNTIME,
       "'auto': cudnn on GPU with bfloat16, else xla"),
     F("model.scan_layers", True, FLAG,
       RUNTIME,  # a resume takes its checkpoints' layout (run.py)
       "stack blocks on a layers axis and jax.lax.scan them"),
-    F("model.remat_policy", "none", choice(REMAT_POLICIES), RUNTIME,
+    F("model.remat_policy", RematPolicy.NONE.value, choice(RematPolicy),
+      RUNTIME,
       "what the backward pass recomputes instead of storing"),
-    F("model.bitlinear_matmul", "fake_quant", choice(BITLINEAR_MATMULS),
-      RUNTIME, "'int8': ternary x int8 with int32 accumulation"),
+    F("model.bitlinear_matmul", BitLinearMatmul.FAKE_QUANT.value,
+      choice(BitLinearMatmul), RUNTIME,
+      "'int8': ternary x int8 with int32 accumulation"),
     F("model.dropout_rate", 0.0, number("[0, 1)"), IDENTITY,
       "residual + attention dropout in training; 0 = off"),
     F("model.quantization_warmup_steps", 0, integer(">= 0"), IDENTITY,
       "blend fp -> ternary over this many steps; 0 = off"),
-    F("model.residual", "standard", choice(RESIDUALS), IDENTITY,
+    F("model.residual", Residual.STANDARD.value, choice(Residual), IDENTITY,
       "'mhc_lite': manifold-constrained hyper-connections"),
     F("model.residual_streams", 2, integer("[2, 4]"), IDENTITY,
       "mhc_lite: parallel residual streams, mixed by all n! permutations"),
 
     F("data.dataset", "stdlib", TEXT, IDENTITY,
-      "'stdlib', 'tfds:NAME' or 'SCHEME:GLOB' (see README)"),
+      "'stdlib', 'tfds:NAME' or 'SCHEME:GLOB' (see docs/data.md)"),
     F("data.eval_dataset", "", TEXT, IDENTITY,
       "'SCHEME:GLOB' of eval files; '' = held out by hash"),
-    F("data.mode", "auto", choice(DATA_MODES), IDENTITY,
+    F("data.mode", DataMode.AUTO.value, choice(DataMode), IDENTITY,
       "'stream', 'prepared' (token cache); 'auto': stream for globs"),
-    F("data.packing", "concat", choice(PACKINGS), IDENTITY,
+    F("data.packing", Packing.CONCAT.value, choice(Packing), IDENTITY,
       "'document': no attention across documents"),
     F("data.data_dir", "", TEXT, RUNTIME,
       "corpora, tokenizers, tokens; '' = ~/.cache/bitnet_jax; gs://… is "
@@ -180,7 +190,8 @@ FIELDS = field_table(
     F("train.init_from", "", TEXT,
       RUNTIME,  # read at step 0 only: a resume restores its checkpoint
       "run dir or checkpoint whose params start a new run"),
-    # Distillation from a frozen teacher (bitnet_jax.training.objectives.distillation; BitDistill,
+    # Distillation from a frozen teacher (bitnet_jax.training.objectives;
+    # BitDistill,
     # arXiv 2510.13998): loss = ce_weight x CE + distill_logit_weight x KL
     # + distill_attention_weight x attention-relation KL.
     F("train.teacher", "", TEXT, IDENTITY,
@@ -232,7 +243,8 @@ FIELDS = field_table(
     F("distributed.process_id", -1, integer(">= 0", special=(-1, "auto")),
       RUNTIME, "this process's index; -1 = auto-detect"),
 
-    # Collapse alarms on every eval (bitnet_jax/metrics/health.py: the runs behind
+    # Collapse alarms on every eval (bitnet_jax/metrics/health.py: the runs
+    # behind
     # these defaults and what each alarm says on the tiny config).
     F("health.halt_on_alarm", False, FLAG, RUNTIME,
       "stop the run (HealthAlarmError) when an alarm fires"),

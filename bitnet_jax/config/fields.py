@@ -1,6 +1,7 @@
 """The parts of the config's field table: a rule per field, a resume class.
 
-`bitnet_jax.config.defaults.FIELDS` holds one `Field` per config key: its default,
+`bitnet_jax.config.defaults.FIELDS` holds one `Field` per config key: its
+default,
 its `Rule` (the values allowed), its resume class and a one-line doc.
 `bitnet_jax.config.validate` checks every field against its rule, and
 `bitnet_jax.runs.identity` reads the resume class.
@@ -13,6 +14,7 @@ ConfigDict lets None, a bool in an int field, and anything set under
 from __future__ import annotations
 
 import dataclasses
+import enum
 import numbers
 from typing import Any, NamedTuple
 
@@ -31,7 +33,7 @@ class Rule:
     kind: "integer", "number" (a real), "choice", "flag" (a bool), "text".
     low, high: bounds of an integer or number, None for unbounded.
     low_open, high_open: whether the bound itself is excluded.
-    choices: the allowed values of a "choice".
+    choices: the allowed values of a "choice" (plain strings).
     special: (value, meaning) allowed beside the bounds, e.g. (-1, "fill").
   """
   kind: str
@@ -128,9 +130,10 @@ def number(bounds: str = "", special: tuple[Any, str] | None = None
   return _bounds("number", bounds, special)
 
 
-def choice(choices: tuple[str, ...]) -> Rule:
-  """One of the strings `choices`."""
-  return Rule("choice", choices=tuple(choices))
+def choice(choices: type[enum.StrEnum]) -> Rule:
+  """One of the values of the enum `choices` (`bitnet_jax.config.choices`),
+  kept as plain strings: the allowed values in messages read 'a', 'b'."""
+  return Rule("choice", choices=tuple(member.value for member in choices))
 
 
 FLAG = Rule("flag")  # True or False

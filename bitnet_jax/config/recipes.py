@@ -34,7 +34,7 @@ def faq_config(size: str, variant: str = "") -> ml_collections.ConfigDict:
   step, the FAQ's 1M) over 95,367 steps (100B tokens). Set
   `train.batch_size` (tokens per step = batch_size x seq_len) and
   `train.grad_accum_steps` (micro-batch = batch_size / grad_accum_steps,
-  split over all devices) for the hardware, see the README's Performance
+  split over all devices) for the hardware, see docs/training.md's Performance
   section. Usage, e.g.:
 
     python -m bitnet_jax.main --config=configs/bitnet_700m.py \

@@ -2,7 +2,8 @@
 
 Every experiment config in `configs/` starts from `base_config()` and sets
 only the fields it changes. The fields, with default, allowed values, resume
-class and doc, are the table `bitnet_jax.config.defaults.FIELDS`. `validate(config)`
+class and doc, are the table `bitnet_jax.config.defaults.FIELDS`.
+`validate(config)`
 runs once at start-up and raises `ConfigError` naming the offending key, its
 value and the allowed values: every per-field check comes from the table;
 the relations between fields are written out below.
@@ -47,19 +48,43 @@ from collections.abc import Iterator, Mapping
 
 import ml_collections
 
-from bitnet_jax.config.defaults import (ATTENTION_IMPLEMENTATIONS, BITLINEAR_MATMULS,
-                                 DATA_MODES, DATASET_SCHEMES, DTYPES,
-                                 FFN_ACTIVATIONS, FIELDS, PACKINGS,
-                                 QUANTIZATIONS, REMAT_POLICIES, RESIDUALS,
-                                 STREAM_SCHEMES, apply_fine_tuning,
-                                 base_config)
+from bitnet_jax.config.choices import (
+  ATTENTION_IMPLEMENTATIONS,
+  BITLINEAR_MATMULS,
+  DATA_MODES,
+  DATASET_SCHEMES,
+  DTYPES,
+  FFN_ACTIVATIONS,
+  PACKINGS,
+  QUANTIZATIONS,
+  REMAT_POLICIES,
+  RESIDUALS,
+  ROPE_SCALINGS,
+  STREAM_SCHEMES,
+  AttentionImplementation,
+  BitLinearMatmul,
+  DataMode,
+  DatasetScheme,
+  Dtype,
+  FfnActivation,
+  Packing,
+  Quantization,
+  RematPolicy,
+  Residual,
+  RopeScaling,
+  StreamScheme,
+)
+from bitnet_jax.config.defaults import FIELDS, apply_fine_tuning, base_config
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS", "BITLINEAR_MATMULS", "ConfigError",
     "DATASET_SCHEMES", "DATA_MODES", "DTYPES", "FFN_ACTIVATIONS", "FIELDS",
     "PACKINGS", "QUANTIZATIONS", "REMAT_POLICIES", "RESIDUALS",
-    "STREAM_SCHEMES", "apply_fine_tuning", "base_config", "check_vocab",
-    "validate", "window_length"]
+    "ROPE_SCALINGS", "STREAM_SCHEMES", "AttentionImplementation",
+    "BitLinearMatmul", "DataMode", "DatasetScheme", "Dtype",
+    "FfnActivation", "Packing", "Quantization", "RematPolicy", "Residual",
+    "RopeScaling", "StreamScheme", "apply_fine_tuning", "base_config",
+    "check_vocab", "validate", "window_length"]
 
 
 class ConfigError(ValueError):
@@ -153,20 +178,21 @@ def _check_model(m) -> None:
   if not m.head_dim and (m.d_model // m.n_heads) % 2:
     _fail("model.n_heads", m.n_heads,
           "d_model / n_heads must be even for RoPE")
-  if m.bitlinear_matmul == "int8" and m.quantization != "ternary":
+  if (m.bitlinear_matmul == BitLinearMatmul.INT8
+      and m.quantization != Quantization.TERNARY):
     _fail("model.bitlinear_matmul", "int8", "the int8 matmul multiplies "
           "ternary weights: it needs model.quantization='ternary'")
-  if m.rope_scaling == "llama3" and (
+  if m.rope_scaling == RopeScaling.LLAMA3 and (
       m.rope_high_freq_factor <= m.rope_low_freq_factor):
     _fail("model.rope_high_freq_factor", m.rope_high_freq_factor,
           f"must exceed model.rope_low_freq_factor={m.rope_low_freq_factor} "
           "(Llama 3.1's smooth interpolation divides by their difference)")
   warmup = m.quantization_warmup_steps
-  if warmup and m.quantization != "ternary":
+  if warmup and m.quantization != Quantization.TERNARY:
     _fail("model.quantization_warmup_steps", warmup,
           "blends full precision into ternary: it needs "
           "model.quantization='ternary' (set it to 0 for the fp baseline)")
-  if warmup and m.bitlinear_matmul != "fake_quant":
+  if warmup and m.bitlinear_matmul != BitLinearMatmul.FAKE_QUANT:
     _fail("model.quantization_warmup_steps", warmup,
           "the blend runs on fake-quantized values: set "
           "model.bitlinear_matmul='fake_quant' (or the warmup to 0)")
@@ -184,7 +210,8 @@ def _check_data(d) -> None:
             f"must be a glob of the same scheme as data.dataset={d.dataset!r}"
             f" ({', '.join(STREAM_SCHEMES)}); the other datasets choose eval "
             "data with data.eval_fraction / data.eval_split")
-  if d.mode == "stream" and d.dataset.split(":")[0] not in STREAM_SCHEMES:
+  if (d.mode == DataMode.STREAM
+      and d.dataset.split(":")[0] not in STREAM_SCHEMES):
     _fail("data.mode", d.mode, f"streaming reads {', '.join(STREAM_SCHEMES)}"
           f" globs; data.dataset={d.dataset!r} needs data.mode='prepared' or "
           "'auto'")
@@ -256,8 +283,8 @@ def window_length(config: ml_collections.ConfigDict) -> int:
   """Tokens in one training window: `config.train.seq_len + 1`.
 
   A window holds the inputs and, shifted by one, their next-token targets
-  (`bitnet_jax.training.loss.split_window` splits `[batch, seq_len + 1]` into two
-  `[batch, seq_len]` halves), so data sources cut windows of this length.
+  (`bitnet_jax.data.batch.split_window` splits `[batch, seq_len + 1]` into
+  two `[batch, seq_len]` halves), so data sources cut windows of this length.
   """
   return int(config.train.seq_len) + 1
 

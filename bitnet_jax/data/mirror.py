@@ -27,8 +27,7 @@ import shutil
 
 from absl import logging
 
-from bitnet_jax.storage import files
-from bitnet_jax.storage import paths
+from bitnet_jax.storage import files, paths
 
 _CHUNK_BYTES = 16 << 20  # copy buffer: token files are gigabytes
 

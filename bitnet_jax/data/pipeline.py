@@ -39,11 +39,12 @@ import numpy as np
 import tokenizers
 from absl import logging
 
-from bitnet_jax.storage import files
 from bitnet_jax.config import STREAM_SCHEMES, ConfigError, window_length
 from bitnet_jax.data import mirror, stream
 from bitnet_jax.data import tokenizer as tokenizer_lib
+from bitnet_jax.data.batch import make_batch
 from bitnet_jax.data.corpus import TextSplit, open_splits
+from bitnet_jax.storage import files
 
 _CACHE_FORMAT = 1  # bump when the token file layout changes
 # A token cache entry's files, its completion marker last (see `mirror`).
@@ -303,9 +304,8 @@ def train_iterator(prepared: PreparedData, config, process_index: int = 0,
   `grain.checkpoint.CheckpointSave` / `CheckpointRestore`).
 
   Yields:
-    dicts of np.int32 `[train.batch_size // process_count, seq_len + 1]`:
-    "tokens", and with `data.packing="document"` "segment_ids" and
-    "positions" (`stream.batch_features`).
+    `batch.Batch`es of numpy arrays, `[train.batch_size // process_count,
+    seq_len + 1]` windows with their loss mask (`batch.make_batch`).
 
   Raises:
     ConfigError: naming `train.batch_size` when it is not divisible by
@@ -331,8 +331,7 @@ def train_iterator(prepared: PreparedData, config, process_index: int = 0,
   ds = ds.shuffle(seed=config.data.shuffle_seed).repeat()
   ds = ds[process_index::process_count]
   ds = ds.batch(local_batch, drop_remainder=True)
-  ds = ds.map(functools.partial(stream.batch_features,
-                                packing=config.data.packing,
+  ds = ds.map(functools.partial(make_batch, packing=config.data.packing,
                                 eot_id=prepared.eot_id))
   it = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=_READ_THREADS,
@@ -354,8 +353,8 @@ def eval_batches(prepared: PreparedData, config, process_index: int = 0,
   process_count, ... of each (the same interleaving as `train_iterator`).
 
   Returns:
-    `train.eval_batches` dicts (see `train_iterator`) of np.int32
-    `[train.batch_size // process_count, train.seq_len + 1]`.
+    `train.eval_batches` `batch.Batch`es (see `train_iterator`) of
+    `[train.batch_size // process_count, train.seq_len + 1]` windows.
 
   Raises:
     ConfigError: naming `train.batch_size` when not divisible by
@@ -372,7 +371,7 @@ def eval_batches(prepared: PreparedData, config, process_index: int = 0,
     windows = _prepared_eval_windows(prepared, config)
   windows = windows[:, process_index::process_count]
   assert windows.shape == (n_batches, local_batch, window_length(config))
-  return [stream.batch_features(batch, config.data.packing, prepared.eot_id)
+  return [make_batch(batch, config.data.packing, prepared.eot_id)
           for batch in windows]
 
 

@@ -13,7 +13,8 @@ and `arrayrecord:` datasets) nothing is tokenized before step 0. Per process:
   ConcatThenSplit       packed without padding into windows of seq_len + 1
                         tokens (grain); a long document continues in the
                         next window
-  batch, document features, prefetch (threads, or `mp_prefetch` workers)
+  batch, `batch.Batch` (loss mask, document features), prefetch (threads,
+  or `mp_prefetch` workers)
 
 Every stage is a grain iterator with exact `get_state`/`set_state`, so the
 checkpoint's `data` item (one file per process) resumes the stream where it
@@ -21,8 +22,9 @@ stopped: file order, position in each open file, shuffle window and packer.
 Windows do not overlap (MaxText's layout): the pair of tokens across two
 windows is not trained on, 1 in seq_len + 1.
 
-Document features (`data.packing="document"`) come from the end-of-text
-tokens, in both modes: a document's segment ends with its "<|endoftext|>",
+Document features (`data.packing="document"`, `batch.Batch.packed`) come
+from the end-of-text tokens, in both modes: a document's segment ends with
+its "<|endoftext|>",
 segment ids count 1, 2, ... within a window and positions restart at 0 at
 each segment start (also for a document continued from the previous window).
 """
@@ -39,42 +41,11 @@ import tokenizers
 
 from bitnet_jax.config import ConfigError, window_length
 from bitnet_jax.data import tokenizer as tokenizer_lib
+from bitnet_jax.data.batch import make_batch
 from bitnet_jax.data.corpus import TextSplit
 from bitnet_jax.data.sources import DocumentStream
 
 ENCODE_CHUNK = 1024  # documents per encode_batch call (bounds memory)
-
-
-def document_features(tokens: np.ndarray, eot_id: int) -> dict:
-  """Segment ids and positions of packed windows, from end-of-text tokens.
-
-  Args:
-    tokens: integer `[..., length]` windows of documents each ending with
-      `eot_id`.
-    eot_id: id of "<|endoftext|>".
-
-  Returns:
-    {"tokens", "segment_ids", "positions"}, all int32 `[..., length]`:
-    segment id = 1 + the number of end-of-text tokens before the position;
-    position = distance from the start of its segment.
-  """
-  tokens = np.asarray(tokens, np.int32)
-  is_end = tokens == eot_id
-  ends_before = np.cumsum(is_end, axis=-1) - is_end
-  index = np.arange(tokens.shape[-1], dtype=np.int32)
-  starts = np.concatenate([np.ones_like(is_end[..., :1]), is_end[..., :-1]],
-                          axis=-1)
-  segment_start = np.maximum.accumulate(np.where(starts, index, 0), axis=-1)
-  return {"tokens": tokens,
-          "segment_ids": (1 + ends_before).astype(np.int32),
-          "positions": (index - segment_start).astype(np.int32)}
-
-
-def batch_features(tokens: np.ndarray, packing: str, eot_id: int) -> dict:
-  """The batch dict of `tokens` `[..., seq_len + 1]` for `data.packing`."""
-  if packing == "document":
-    return document_features(tokens, eot_id)
-  return {"tokens": np.asarray(tokens, np.int32)}
 
 
 class Tokenize(grain.transforms.Map):
@@ -151,7 +122,7 @@ def train_stream(split: TextSplit, tokenizer: tokenizers.Tokenizer,
   """This process's endless iterator of streamed, packed training batches.
 
   Yields:
-    dicts (see `batch_features`) of int32 `[local_batch, seq_len + 1]`.
+    `batch.Batch`es of `[local_batch, seq_len + 1]` windows.
 
   Raises:
     ConfigError: see `check_file_counts`.
@@ -163,7 +134,7 @@ def train_stream(split: TextSplit, tokenizer: tokenizers.Tokenizer,
   ds = grain.experimental.ConcatThenSplitIterDataset(
       ds, length_struct={"tokens": window_length(config)})
   ds = ds.map(_tokens_only).batch(local_batch, drop_remainder=True)
-  ds = ds.map(functools.partial(batch_features, packing=d.packing,
+  ds = ds.map(functools.partial(make_batch, packing=d.packing,
                                 eot_id=eot_id))
   if d.worker_count > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(

@@ -18,10 +18,10 @@ import tokenizers
 from absl import logging
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from bitnet_jax.storage import paths
 from bitnet_jax.config import ConfigError, check_vocab
 from bitnet_jax.data import mirror
 from bitnet_jax.data.corpus import TextSplit
+from bitnet_jax.storage import paths
 from bitnet_jax.storage.files import write_atomically
 
 EOT_TOKEN = "<|endoftext|>"  # separates documents in the token stream

@@ -111,7 +111,7 @@ def _draw(iterator, batches: int, windows: int | None, frequency: np.ndarray
   counts, last_seen = collections.Counter(), {}
   per_epoch, twins = collections.Counter(), {}
   for b in range(batches):
-    rows = np.asarray(next(iterator)["tokens"])
+    rows = np.asarray(next(iterator).tokens)
     frequency += np.bincount(rows[:, 1:].ravel(),
                              minlength=frequency.size)[:frequency.size]
     for row in rows:
@@ -186,7 +186,7 @@ def verify(config, batches: int) -> dict:
                                                 frequency)
   finally:
     getattr(iterator, "close", lambda: None)()
-  eval_rows = np.concatenate([np.asarray(batch["tokens"]) for batch in
+  eval_rows = np.concatenate([np.asarray(batch.tokens) for batch in
                               data.eval_batches(prepared, config, 0, 1)])
   eval_hashes = {window_hash(row) for row in eval_rows}
   report = {

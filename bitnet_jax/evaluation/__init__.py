@@ -9,7 +9,9 @@ corpus perplexity, natively in JAX.
                  table, `harness/<task>/<metric>` scalars, clear errors for
                  unknown tasks and datasets not on the machine
   perplexity.py  token perplexity and bits per byte of a corpus
-  training.py    the train loop's `eval.harness_tasks` action
+  diagnose.py    the per-position prediction table of a text (copy rate,
+                 accuracy), `python -m bitnet_jax.generate --debug`
 
-The command line is `python -m bitnet_jax.evaluate` (bitnet_jax/evaluate.py).
+The command line is `python -m bitnet_jax.evaluate` (bitnet_jax/evaluate.py);
+the train loop runs the tasks through `bitnet_jax.training.harness`.
 """

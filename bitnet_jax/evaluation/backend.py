@@ -21,7 +21,8 @@ Requests are handled as lm-eval's `hf` backend handles them
   model's context (`max_length`) and `make_disjoint_window`, summed.
 - generate_until: contexts left-truncated to `max_length - max_gen_toks`,
   greedy (or sampled) decoding of `max_gen_toks` tokens with the KV cache
-  (`bitnet_jax.model.decode`), cut at the first EOS token, decoded without special
+  (`bitnet_jax.model.decode`), cut at the first EOS token, decoded without
+  special
   tokens, cut at the first stop sequence.
 
 Every request runs through the model's own quantized forward (fake-quantized
@@ -50,16 +51,18 @@ from flax import nnx
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import (handle_stop_sequences, has_bos_prefix,
-                                  normalize_gen_kwargs,
-                                  postprocess_generated_text)
+from lm_eval.models.utils import (
+  handle_stop_sequences,
+  has_bos_prefix,
+  normalize_gen_kwargs,
+  postprocess_generated_text,
+)
 
+from bitnet_jax.data.tokenizer import load_tokenizer
+from bitnet_jax.distributed import sharding
+from bitnet_jax.evaluation.scoring import Scorer, bucket_length
 from bitnet_jax.model import decode
 from bitnet_jax.runs import reader
-from bitnet_jax.distributed import sharding
-from bitnet_jax.data.tokenizer import load_tokenizer
-from bitnet_jax.evaluation.scoring import Scorer, bucket_length
-from bitnet_jax.model.transformer import quantization_blend
 
 MAX_GEN_TOKS = 256  # lm-eval's default `max_gen_toks` (as the hf backend)
 _SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p")
@@ -79,7 +82,8 @@ class BitNetLM(TemplateLM):
 
   Args:
     graphdef, params: the model (`nnx.split` of a
-      `bitnet_jax.model.transformer.Transformer`); the same quantized forward it trains
+      `bitnet_jax.model.transformer.Transformer`); the same quantized
+      forward it trains
       with scores every request.
     tokenizer: its `tokenizers.Tokenizer` (the run's tokenizer.json).
     mesh: the (data, fsdp) mesh rows are sharded over.
@@ -88,7 +92,7 @@ class BitNetLM(TemplateLM):
     bos_token_id: the prefix of empty contexts and rolling windows, like the
       hf backend's `prefix_token_id` (None: EOS).
     batch_size: rows per scoring or decoding call (int).
-    quant_blend: `bitnet_jax.model.transformer.quantization_blend` of the checkpoint.
+    step: the optimizer step of `params` (`transformer.bind`).
     add_bos_token: None: the tokenizer's own post-processor decides (as
       `AutoTokenizer` does); True / False: force special tokens on / off.
   """
@@ -97,16 +101,16 @@ class BitNetLM(TemplateLM):
                tokenizer: tokenizers.Tokenizer, *, mesh: jax.sharding.Mesh,
                max_length: int, eos_token_id: int,
                bos_token_id: int | None = None, batch_size: int = 16,
-               quant_blend: jax.Array | None = None,
+               step: int = 0,
                add_bos_token: bool | None = None):
     super().__init__()
     self.graphdef, self.tokenizer = graphdef, tokenizer
     self._max_length, self.batch_size = int(max_length), int(batch_size)
     self._eos, self._bos = int(eos_token_id), bos_token_id
-    self.add_bos_token, self.quant_blend = add_bos_token, quant_blend
+    self.add_bos_token = add_bos_token
     self.scorer = Scorer(graphdef, params, mesh=mesh,
                          batch_size=self.batch_size,
-                         max_length=self._max_length, quant_blend=quant_blend)
+                         max_length=self._max_length, step=step)
 
   @classmethod
   def from_run(cls, workdir: str, step: int | None = None,
@@ -127,7 +131,7 @@ class BitNetLM(TemplateLM):
     lm = cls(graphdef, params, tokenizer, mesh=mesh,
              max_length=max_length or reader.context_length(workdir, config),
              **special_tokens(workdir, tokenizer), batch_size=batch_size,
-             quant_blend=quantization_blend(config, found),
+             step=found,
              add_bos_token=add_bos_token)
     lm.step = found
     return lm
@@ -196,10 +200,10 @@ class BitNetLM(TemplateLM):
 
   # -- scoring ---------------------------------------------------------------
 
-  def set_params(self, params: Any, quant_blend: jax.Array | None) -> None:
-    """Evaluates other weights of the same model (the train loop's)."""
-    self.scorer.set_params(params)
-    self.scorer.quant_blend = self.quant_blend = quant_blend
+  def set_params(self, params: Any, step: int) -> None:
+    """Evaluates other weights of the same model (the train loop's), of
+    optimizer step `step`."""
+    self.scorer.set_params(params, step)
 
   def _window(self, context: list[int], continuation: list[int]
               ) -> tuple[list[int], int]:
@@ -276,7 +280,8 @@ class BitNetLM(TemplateLM):
     for indices in groups.values():
       gen_kwargs = requests[indices[0]].args[1]
       kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
-      until = handle_stop_sequences(kwargs.pop("until", None), eos=self.tok_decode(
+      until = handle_stop_sequences(
+          kwargs.pop("until", None), eos=self.tok_decode(
           [self.eot_token_id], skip_special_tokens=False))
       max_gen_toks = int(kwargs.pop("max_gen_toks"))
       max_context = self.max_length - max_gen_toks
@@ -318,9 +323,9 @@ class BitNetLM(TemplateLM):
     rows = prompts + [[self.prefix_token_id]] * (self.batch_size - count)
     length = bucket_length(max(map(len, rows)),
                            self.max_length - max_gen_toks)
-    new = decode.generate((self.graphdef, self.scorer.params), rows,
+    new = decode.generate(self.scorer.model, rows,
                           max_gen_toks, context_len=self.max_length,
-                          quant_blend=self.quant_blend, prompt_len=length,
+                          prompt_len=length,
                           **sampling)
     texts = []
     for row in new[:count].tolist():

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from bitnet_jax.distributed import sharding
+from bitnet_jax.model.transformer import bind
 
 MIN_BUCKET = 16  # the shortest padded row length
 
@@ -50,12 +51,11 @@ def bucket_length(length: int, max_length: int) -> int:
 
 
 def _score(params: Any, tokens: jax.Array, targets: jax.Array,
-           weights: jax.Array, quant_blend: jax.Array | None, *,
+           weights: jax.Array, step: jax.Array, *,
            graphdef: nnx.GraphDef) -> tuple[jax.Array, jax.Array]:
   """(float32 `[batch]` sums of weighted target log-probabilities in nats,
   bool `[batch]` whether every weighted target is the argmax)."""
-  model = nnx.merge(graphdef, params)
-  logits = model(tokens, quant_blend=quant_blend)  # float32 [B, L, V]
+  logits = bind(graphdef, params, step)(tokens)  # float32 [B, L, V]
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   target = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
   greedy = (jnp.argmax(logits, axis=-1) == targets) | (weights == 0)
@@ -74,7 +74,8 @@ class Scorer:
       mesh's data-parallel devices.
     max_length: the model's context in tokens (rows hold at most this many
       inputs).
-    quant_blend: see `bitnet_jax.model.transformer.quantization_blend` (None: ternary).
+    step: the optimizer step of `params` (`transformer.bind`: the
+      quantization blend of a warm-up).
 
   Attributes:
     shapes: the (rows, length) shapes compiled so far.
@@ -86,11 +87,11 @@ class Scorer:
   """
 
   def __init__(self, graphdef: nnx.GraphDef, params: Any, *, mesh: Mesh,
-               batch_size: int, max_length: int,
-               quant_blend: jax.Array | None = None):
+               batch_size: int, max_length: int, step: int = 0):
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     self.rows = -(-max(batch_size, 1) // shards) * shards
-    self.mesh, self.max_length, self.quant_blend = mesh, max_length, quant_blend
+    self.mesh, self.max_length, self.step = mesh, max_length, step
+    self.graphdef = graphdef
     self.params = self._placed(params)
     self.shapes: set[tuple[int, int]] = set()
     self._batch_sharding = sharding.batch_sharding(mesh)
@@ -104,9 +105,14 @@ class Scorer:
       return params
     return jax.device_put(params, sharding.state_shardings(params, self.mesh))
 
-  def set_params(self, params: Any) -> None:
+  def set_params(self, params: Any, step: int) -> None:
     """Scores with other parameters of the same model (e.g. a later step)."""
-    self.params = self._placed(params)
+    self.params, self.step = self._placed(params), step
+
+  @property
+  def model(self) -> Any:
+    """The `Transformer` scored (`transformer.bind` of params and step)."""
+    return bind(self.graphdef, self.params, self.step)
 
   def _global(self, rows: np.ndarray) -> jax.Array:
     return jax.make_array_from_callback(rows.shape, self._batch_sharding,
@@ -154,6 +160,6 @@ class Scorer:
     self.shapes.add(tokens.shape)
     sums, greedy = self._jitted(
         self.params, self._global(tokens), self._global(targets),
-        self._global(weights), self.quant_blend)
+        self._global(weights), jnp.int32(self.step))
     sums, greedy = np.asarray(sums), np.asarray(greedy)
     return [(float(sums[r]), bool(greedy[r])) for r in range(len(chunk))]

@@ -25,14 +25,23 @@ from typing import Any
 import jax
 import numpy as np
 
-from bitnet_jax.model.attention import kv_heads
 from bitnet_jax.config import ConfigError
+from bitnet_jax.model.attention import kv_heads
 from bitnet_jax.model.layout import to_layout, unstack_layers
-from bitnet_jax.quant.quantizers import SCALE_EPS
 from bitnet_jax.model.tree_paths import BITLINEAR_NAMES, path_name
+from bitnet_jax.quant.quantizers import SCALE_EPS
 
 VALUES_PER_BYTE = 4  # ternary codes per packed uint8
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")
+# transformers' names of an HF model folder's files besides the weights.
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+# Kept by import-hf in RUN/hf_source (with the two above) and copied back by
+# export-hf, which writes config.json and tokenizer.json from the run.
+REUSED_FILES = (GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE,
+                "special_tokens_map.json", "chat_template.jinja")
 _ACTIVATIONS = {"relu2": "relu2", "silu": "swiglu", "swish": "swiglu"}
 
 

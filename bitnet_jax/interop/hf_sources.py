@@ -32,12 +32,12 @@ from typing import Any
 import numpy as np
 from safetensors import safe_open
 
+from bitnet_jax.config.choices import QUANTIZATIONS, Quantization, RopeScaling
 from bitnet_jax.interop import hf
 from bitnet_jax.interop.hf import ConversionError
 from bitnet_jax.model.layers import head_dim
 
 SUB_NORMS = ("insert", "none")
-QUANTIZATIONS = ("ternary", "none")
 # model_type -> the architecture it names (what import-hf accepts)
 FULL_PRECISION = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                   "qwen3": "Qwen3ForCausalLM"}
@@ -65,7 +65,7 @@ def rope_fields(hf_config: Mapping, source: str) -> dict[str, Any]:
   kind = scaling.get("rope_type", scaling.get("type", "default"))
   theta = float(rope.get("rope_theta", hf_config.get("rope_theta", 10000.0)))
   if kind == "default":
-    return {"rope_theta": theta, "rope_scaling": "none"}
+    return {"rope_theta": theta, "rope_scaling": RopeScaling.NONE.value}
   if kind != "llama3":
     raise ConversionError(
         f"{source}: config.json {key}.rope_type={kind!r} is not supported: "
@@ -77,7 +77,7 @@ def rope_fields(hf_config: Mapping, source: str) -> dict[str, Any]:
                           f"has no {', '.join(missing)}")
   fields = {ours: rope[theirs] for theirs, ours in _LLAMA3_KEYS.items()}
   fields["rope_original_context"] = int(fields["rope_original_context"])
-  return {"rope_theta": theta, "rope_scaling": "llama3",
+  return {"rope_theta": theta, "rope_scaling": RopeScaling.LLAMA3.value,
           **{k: v if k == "rope_original_context" else float(v)
              for k, v in fields.items()}}
 
@@ -152,7 +152,7 @@ def model_fields(hf_config: Mapping, source: str, *,
                           f"{', '.join(SUB_NORMS)}")
   model_type = hf_config.get("model_type")
   if model_type == "bitnet":
-    if quantization == "none" or sub_norms == "none":
+    if quantization == Quantization.NONE or sub_norms == "none":
       raise ConversionError(f"{source} is a BitNet model: --quantization and "
                             "--sub_norms apply to full-precision sources")
     return {**hf.model_fields(hf_config, source), "sub_norms": True}
@@ -161,7 +161,7 @@ def model_fields(hf_config: Mapping, source: str, *,
     raise ConversionError(f"{source}: config.json model_type={model_type!r} "
                           f"cannot be imported; import-hf reads {names}")
   return {**family_fields(hf_config, source),
-          "quantization": quantization or "ternary",
+          "quantization": quantization or Quantization.TERNARY.value,
           "sub_norms": (sub_norms or "insert") == "insert"}
 
 

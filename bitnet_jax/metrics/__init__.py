@@ -11,12 +11,21 @@ The names below are the package's public interface.
 """
 
 from bitnet_jax.metrics.statistics import prediction_statistics, summarize_eval
-from bitnet_jax.metrics.throughput import (PEAK_FLOPS_PER_DEVICE, Throughput,
-                                           device_peak_flops, flops_per_token,
-                                           matmul_params, peak_flops)
-from bitnet_jax.metrics.writers import (MetricWriter, console_line,
-                                        final_metrics, log_console,
-                                        read_records)
+from bitnet_jax.metrics.throughput import (
+                                           PEAK_FLOPS_PER_DEVICE,
+                                           Throughput,
+                                           device_peak_flops,
+                                           flops_per_token,
+                                           matmul_params,
+                                           peak_flops,
+)
+from bitnet_jax.metrics.writers import (
+                                           MetricWriter,
+                                           console_line,
+                                           final_metrics,
+                                           log_console,
+                                           read_records,
+)
 
 __all__ = ["PEAK_FLOPS_PER_DEVICE", "MetricWriter", "Throughput",
            "console_line", "device_peak_flops", "final_metrics",

@@ -6,9 +6,10 @@ the alarms firing at that evaluation (stored as `record["health_alarms"]`)
 and logs one WARNING the first time each fires. "Train loss" below is the
 mean of the last 3 train records (nats). Defaults and the runs behind them
 (tiny: `configs/tiny.py`, 500 steps, an eval every 25, seeds 0-2, recorded;
-d20:cpu, recorded; tables and commands in tests/test_health.py; and the
-runs of earlier BitNet attempts in the lab notes of ../shared/seeds, "lab
-notes" below):
+d20:cpu, recorded; tables and commands in tests/test_health.py and
+experiments/RESULTS.md, "Watching the model learn"; and, marked "reported"
+below, figures reported for earlier BitNet b1.58 training runs (d20 scale,
+a 50,257-token vocabulary) that no script here reproduces):
 
 * `copying` -- copy_rate >= eval_accuracy, copy_rate >= `copy_rate_floor`
   (0.2) and copy_rate > top_token_share: the model predicts the token it
@@ -19,13 +20,13 @@ notes" below):
   tiny: copy_rate <= 0.084. Unshifted labels on tiny: 0.33 at step 75, 0.82
   at step 200 (top_token_share 0.18, 0.06).
 * `vocabulary_collapse` -- unique_predictions < `min_unique_predictions`
-  (12; at most vocab_size // 4). Lab notes: collapsed runs predicted 2-8
+  (12; at most vocab_size // 4). Reported: collapsed runs predicted 2-8
   tokens, healthy ones > 50 at d20 scale. Healthy tiny: 1-4 at steps
   25-125, 12-19 by step 200-250, 22-29 from step 275 (19 at step 400 in
   another recorded run); d20:cpu:
   1573 at step 0, 68 in stage 1, 229 after the stage boundary.
 * `frequency_collapse` -- top_token_share > `max_top_token_share` (0.5):
-  one token takes most positions (lab notes: spaces everywhere). Healthy
+  one token takes most positions (reported: spaces everywhere). Healthy
   tiny: 0.8-1.0 at steps 25-100, <= 0.27 from step 275.
 * `memorization` -- eval_loss - train loss > `memorization_gap` (1.5 nats):
   repeated data. Healthy tiny: <= 0.32 nats; healthy d20:cpu: 0.85, 0.87,
@@ -35,7 +36,7 @@ notes" below):
   step 200, 1.69 at 225, 1.88 at 250, 3.2 at 500.
 * `loss_too_fast` -- the train loss at a step <= `loss_too_fast_steps`
   (500) falls below `loss_too_fast_fraction` (0.45) x ln(vocab_size), the
-  loss of a uniform prediction. Lab notes: a healthy run at 5.5 nats = 0.51 x
+  loss of a uniform prediction. Reported: a healthy run at 5.5 nats = 0.51 x
   ln(50257) at step 500; unshifted labels: 1.8 nats = 0.17 x at step 120.
   Healthy tiny: >= 0.67 x ln(512); unshifted labels: 0.39 x by step 175.
   Silent when the step-0 eval_loss shows pretrained weights (< 0.9 ln V).
@@ -43,7 +44,7 @@ notes" below):
 Telling the unigram phase from a collapse: `vocabulary_collapse` and
 `frequency_collapse` fire only after the grace period, max(`grace_steps`
 (400), `grace_fraction` (0.1) x train.steps) (tiny recovers by step 275;
-the lab notes' 30k-step stage-1 collapse, 4 tokens at 3k and 2 at 4k,
+a reported 30k-step run's stage-1 collapse, 4 tokens at 3k and 2 at 4k,
 fires at 4k), or once armed: the metric was unhealthy (the phase) and then
 clearly healthy (2 x the unique floor, half the share limit), so a collapse
 that returns is caught early. Every alarm but `loss_too_fast` must hold at
@@ -76,7 +77,7 @@ ALARMS = ("copying", "frequency_collapse", "loss_too_fast", "memorization",
 _ADVICE = {
     "copying": "the model predicts its current input token (the tied-"
                "embedding / unshifted-label signature). Try: check the label "
-               "shift (targets must be window[:, 1:], bitnet_jax.training.loss."
+               "shift (targets must be window[:, 1:], bitnet_jax.data.batch."
                "split_window) and set model.tie_embeddings=False",
     "vocabulary_collapse": "the model predicts only a handful of distinct "
                            "tokens (collapsed runs predict 2-8). Try: "

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from bitnet_jax.runs.directory import METRICS, SAMPLES, TENSORBOARD
 from bitnet_jax.storage import paths
 from bitnet_jax.storage.files import write_atomically
 
@@ -79,7 +80,7 @@ def read_records(workdir: str) -> list[dict]:
     ValueError: naming the file, the line number and the fix when a line
       other than the last is corrupt.
   """
-  path = paths.join(workdir, "metrics.jsonl")
+  path = paths.join(workdir, METRICS)
   try:
     text = paths.read_bytes(path).decode("utf-8", errors="replace")
   except FileNotFoundError:
@@ -159,8 +160,8 @@ class MetricWriter:
 
   def __init__(self, workdir: str, resume_step: int = 0):
     self.enabled = jax.process_index() == 0
-    self.path = paths.join(workdir, "metrics.jsonl")
-    self.samples_path = paths.join(workdir, "samples.jsonl")
+    self.path = paths.join(workdir, METRICS)
+    self.samples_path = paths.join(workdir, SAMPLES)
     self._tensorboard = None
     if not self.enabled:
       return
@@ -174,7 +175,7 @@ class MetricWriter:
     # A SessionLog START at purge_step makes TensorBoard drop the points of
     # earlier event files at steps >= purge_step.
     purge_step = resume_step + 1 if resume_step > 0 else 0
-    self._tensorboard = SummaryWriter(paths.join(workdir, "tensorboard"),
+    self._tensorboard = SummaryWriter(paths.join(workdir, TENSORBOARD),
                                       purge_step=purge_step)
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:

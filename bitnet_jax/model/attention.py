@@ -34,9 +34,18 @@ from absl import logging
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from bitnet_jax.model.layers import (BitLinear, apply_norm, apply_rope,
-                               bitlinear_arguments, dropout, head_dim,
-                               rms_norm, rope_frequencies, sub_norm)
+from bitnet_jax.config.choices import AttentionImplementation
+from bitnet_jax.model.layers import (
+  BitLinear,
+  apply_norm,
+  apply_rope,
+  bitlinear_arguments,
+  dropout,
+  head_dim,
+  rms_norm,
+  rope_frequencies,
+  sub_norm,
+)
 
 _LOGGED: set[str] = set()  # attention choices already logged
 
@@ -45,10 +54,6 @@ def _log_once(level: int, message: str) -> None:
   if message not in _LOGGED:
     _LOGGED.add(message)
     logging.log(level, message)
-
-# `model.attention_implementation`'s values; `config.ATTENTION_IMPLEMENTATIONS`
-# is the same tuple (tests/test_model.py checks they agree).
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 
 def cudnn_unsupported(dtype: jnp.dtype, head_dim: int, seq_len: int,
@@ -81,21 +86,30 @@ def attention_implementation(requested: str, dtype: jnp.dtype, head_dim: int,
   "auto" is cuDNN on a GPU in bfloat16 and XLA elsewhere; "cudnn" (asked
   for, or chosen by "auto") falls back to XLA with a WARNING when
   `cudnn_unsupported` names a reason. The choice is logged once (INFO).
+
+  Returns:
+    "xla" or "cudnn", `jax.nn.dot_product_attention`'s `implementation`.
+
+  Raises:
+    ValueError: `requested` is not an `AttentionImplementation` (the enum's
+      lookup; `config.validate` names the key).
   """
-  choice = requested
-  if requested == "auto":
+  choice = AttentionImplementation(requested)
+  if choice is AttentionImplementation.AUTO:
     on_gpu = jax.default_backend() == "gpu"
-    choice = "cudnn" if on_gpu and dtype == jnp.bfloat16 else "xla"
-  if choice == "cudnn":
+    choice = (AttentionImplementation.CUDNN
+              if on_gpu and dtype == jnp.bfloat16
+              else AttentionImplementation.XLA)
+  if choice is AttentionImplementation.CUDNN:
     reason = cudnn_unsupported(dtype, head_dim, seq_len, masked)
     if reason:
       _log_once(logging.WARNING, f"attention: cuDNN cannot run this model "
                 f"({reason}); using the XLA implementation")
-      choice = "xla"
+      choice = AttentionImplementation.XLA
   _log_once(logging.INFO, f"attention implementation: {choice} "
             f"({jnp.dtype(dtype).name}, head dim {head_dim}, seq {seq_len}"
             f"{', document mask' if masked else ''})")
-  return choice
+  return choice.value
 
 
 def document_mask(segment_ids: jax.Array) -> jax.Array:
@@ -181,11 +195,6 @@ class Attention(nnx.Module):
     self.attn_sub_norm = sub_norm(width, config, rngs)
     self.o_proj = BitLinear(width, d, **linear)
     self.rope_frequencies = rope_frequencies(self.head_dim, config)
-    if config.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(
-          f"model.attention_implementation="
-          f"{config.attention_implementation!r}: use one of "
-          f"{', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))}")
     self.requested_implementation = config.attention_implementation
     self.dropout_rate = config.dropout_rate
 
@@ -195,7 +204,7 @@ class Attention(nnx.Module):
                dropout_key: jax.Array | None = None,
                cache: dict[str, jax.Array] | None = None,
                cache_index: jax.Array | None = None,
-               relations: bool = False) -> Any:
+               capture: bool = False) -> Any:
     """Maps normalized `[batch, seq, d_model]` to `[batch, seq, d_model]`.
 
     Args:
@@ -210,15 +219,15 @@ class Attention(nnx.Module):
       cache: optional {"key", "value"} `[batch, max_len, n_kv_heads,
         head_dim]` in the compute dtype; x's keys and values are written at
         `cache_index` (int32 scalar) and the queries attend over the cache.
-      relations: also return the projections that attention-relation
-        distillation compares (`bitnet_jax.training.objectives.distillation`): {"query" `[batch, seq,
-        n_heads, head_dim]`, "key", "value" `[batch, seq, n_kv_heads,
-        head_dim]`}, the q/k/v_proj outputs split into heads (before
-        QK-norm and RoPE), in the compute dtype. Not with a cache.
+      capture: also return the q/k/v_proj outputs split into heads
+        (before QK-norm and RoPE), in the compute dtype: {"query" `[batch,
+        seq, n_heads, head_dim]`, "key", "value" `[batch, seq, n_kv_heads,
+        head_dim]`} (what attention-relation distillation compares). Not
+        with a cache.
 
     Returns:
       The output `[batch, seq, d_model]`; with a cache, (output, new cache);
-      with `relations`, (output, projections).
+      with `capture`, (output, projections).
     """
     batch, seq, _ = x.shape
     head_dim = self.head_dim
@@ -266,7 +275,7 @@ class Attention(nnx.Module):
                    out_BxLxHxD.reshape(batch, seq, -1)),
         quant_blend)
     out = checkpoint_name(out, "out_proj")
-    if relations:
+    if capture:
       return out, {"query": q_BxLxM.reshape(batch, seq, self.n_heads,
                                             head_dim),
                    "key": k_BxLxKD.reshape(kv_shape),

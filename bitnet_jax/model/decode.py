@@ -87,8 +87,8 @@ def _mask(starts: jax.Array, first: jax.Array, seq: int, max_len: int
 @functools.partial(jax.jit, static_argnames=(
     "graphdef", "max_new_tokens", "temperature", "top_k", "top_p",
     "return_logits"))
-def _prefill_and_decode(params: Any, tokens: jax.Array, starts: jax.Array,
-                        key: jax.Array, quant_blend: jax.Array | None, *,
+def _prefill_and_decode(state: Any, tokens: jax.Array, starts: jax.Array,
+                        key: jax.Array, *,
                         graphdef: nnx.GraphDef, max_new_tokens: int,
                         temperature: float, top_k: int, top_p: float,
                         return_logits: bool
@@ -96,14 +96,14 @@ def _prefill_and_decode(params: Any, tokens: jax.Array, starts: jax.Array,
   """The prefill and the decode loop: (int32 `[batch, max_new_tokens]`
   tokens, float32 `[batch, max_new_tokens, vocab_size]` logits they were
   drawn from, or None without `return_logits`)."""
-  model = nnx.merge(graphdef, params)
+  model = nnx.merge(graphdef, state)
   batch, length = tokens.shape
   max_len = length + max_new_tokens
   cache = model.empty_cache(batch, max_len)
   positions = jnp.maximum(jnp.arange(length)[None] - starts[:, None], 0)
   logits, cache = model.decode(
       tokens, positions, _mask(starts, 0, length, max_len), cache,
-      jnp.int32(0), quant_blend=quant_blend)
+      jnp.int32(0))
 
   def draw(logits, key):
     return sample_logits(logits, key, temperature=temperature, top_k=top_k,
@@ -114,8 +114,7 @@ def _prefill_and_decode(params: Any, tokens: jax.Array, starts: jax.Array,
     slot = length + index
     logits, cache = model.decode(
         token[:, None], (slot - starts)[:, None],
-        _mask(starts, slot, 1, max_len), cache, slot,
-        quant_blend=quant_blend)
+        _mask(starts, slot, 1, max_len), cache, slot)
     key, subkey = jax.random.split(key)
     following = draw(logits[:, 0], subkey)
     return (cache, following, key), (
@@ -136,20 +135,20 @@ def _prefill_and_decode(params: Any, tokens: jax.Array, starts: jax.Array,
 def generate(model: Any, prompts: Sequence[Sequence[int]],
              max_new_tokens: int, *, context_len: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0, quant_blend: jax.Array | None = None,
-             return_logits: bool = False,
+             seed: int = 0, return_logits: bool = False,
              prompt_len: int | None = None) -> Any:
   """Continues each prompt by `max_new_tokens` tokens.
 
   Args:
-    model: a `bitnet_jax.model.transformer.Transformer`, or its (graphdef, params).
+    model: a `bitnet_jax.model.transformer.Transformer` (from
+      `transformer.bind`: its step sets the quantization blend), or its
+      `nnx.split` (graphdef, state).
     prompts: token id lists, one per row (any lengths >= 1).
     max_new_tokens: tokens to generate per row, >= 1.
     context_len: the longest sequence the model may see (its training
       `train.seq_len`): the longest prompt + max_new_tokens must fit.
     temperature, top_k, top_p: see `sample_logits` (0: greedy).
     seed: PRNG seed of the sampling.
-    quant_blend: see `bitnet_jax.model.transformer.quantization_blend`.
     return_logits: also return the float32 logits each new token was drawn
       from.
     prompt_len: left-pad every prompt to this many slots (a static bucket
@@ -185,15 +184,40 @@ def generate(model: Any, prompts: Sequence[Sequence[int]],
         f"{tokens.shape[1]} tokens exceed the model's context of "
         f"{context_len} tokens (train.seq_len): lower --max_new_tokens to "
         f"{context_len - tokens.shape[1]} or shorten the prompt")
-  graphdef, params = model if isinstance(model, tuple) else nnx.split(model)
+  graphdef, state = model if isinstance(model, tuple) else nnx.split(model)
   new_tokens, logits = _prefill_and_decode(
-      params, jnp.asarray(tokens), jnp.asarray(starts), jax.random.key(seed),
-      quant_blend, graphdef=graphdef, max_new_tokens=max_new_tokens,
+      state, jnp.asarray(tokens), jnp.asarray(starts), jax.random.key(seed),
+      graphdef=graphdef, max_new_tokens=max_new_tokens,
       temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
       return_logits=return_logits)
   if return_logits:
     return np.asarray(_host(new_tokens)), np.asarray(_host(logits))
   return np.asarray(_host(new_tokens))
+
+
+def greedy(model: Any, prompt: np.ndarray, max_new_tokens: int
+           ) -> np.ndarray:
+  """Greedy decoding (KV cache): each new token is the argmax; the context
+  is exactly the prompt plus the new tokens.
+
+  Args:
+    model: the language model (as `generate`).
+    prompt: int32 `[batch, prompt_len]` token ids, prompt_len >= 1.
+    max_new_tokens: tokens to append, >= 1.
+
+  Returns:
+    int32 `[batch, max_new_tokens]`, the generated ids.
+
+  Raises:
+    ValueError: naming `--max_new_tokens` when it is < 1, or when the prompt
+      is empty.
+  """
+  prompt = np.asarray(prompt, np.int32)
+  if prompt.ndim != 2 or prompt.shape[1] == 0:
+    raise ValueError(f"the prompt must be [batch, len >= 1], got shape "
+                     f"{prompt.shape}")
+  return generate(model, prompt.tolist(), max_new_tokens,
+                  context_len=prompt.shape[1] + max(max_new_tokens, 0))
 
 
 def _host(array: jax.Array) -> jax.Array:

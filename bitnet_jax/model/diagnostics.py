@@ -18,8 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bitnet_jax.quant import quantizers
 from bitnet_jax.model.tree_paths import bitlinear_kind, in_stacked_layers
+from bitnet_jax.quant import quantizers
 
 
 @jax.jit

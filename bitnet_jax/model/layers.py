@@ -3,7 +3,8 @@
 BitLinear follows Microsoft's "The Era of 1-bit LLMs: Training Tips, Code and
 FAQ": y = activation_quant(x) @ weight_quant(W), no bias. The RMSNorm that
 precedes every BitLinear lives in the caller (the BitNet b1.58 2B4T layout
-shares one norm across q/k/v and across gate/up), see `bitnet_jax.model.transformer`.
+shares one norm across q/k/v and across gate/up), see
+`bitnet_jax.model.block`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from bitnet_jax.config.choices import BitLinearMatmul, Quantization, RopeScaling
 from bitnet_jax.quant import quantizers
 
 
@@ -23,7 +25,8 @@ class BitLinear(nnx.Module):
   """A linear layer with ternary weights and int8 activations.
 
   `quantization="ternary"`: y = activation_quant(x) @ weight_quant(kernel),
-  both fake-quantized with straight-through gradients (`bitnet_jax.quant.quantizers`).
+  both fake-quantized with straight-through gradients
+  (`bitnet_jax.quant.quantizers`).
   `quantization="none"`: y = x @ kernel, the same parameters in full precision
   (the baseline every comparison needs).
 
@@ -38,9 +41,9 @@ class BitLinear(nnx.Module):
   and rescales (`quantizers.int8_matmul`). Both have the same straight-through
   gradient and agree to float rounding.
 
-  Raises:
-    ValueError: naming `model.quantization` or `model.bitlinear_matmul` for
-      an unknown value.
+  `quantization` and `matmul` are values of `Quantization` and
+  `BitLinearMatmul` (`bitnet_jax.config.validate` checks a config's; another
+  string fails the enum's or the table's lookup, ValueError / KeyError).
 
   `use_bias` adds a full-precision bias after the product (BitNet has
   none; Qwen2's q/k/v projections do, `model.attention_bias`).
@@ -55,20 +58,15 @@ class BitLinear(nnx.Module):
                quantization: str, init_std: float, dtype: jnp.dtype,
                rngs: nnx.Rngs, matmul: str = "fake_quant",
                use_bias: bool = False):
-    if quantization not in ("ternary", "none"):
-      raise ValueError(f"model.quantization={quantization!r}: use "
-                       "'ternary' or 'none'")
-    if matmul not in BITLINEAR_MATMULS:
-      raise ValueError(f"model.bitlinear_matmul={matmul!r}: use one of "
-                       f"{', '.join(map(repr, BITLINEAR_MATMULS))}")
     init = nnx.initializers.normal(stddev=init_std)
     self.kernel = nnx.Param(
         init(rngs.params(), (in_features, out_features), jnp.float32))
     self.bias = (nnx.Param(jnp.zeros((out_features,), jnp.float32))
                  if use_bias else None)
     # Chosen once here, not branched on in every call.
-    self.multiply = (BITLINEAR_MATMULS[matmul] if quantization == "ternary"
-                     else full_precision_matmul)
+    self.multiply = (full_precision_matmul
+                     if Quantization(quantization) is Quantization.NONE
+                     else BITLINEAR_MATMULS[matmul])
     self.dtype = dtype
 
   def __call__(self, x: jax.Array,
@@ -112,10 +110,10 @@ def int8_codes_matmul(x: jax.Array, kernel: jax.Array,
   return fake_quant_matmul(x, kernel, quant_blend)
 
 
-# `model.bitlinear_matmul` -> how a ternary BitLinear multiplies; the keys
-# are `config.BITLINEAR_MATMULS` (tests/test_model.py checks they agree).
-BITLINEAR_MATMULS = {"fake_quant": fake_quant_matmul,
-                     "int8": int8_codes_matmul}
+# `model.bitlinear_matmul` -> how a ternary BitLinear multiplies, one entry
+# per `BitLinearMatmul` (tests/test_model.py checks none is missing).
+BITLINEAR_MATMULS = {BitLinearMatmul.FAKE_QUANT: fake_quant_matmul,
+                     BitLinearMatmul.INT8: int8_codes_matmul}
 
 
 def _blend(value: jax.Array, quantized: jax.Array,
@@ -186,7 +184,7 @@ def rope_frequencies(head_dim: int, config: ml_collections.ConfigDict
   """
   half = head_dim // 2
   inv_freq = config.rope_theta ** (-np.arange(half, dtype=np.float64) / half)
-  if config.rope_scaling == "none":
+  if config.rope_scaling == RopeScaling.NONE:
     return tuple(float(f) for f in inv_freq)
   factor = config.rope_scaling_factor
   low, high = config.rope_low_freq_factor, config.rope_high_freq_factor

@@ -3,7 +3,8 @@
 "scanned": every block parameter stacked on a leading `[n_layers]` axis,
 `params["layers"]["self_attn"]["q_proj"]["kernel"]` `[n_layers, in, out]`;
 "unrolled": one subtree per block, `params["layers"][i]` (see
-`bitnet_jax.model.transformer`). The functions work on pure-dict trees of jax arrays,
+`bitnet_jax.model.transformer`). The functions work on pure-dict trees of jax
+arrays,
 numpy arrays or `jax.ShapeDtypeStruct`s.
 """
 

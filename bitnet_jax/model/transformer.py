@@ -20,8 +20,8 @@ block (`params["layers"][i]`) and a Python loop. Both draw block i's weights
 from the same key, so a seed gives the same model in both;
 `bitnet_jax.model.layout.to_layout` converts.
 
-Shape legend for the suffixed names (`gate_BxLxF`): B batch, L seq, M
-d_model, F ffn_dim (attention's own legend is in `bitnet_jax.model.attention`).
+The block itself is `bitnet_jax.model.block`; attention's shape legend is in
+`bitnet_jax.model.attention`.
 """
 
 from __future__ import annotations
@@ -33,21 +33,22 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from bitnet_jax.config.choices import RematPolicy, Residual
 from bitnet_jax.model import residual
-from bitnet_jax.model.attention import Attention, document_mask, kv_heads
-from bitnet_jax.model.layers import (BitLinear, apply_norm, bitlinear_arguments,
-                               dropout, head_dim, rms_norm, sub_norm)
+from bitnet_jax.model.attention import document_mask, kv_heads
+from bitnet_jax.model.block import Block
+from bitnet_jax.model.layers import head_dim, rms_norm
 
 # Activations named for `model.remat_policy = "save_qkv_out"`.
 SAVED_BY_QKV_OUT = ("query_proj", "key_proj", "value_proj", "out_proj")
 
-# `model.remat_policy` -> `jax.checkpoint` policy (None: no remat); the keys
-# are `config.REMAT_POLICIES` (tests/test_model.py checks they agree).
+# `model.remat_policy` -> `jax.checkpoint` policy (None: no remat), one entry
+# per `RematPolicy` (tests/test_model.py checks none is missing).
 REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "save_qkv_out": jax.checkpoint_policies.save_only_these_names(
+    RematPolicy.NONE: None,
+    RematPolicy.FULL: jax.checkpoint_policies.nothing_saveable,
+    RematPolicy.DOTS_SAVEABLE: jax.checkpoint_policies.dots_saveable,
+    RematPolicy.SAVE_QKV_OUT: jax.checkpoint_policies.save_only_these_names(
         *SAVED_BY_QKV_OUT)}
 
 
@@ -66,141 +67,17 @@ def checkpoint_policy(name: str) -> Any:
     the rest (attention and the feed-forward).
 
   Raises:
-    ValueError: naming `model.remat_policy` for an unknown name.
+    KeyError: for a name that is not a `RematPolicy` (`config.validate`
+      names the key).
   """
-  if name not in REMAT_POLICIES:
-    raise ValueError(f"model.remat_policy={name!r}: use one of "
-                     f"{', '.join(REMAT_POLICIES)}")
   return REMAT_POLICIES[name]
 
 
-def squared_relu(x: jax.Array) -> jax.Array:
-  """relu(x)^2, the FFN activation of BitNet b1.58 2B4T (arXiv 2504.12285,
-  Sec. 2); same shape and dtype as `x`."""
-  return jnp.square(jax.nn.relu(x))
+class OptimizerStep(nnx.Variable):
+  """The optimizer updates a model's parameters received: int32 scalar.
 
-
-# `model.ffn_activation` -> the gate's activation; the keys are
-# `config.FFN_ACTIVATIONS` (tests/test_model.py checks they agree).
-FFN_ACTIVATIONS = {"swiglu": jax.nn.silu, "relu2": squared_relu}
-
-
-class FeedForward(nnx.Module):
-  """Gated FFN: down(ffn_sub_norm(act(gate(x)) * up(x))) (no sub-norm with
-  `model.sub_norms=False`).
-
-  act is SiLU ("swiglu", the b1.58 paper) or squared ReLU ("relu2", 2B4T),
-  chosen once from `FFN_ACTIVATIONS` when the module is built.
-
-  Raises:
-    ValueError: naming `model.ffn_activation` for an unknown activation.
-  """
-
-  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    d, f = config.d_model, config.ffn_dim
-    if config.ffn_activation not in FFN_ACTIVATIONS:
-      raise ValueError(f"model.ffn_activation={config.ffn_activation!r}: use "
-                       f"one of {', '.join(map(repr, FFN_ACTIVATIONS))}")
-    linear = bitlinear_arguments(config, rngs)
-    self.gate_proj = BitLinear(d, f, **linear)
-    self.up_proj = BitLinear(d, f, **linear)
-    self.ffn_sub_norm = sub_norm(f, config, rngs)
-    self.down_proj = BitLinear(f, d, **linear)
-    self.activation = FFN_ACTIVATIONS[config.ffn_activation]
-
-  def __call__(self, x: jax.Array,
-               quant_blend: jax.Array | None = None) -> jax.Array:
-    """Maps normalized `[B, L, M]` to `[B, L, M]` through `[B, L, F]`
-    (`quant_blend`: see `BitLinear`)."""
-    gate_BxLxF = self.activation(self.gate_proj(x, quant_blend))
-    return self.down_proj(
-        apply_norm(self.ffn_sub_norm,
-                   gate_BxLxF * self.up_proj(x, quant_blend)),
-        quant_blend)
-
-
-def _rms(x: jax.Array) -> jax.Array:
-  return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
-
-
-class Block(nnx.Module):
-  """A pre-norm transformer block on a float32 residual stream.
-
-  With `model.residual="mhc_lite"` the stream is `[batch, seq, n, d_model]`
-  and each sublayer reads and writes it through a `residual.HyperConnection`
-  (`attn_hc`, `mlp_hc`); otherwise x + attention(norm(x)), then
-  x + ffn(norm(x)). With a dropout key, each sublayer's output is dropped
-  out (`model.dropout_rate`) before it joins the stream.
-  """
-
-  def __init__(self, config: ml_collections.ConfigDict,
-               index: int | jax.Array = 0, *, rngs: nnx.Rngs):
-    dtype = jnp.dtype(config.dtype)
-    self.input_layernorm = rms_norm(config.d_model, eps=config.norm_eps,
-                                    dtype=dtype, rngs=rngs)
-    self.self_attn = Attention(config, rngs=rngs)
-    self.post_attention_layernorm = rms_norm(
-        config.d_model, eps=config.norm_eps, dtype=dtype, rngs=rngs)
-    self.mlp = FeedForward(config, rngs=rngs)
-    self.dropout_rate = config.dropout_rate
-    hyper = config.residual == "mhc_lite"  # index: the block's depth
-    self.attn_hc = residual.HyperConnection(
-        config.residual_streams, 2 * index) if hyper else None
-    self.mlp_hc = residual.HyperConnection(
-        config.residual_streams, 2 * index + 1) if hyper else None
-
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
-               positions: jax.Array | None = None, *,
-               quant_blend: jax.Array | None = None,
-               dropout_key: jax.Array | None = None,
-               cache: dict[str, jax.Array] | None = None,
-               cache_index: jax.Array | None = None,
-               relations: bool = False
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Maps the float32 stream to the same shape and dtype.
-
-    Args:
-      x: float32 `[batch, seq, d_model]` (or `[batch, seq, n, d_model]`
-        with mHC-lite).
-      mask, positions, quant_blend, cache, cache_index: see
-        `Attention.__call__`.
-      dropout_key: a PRNG key for dropout (training only), or None.
-      relations: also return the attention's q/k/v projections
-        (`Attention.__call__`) as extras["qkv"].
-
-    Returns:
-      (the new stream, extras): extras holds float32 scalars
-      `attention_rms` and `ffn_rms`, the RMS of what each sublayer adds
-      to the stream, the updated `cache` when one was given, and "qkv"
-      with `relations`.
-    """
-    keys = [None] * 3 if dropout_key is None else list(
-        jax.random.split(dropout_key, 3))
-    extras = {}
-
-    def sublayer(x, hyper, norm, apply, key):
-      h = x if hyper is None else hyper.read(x)
-      out = apply(norm(h)).astype(jnp.float32)
-      if key is not None and self.dropout_rate > 0:
-        out = dropout(out, self.dropout_rate, key)
-      return (x + out if hyper is None else hyper.write(x, out)), _rms(out)
-
-    def attend(h):
-      out = self.self_attn(h, mask, positions, quant_blend=quant_blend,
-                           dropout_key=keys[0], cache=cache,
-                           cache_index=cache_index, relations=relations)
-      if cache is not None:
-        out, extras["cache"] = out
-      elif relations:
-        out, extras["qkv"] = out
-      return out
-
-    x, extras["attention_rms"] = sublayer(
-        x, self.attn_hc, self.input_layernorm, attend, keys[1])
-    x, extras["ffn_rms"] = sublayer(
-        x, self.mlp_hc, self.post_attention_layernorm,
-        lambda h: self.mlp(h, quant_blend), keys[2])
-    return x, extras
+  Not an `nnx.Param` (never trained, never in a checkpoint's `params`); set
+  by `bind`."""
 
 
 class Transformer(nnx.Module):
@@ -235,12 +112,13 @@ class Transformer(nnx.Module):
     self.cache_entry = (kv_heads(config), head_dim(config))
     self.dtype = jnp.dtype(config.dtype)
     self.scan_layers = config.scan_layers
-    self.remat = checkpoint_policy(config.remat_policy) if (
-        config.remat_policy != "none") else None  # chosen once, at build
+    self.remat = checkpoint_policy(config.remat_policy)  # once, at build
     self.streams = config.residual_streams if (
-        config.residual == "mhc_lite") else 0
+        config.residual == Residual.MHC_LITE) else 0
     self.norm = rms_norm(config.d_model, eps=config.norm_eps, dtype=dtype,
                          rngs=rngs)
+    self.quantization_warmup_steps = config.quantization_warmup_steps
+    self.step = OptimizerStep(jnp.zeros((), jnp.int32))
     self.lm_head = None if config.tie_embeddings else nnx.Linear(
         config.d_model, config.vocab_size, use_bias=False, kernel_init=init,
         dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
@@ -253,7 +131,7 @@ class Transformer(nnx.Module):
     `per_layer` holds arrays with a leading `[n_layers]` axis (dropout keys,
     KV caches) handed one slice to each block; the blocks' extras come back
     stacked the same way. With `capture_layer` (an index in [0, n_layers)),
-    extras["qkv"] also holds that one block's attention projections
+    extras["captured"] also holds that one block's attention projections
     (unstacked; with scanned layers the scan carries one copy, so the other
     blocks' projections are never stacked).
     """
@@ -275,34 +153,34 @@ class Transformer(nnx.Module):
       def body(carry, xs):
         x, kept = carry
         layer_state, layer, index = xs
-        x, extras = run_block(graphdef, layer_state, x, layer,
-                              relations=True)
+        x, extras = run_block(graphdef, layer_state, x, layer, capture=True)
         chosen = index == capture_layer
         kept = jax.tree.map(lambda k, n: jnp.where(chosen, n, k), kept,
-                            extras.pop("qkv"))
+                            extras.pop("captured"))
         return (x, kept), extras
 
       first = jax.tree.map(lambda a: a[0], (state, per_layer))
       shapes = jax.eval_shape(
           lambda s, layer, x: run_block(graphdef, s, x, layer,
-                                        relations=True)[1]["qkv"], *first, x)
+                                        capture=True)[1]["captured"], *first,
+          x)
       zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
       (x, kept), extras = jax.lax.scan(
           body, (x, zeros),
           (state, per_layer, jnp.arange(self.n_layers, dtype=jnp.int32)))
-      return x, {**extras, "qkv": kept}
+      return x, {**extras, "captured": kept}
     outputs, kept = [], None
     for i, layer in enumerate(self.layers):
       graphdef, state = nnx.split(layer)
-      extra = {"relations": True} if i == capture_layer else {}
+      extra = {"capture": True} if i == capture_layer else {}
       x, extras = run_block(graphdef, state, x,
                             jax.tree.map(lambda a, i=i: a[i], per_layer),
                             **extra)
       if extra:
-        kept = extras.pop("qkv")
+        kept = extras.pop("captured")
       outputs.append(extras)
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *outputs)
-    return x, stacked if kept is None else {**stacked, "qkv": kept}
+    return x, stacked if kept is None else {**stacked, "captured": kept}
 
   def _stream(self, tokens: jax.Array) -> jax.Array:
     x = self.embed_tokens(tokens).astype(jnp.float32)
@@ -314,7 +192,6 @@ class Transformer(nnx.Module):
   def hidden_and_statistics(
       self, tokens: jax.Array, segment_ids: jax.Array | None = None,
       positions: jax.Array | None = None, *,
-      quant_blend: jax.Array | None = None,
       dropout_key: jax.Array | None = None,
       capture_layer: int | None = None
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -322,20 +199,19 @@ class Transformer(nnx.Module):
 
     Args:
       tokens, segment_ids, positions: see `__call__`.
-      quant_blend: None, or the float32 lambda of
-        `model.quantization_warmup_steps` (`quantization_blend`).
       dropout_key: a PRNG key to apply `model.dropout_rate` (training);
         None evaluates without dropout.
       capture_layer: None, or a block index in [0, n_layers): statistics
-        also holds "qkv", that block's attention projections ("query",
-        "key", "value", see `Attention.__call__`), for attention-relation
-        distillation.
+        also holds "captured", that block's attention projections
+        ("query", "key", "value" before QK-norm and RoPE, see
+        `Attention.__call__`), e.g. for attention-relation distillation or
+        probes.
 
     Returns:
       (hidden `[batch, seq, d_model]` in the compute dtype, statistics):
       float32 `[n_layers]` arrays `attention_rms` and `ffn_rms`, the RMS of
       each block's attention and FFN outputs added to the residual stream
-      (and "qkv" with `capture_layer`).
+      (and "captured" with `capture_layer`).
 
     Raises:
       ValueError: `capture_layer` outside [0, n_layers).
@@ -348,7 +224,7 @@ class Transformer(nnx.Module):
         "dropout_key": jax.random.split(dropout_key, self.n_layers)}
     x, extras = self._blocks(self._stream(tokens), per_layer, capture_layer,
                              mask=mask, positions=positions,
-                             quant_blend=quant_blend)
+                             quant_blend=self.quantization_blend())
     return self._final_norm(x), extras
 
   def hidden(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
@@ -360,6 +236,12 @@ class Transformer(nnx.Module):
     """
     return self.hidden_and_statistics(tokens, segment_ids, positions,
                                       **kwargs)[0]
+
+  def quantization_blend(self) -> jax.Array | None:
+    """The quantization blend of these weights: float32 lambda =
+    min(step / model.quantization_warmup_steps, 1) (`quantization_blend`),
+    or None without a warm-up (plain ternary)."""
+    return quantization_blend(self.step[...], self.quantization_warmup_steps)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """float32 logits `[..., vocab_size]` of `hidden` `[..., d_model]`."""
@@ -375,8 +257,7 @@ class Transformer(nnx.Module):
             "value": jnp.zeros(shape, self.dtype)}
 
   def decode(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array,
-             cache: dict[str, jax.Array], cache_index: jax.Array, *,
-             quant_blend: jax.Array | None = None
+             cache: dict[str, jax.Array], cache_index: jax.Array
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Logits of `tokens` that continue a KV cache (`bitnet_jax.model.decode`).
 
@@ -395,7 +276,7 @@ class Transformer(nnx.Module):
     """
     x, extras = self._blocks(self._stream(tokens), {"cache": cache},
                              mask=mask, positions=positions,
-                             quant_blend=quant_blend,
+                             quant_blend=self.quantization_blend(),
                              cache_index=cache_index)
     return self.logits(self._final_norm(x)), extras["cache"]
 
@@ -409,7 +290,7 @@ class Transformer(nnx.Module):
         in a packed window; attention never crosses documents.
       positions: optional int32 `[batch, seq]`, each token's index in its
         document (RoPE); default 0..seq-1.
-      **kwargs: `quant_blend`, `dropout_key` (`hidden_and_statistics`).
+      **kwargs: `dropout_key` (`hidden_and_statistics`).
 
     Returns:
       float32 logits `[batch, seq, vocab_size]`; position i depends only on
@@ -418,15 +299,35 @@ class Transformer(nnx.Module):
     return self.logits(self.hidden(tokens, segment_ids, positions, **kwargs))
 
 
-def quantization_blend(config: ml_collections.ConfigDict,
-                       step: jax.Array | int) -> jax.Array | None:
-  """lambda = min(step / model.quantization_warmup_steps, 1), float32, or
-  None when the warmup is off (plain ternary from step 0).
+def quantization_blend(step: jax.Array | int,
+                       warmup_steps: int) -> jax.Array | None:
+  """lambda = min(step / warmup_steps, 1), float32, or None when
+  `warmup_steps` (`model.quantization_warmup_steps`) is 0 (plain ternary from
+  step 0).
 
   `step` counts the optimizer updates already applied (0 for the first
   step), so the first step trains in full precision.
   """
-  steps = config.model.quantization_warmup_steps
-  if not steps:
+  if not warmup_steps:
     return None
-  return jnp.minimum(jnp.asarray(step, jnp.float32) / steps, 1.0)
+  return jnp.minimum(jnp.asarray(step, jnp.float32) / warmup_steps, 1.0)
+
+
+def bind(graphdef: nnx.GraphDef, params: Any,
+         step: jax.Array | int) -> Transformer:
+  """The model of `params` as trained at optimizer step `step`.
+
+  Every consumer of parameters (train and eval steps, samples, generation,
+  lm-eval, a distillation teacher) builds its model here: the step is part
+  of the model's state (`Transformer.step`), so its quantization blend
+  (`Transformer.quantization_blend`) is decided inside the model, once, and
+  `nnx.merge(graphdef, params)` without a step fails instead of evaluating
+  another model.
+
+  Args:
+    graphdef: the Transformer's structure (`nnx.split`).
+    params: its `nnx.Param`s as a pure dict (`nnx.to_pure_dict`), e.g. a
+      train state's or a checkpoint's, on any devices.
+    step: int32 scalar (or int), the optimizer updates `params` received.
+  """
+  return nnx.merge(graphdef, params, {"step": jnp.asarray(step, jnp.int32)})

@@ -3,7 +3,8 @@
 A path is what `jax.tree_util.tree_leaves_with_path` yields for a leaf: a
 tuple of `DictKey` (`.key`), `GetAttrKey` (`.name`, e.g. optax's named
 tuples) and `SequenceKey` (`.idx`) entries. The parameter tree is the pure
-dict of `nnx.to_pure_dict` (`bitnet_jax.model.transformer`), in one of two layer layouts:
+dict of `nnx.to_pure_dict` (`bitnet_jax.model.transformer`), in one of two
+layer layouts:
 
   scanned   params["layers"]["self_attn"]["q_proj"]["kernel"]
             `[n_layers, in, out]` (a module name follows "layers")

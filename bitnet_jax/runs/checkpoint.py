@@ -36,11 +36,12 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from bitnet_jax.storage import paths
 from bitnet_jax.distributed.multihost import any_process
 from bitnet_jax.model.tree_paths import is_stacked, path_name
+from bitnet_jax.runs.directory import DAMAGED_CHECKPOINTS
+from bitnet_jax.storage import paths
 
-DAMAGED_DIR = "damaged_checkpoints"  # beside checkpoints/, never deleted
+DAMAGED_DIR = DAMAGED_CHECKPOINTS  # its older name (tests/test_gcs.py)
 MAX_MISMATCH_LINES = 40  # differing arrays listed before "... and N more"
 
 
@@ -337,7 +338,7 @@ class Checkpointer:
 
   def _move_aside(self, step: int, problem: str) -> None:
     path = paths.join(self.directory, str(step))
-    target = paths.join(paths.parent(self.directory), DAMAGED_DIR,
+    target = paths.join(paths.parent(self.directory), DAMAGED_CHECKPOINTS,
                         f"{step}-{int(time.time())}")
     if jax.process_index() == 0:
       logging.warning(

@@ -28,8 +28,8 @@ from absl import logging
 from google.api_core import exceptions as gcs_errors
 from google.cloud import storage
 
-from bitnet_jax.storage import paths
 from bitnet_jax.runs import lock
+from bitnet_jax.storage import paths
 
 
 class GcsWorkdirLock(lock.WorkdirLock):

@@ -1,7 +1,7 @@
 """A resume that refuses to silently become a different run.
 
-Files kept in the workdir (written by process 0 only, local or gs://,
-through `paths`):
+Files kept in the workdir (named in `bitnet_jax.runs.directory`; written by
+process 0 only, local or gs://, through `paths`):
 
   config.json           the config of the run's first start. Written once,
                         atomically; never overwritten while the run has
@@ -15,7 +15,8 @@ through `paths`):
                         start.
 
 On resume, every dotted key of the flattened config is compared with
-config.json. Its resume class, from the field table (bitnet_jax.config.defaults),
+config.json. Its resume class, from the field table
+(bitnet_jax.config.defaults),
 decides: RUNTIME (no effect on the math) is accepted with an INFO line;
 SCHEDULE (when things happen) with a WARNING stating the effect, for
 train.steps the learning-rate jump at the resume step; IDENTITY (what the
@@ -38,15 +39,17 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from bitnet_jax.optim import optimizer as optimizer_lib
-from bitnet_jax.storage import paths
 from bitnet_jax.config import FIELDS, ConfigError
 from bitnet_jax.config.fields import IDENTITY, RUNTIME, SCHEDULE
+from bitnet_jax.optim import optimizer as optimizer_lib
+from bitnet_jax.runs.directory import (
+  CONFIG_HISTORY,
+  CONFIG_JSON,
+  TOKENIZER_JSON,
+  replaced_config_name,
+)
+from bitnet_jax.storage import paths
 from bitnet_jax.storage.files import utc_now, write_atomically
-
-CONFIG_NAME = "config.json"
-HISTORY_NAME = "config_history.jsonl"
-TOKENIZER_NAME = "tokenizer.json"
 
 # Sections whose every field is RUNTIME: a key unknown to the table there is
 # RUNTIME too (a field added or removed since, e.g. a new health alarm).
@@ -171,7 +174,7 @@ def read_history(workdir: str) -> list[dict]:
   A missing file gives []. A line that is not a JSON object (half-written by
   a crash) is skipped with a WARNING naming the file and line number.
   """
-  path = paths.join(workdir, HISTORY_NAME)
+  path = paths.join(workdir, CONFIG_HISTORY)
   try:
     lines = paths.read_bytes(path).decode("utf-8", "replace").splitlines()
   except FileNotFoundError:
@@ -194,7 +197,7 @@ def read_history(workdir: str) -> list[dict]:
 
 def _append_history(workdir: str, entry: dict) -> None:
   """Appends one line, rewriting the file atomically (old lines kept)."""
-  path = paths.join(workdir, HISTORY_NAME)
+  path = paths.join(workdir, CONFIG_HISTORY)
   try:
     old = paths.read_bytes(path)
   except FileNotFoundError:
@@ -221,7 +224,7 @@ def read_saved_config(path: str) -> dict | None:
     raise RunIdentityError(
         f"{path} cannot be read as the run's config ({saved!r}), so this "
         "resume cannot be checked against it. Fix: restore it (the first "
-        f"entry of {HISTORY_NAME} holds the config of the first start), or "
+        f"entry of {CONFIG_HISTORY} holds the config of the first start), or "
         "delete it to make this start's config the reference.")
   return saved
 
@@ -254,7 +257,7 @@ def start_run(workdir: str, config: ml_collections.ConfigDict,
   """
   workdir = paths.resolve(workdir)
   paths.makedirs(workdir)
-  config_path = paths.join(workdir, CONFIG_NAME)
+  config_path = paths.join(workdir, CONFIG_JSON)
   new = config_dict(config)
   allow = bool(config.train.get("allow_config_change", False))
   warnings: list[str] = []
@@ -295,7 +298,7 @@ def start_run(workdir: str, config: ml_collections.ConfigDict,
           f"config of its first start):\n{lines}\n"
           "Fix: rerun with the original values, use a new --workdir for a "
           "new run, or pass --config.train.allow_config_change=true to "
-          f"continue anyway (recorded in {HISTORY_NAME}).")
+          f"continue anyway (recorded in {CONFIG_HISTORY}).")
     if identity:
       overrode = True
       warnings.append(
@@ -327,11 +330,11 @@ def _keep_replaced_config(workdir: str, saved: dict) -> str:
   """
   if saved and any(not config_changes(entry.get("config") or {}, saved)
                    for entry in read_history(workdir)):
-    return paths.join(workdir, HISTORY_NAME)
+    return paths.join(workdir, CONFIG_HISTORY)
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime(
       "%Y%m%dT%H%M%SZ")
-  path = paths.join(workdir, f"config.replaced-{stamp}.json")
-  write_atomically(path, paths.read_bytes(paths.join(workdir, CONFIG_NAME)))
+  path = paths.join(workdir, replaced_config_name(stamp))
+  write_atomically(path, paths.read_bytes(paths.join(workdir, CONFIG_JSON)))
   return path
 
 
@@ -368,7 +371,7 @@ def check_tokenizer(workdir: str, tokenizer_json: str, allow_change: bool,
       either would feed new token ids to the old embeddings.
     OSError: if `tokenizer_json` cannot be read.
   """
-  saved_path = paths.join(paths.resolve(workdir), TOKENIZER_NAME)
+  saved_path = paths.join(paths.resolve(workdir), TOKENIZER_JSON)
   current = paths.read_bytes(tokenizer_json)
   try:
     saved = paths.read_bytes(saved_path)

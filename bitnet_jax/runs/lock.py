@@ -40,10 +40,14 @@ from typing import Any
 
 from absl import logging
 
+from bitnet_jax.runs.directory import RUN_LOCK
 from bitnet_jax.storage import paths
-from bitnet_jax.storage.files import process_exists, process_start_ticks, utc_now
+from bitnet_jax.storage.files import (
+  process_exists,
+  process_start_ticks,
+  utc_now,
+)
 
-LOCK_NAME = "run.lock"
 _MAX_ATTEMPTS = 10  # acquire retries after losing a race (each is a new race)
 
 
@@ -78,7 +82,7 @@ class WorkdirLock:
           f"heartbeat_seconds={heartbeat_seconds!r}: a live holder would look "
           "stale between heartbeats. Raise config.train.lock_stale_seconds.")
     self.workdir = paths.resolve(workdir)  # gs://… stays a URL (gcs_lock)
-    self.path = paths.join(self.workdir, LOCK_NAME)
+    self.path = paths.join(self.workdir, RUN_LOCK)
     self.stale_seconds = float(stale_seconds)
     self.heartbeat_seconds = float(heartbeat_seconds)
     self._token: str | None = None

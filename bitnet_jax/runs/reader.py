@@ -20,20 +20,24 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from bitnet_jax.runs import checkpoint
-from bitnet_jax.storage import paths
-from bitnet_jax.runs import identity
-from bitnet_jax.distributed import sharding
 from bitnet_jax.config import ConfigError, base_config
 from bitnet_jax.data.tokenizer import end_of_text_id
+from bitnet_jax.distributed import sharding
 from bitnet_jax.model.layout import to_layout
-from bitnet_jax.model.transformer import Transformer
+from bitnet_jax.model.transformer import Transformer, bind
 from bitnet_jax.model.tree_paths import is_stacked
-
-CONFIG_JSON = identity.CONFIG_NAME  # written at the first start
-CONFIG_PY = "config.py"  # written by `convert import-hf`
-HF_SOURCE = "hf_source"  # RUN/hf_source: the imported folder's small files
-TOKENIZER_JSON = identity.TOKENIZER_NAME
+from bitnet_jax.runs import checkpoint, identity
+from bitnet_jax.runs.directory import (
+  CHECKPOINT_STATE,
+  CHECKPOINTS,
+  CONFIG_JSON,
+  CONFIG_PY,
+  HF_SOURCE,
+  TOKENIZER_JSON,
+  checkpoint_dir,
+  checkpoints_dir,
+)
+from bitnet_jax.storage import paths
 
 
 def load_config_file(path: str, key: str = "--config"
@@ -85,9 +89,9 @@ def resolve_checkpoint(source: str, key: str = "train.init_from"
   """
   path = paths.resolve(source)
   base = os.path.basename(path.rstrip("/"))
-  if base.isdigit() and paths.isdir(paths.join(path, "state")):
+  if base.isdigit() and paths.isdir(paths.join(path, CHECKPOINT_STATE)):
     return paths.parent(path), int(base)
-  for directory in (paths.join(path, "checkpoints"), path):
+  for directory in (checkpoints_dir(path), path):
     steps = _steps(directory)
     if steps:
       return directory, steps[-1]
@@ -121,7 +125,7 @@ def load_params(source: str, abstract_params: Any,
       the config's, one line per array.
   """
   directory, step = resolve_checkpoint(source, key)
-  path = paths.join(directory, str(step), "state")
+  path = paths.join(directory, str(step), CHECKPOINT_STATE)
   target = {"params": abstract_params}
   with ocp.PyTreeCheckpointer() as checkpointer:
     try:
@@ -192,7 +196,7 @@ def _checkpoint_source(workdir: str, step: int | None
   config = load_run_config(workdir)
   if step is None:
     return config, workdir
-  source = paths.join(workdir, "checkpoints", str(step))
+  source = checkpoint_dir(workdir, step)
   if not paths.isdir(source):
     raise ConfigError(f"--step={step}: {source} does not exist; steps "
                       f"there: {_steps(paths.parent(source))}")
@@ -219,14 +223,15 @@ def load_run(workdir: str, step: int | None = None
 
 def load_model(workdir: str, step: int | None = None
                ) -> tuple[ml_collections.ConfigDict, Transformer, int]:
-  """(config, `Transformer` holding the checkpoint's parameters, step).
+  """(config, `Transformer` holding the checkpoint's parameters and step
+  (`transformer.bind`), step).
 
   Like `load_run` (same arguments and errors), with the model built.
   """
   config, source = _checkpoint_source(workdir, step)
   graphdef, abstract = abstract_model(config.model)
   params, found = load_params(source, abstract, key="--workdir")
-  return config, nnx.merge(graphdef, params), found
+  return config, bind(graphdef, params, found), found
 
 
 def sharded_abstract_model(model_config: ml_collections.ConfigDict,
@@ -259,7 +264,7 @@ def _steps(directory: str) -> list[int]:
   """The steps of `directory`'s checkpoints (`<step>/state`), sorted."""
   return sorted(int(n) for n in paths.listdir(directory)
                 if n.isdigit() and paths.isdir(paths.join(directory, n,
-                                                          "state")))
+                                                          CHECKPOINT_STATE)))
 
 
 def check_init_tokenizer(init_from: str, tokenizer_json: str,
@@ -280,7 +285,7 @@ def check_init_tokenizer(init_from: str, tokenizer_json: str,
   """
   directory, _ = resolve_checkpoint(init_from, key)
   saved = paths.join(paths.parent(directory), TOKENIZER_JSON)
-  if os.path.basename(directory) != "checkpoints" or not paths.isfile(saved):
+  if os.path.basename(directory) != CHECKPOINTS or not paths.isfile(saved):
     return
   with paths.open_file(saved, "rb") as f, open(tokenizer_json, "rb") as g:
     if identity.same_tokenizer(f.read(), g.read()):
@@ -316,7 +321,7 @@ def hf_source_config(workdir: str) -> dict:
   Raises:
     ConfigError: naming the path when the file is not valid JSON.
   """
-  path = paths.join(workdir, HF_SOURCE, "config.json")
+  path = paths.join(workdir, HF_SOURCE, "config.json")  # HF's name
   if not paths.isfile(path):
     return {}
   try:

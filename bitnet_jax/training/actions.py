@@ -1,49 +1,62 @@
-"""Periodic actions: what runs after each train step, each on its own cadence.
+"""Periodic actions: what runs after each train step, each on its cadence.
 
-The train loop (`bitnet_jax.training.loop`) runs one step, wraps what it produced in
-a `StepDone` and hands it to each action of `Run.actions`, in this order:
+Each action owns its cadence (a `Cadence`) and reports by returning: a
+`Report` holds the metrics it adds to the step's record and, optionally, a
+request to stop the run after the step. No action reads what another wrote.
+`AfterStep` runs them in this order, which it spells out because later
+stages consume what earlier ones return:
 
-  Preemption     every step: after SIGTERM / SIGINT, checkpoint this step
-                 and stop (exit 0)
-  Evaluation     train.eval_every, the last step (and step 0): eval metrics
-                 of the fixed validation windows, greedy samples
-  MetricLog      train.log_every and every evaluated step: the step's record
-                 to metrics.jsonl, TensorBoard and the console; read one step
-                 late (no host sync in the loop) unless the step is
-                 evaluated or checkpointed, so its line is on disk first
-  HealthAlarms   evaluated steps: with health.halt_on_alarm, an alarm stops
-                 the run after a checkpoint
-  Checkpointing  train.checkpoint_every, the last step and any stop: saves
-                 the state, the data position and the run facts, unless the
-                 loss diverged
+  1. reporters, independent of each other (`AfterStep.reporters`):
+       Preemption          every step: after SIGTERM / SIGINT, stop
+       Evaluation          train.eval_every, the last step, step 0: eval
+                           metrics of the fixed validation windows, samples
+       HarnessEvaluation   eval.harness_every, the last step: lm-eval tasks
+                           (`bitnet_jax.training.harness`)
+  2. MetricLog     train.log_every and every evaluated step: the record (the
+                   step's metrics, the reporters' metrics, rates) passes the
+                   record checks in order (the divergence guard raises on a
+                   NaN or diverged loss; the collapse alarms add
+                   `health_alarms`), then goes to metrics.jsonl, TensorBoard
+                   and the console; read one step late (no host sync in the
+                   loop) unless the step is evaluated or checkpointed, so its
+                   line is on disk first
+  3. HealthAlarms  evaluated steps: with health.halt_on_alarm, an alarm
+                   (from stage 2's check) asks to stop
+  4. Checkpointing train.checkpoint_every, the last step and any stop:
+                   saves the state, the data position and the run facts
+                   (with the step's eval_loss from stage 1), unless the loss
+                   diverged
+  5. the stop requests run, in order, once the checkpoint is on disk.
 
-A record passes through `MetricLog`'s observers before it is written:
-`Checkpointing.observe` (a NaN or diverged loss stops the run,
-`bitnet_jax.training.guards`) and `HealthAlarms.observe` (the collapse alarms of an
-eval record, `bitnet_jax.metrics.health`). A new periodic feature is a new action:
-an object with `__call__(done)` (and `end()` / `close()` if it needs them)
-added to the list in `bitnet_jax.training.setup.build_run`.
+
+`Checkpointing` lives in `bitnet_jax.training.checkpointing`, `MetricLog`
+and `HealthAlarms` in `bitnet_jax.training.records`. A new periodic feature
+that measures something is a reporter: an object
+with `due(done)` and `__call__(done) -> Report` (and `end()` / `close()` if
+it needs them) added to the reporters in `bitnet_jax.training.setup`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections.abc import Callable, Mapping
-from typing import Any
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 from absl import logging
 
-from bitnet_jax.training import guards
-from bitnet_jax.metrics import health
-from bitnet_jax.distributed import multihost
+from bitnet_jax.metrics import Throughput
 from bitnet_jax.training import preemption
-from bitnet_jax.runs.checkpoint import Checkpointer
-from bitnet_jax.metrics import MetricWriter, Throughput, log_console
+from bitnet_jax.training.cadence import Cadence
 from bitnet_jax.training.train_state import TrainState
 
-Observer = Callable[[int, dict], None]  # (step, record) -> None; may raise
+if TYPE_CHECKING:
+  from bitnet_jax.training.checkpointing import Checkpointing
+  from bitnet_jax.training.records import HealthAlarms, MetricLog
+
+# (step, record) -> fields to add to the record; may raise to stop the run
+RecordCheck = Callable[[int, dict], Mapping[str, Any]]
 
 
 def host_values(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
@@ -51,7 +64,7 @@ def host_values(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class StepDone:
   """What one train step produced, handed to every periodic action.
 
@@ -60,117 +73,61 @@ class StepDone:
       baseline evaluation before training.
     state: the train state after the step.
     metrics: the step's metrics on device (float32 scalars: loss, nll,
-      accuracy, grad_norm, learning_rate, weight_decay), None at step 0.
+      accuracy, grad_norm, learning_rate, weight_decay, ...), None at step
+      0.
     is_last: whether `step` is `train.steps`.
-    evaluation: the eval metrics of `state`, once `Evaluation` ran.
-    harness: `harness/<task>/<metric>` scalars of `state`, once the
-      lm-eval tasks ran (`bitnet_jax.training.harness`).
-    checkpoint: an action asks `Checkpointing` to save this step.
-    saved: `Checkpointing` saved this step.
-    stops: what to do, once the step is checkpointed, to stop the run after
-      it (log why, or raise); set by `stop_after`.
   """
   step: int
   state: TrainState
   metrics: Mapping[str, jax.Array] | None
   is_last: bool = False
-  evaluation: dict[str, Any] | None = None
-  harness: dict[str, float] | None = None
-  checkpoint: bool = False
-  saved: bool = False
-  stops: list[Callable[[StepDone], None]] = dataclasses.field(
-      default_factory=list)
-  _values: dict[str, float] | None = None
 
+  @functools.cached_property
   def values(self) -> dict[str, float]:
     """The step's metrics as host floats (read once; {} at step 0)."""
-    if self._values is None:
-      self._values = host_values(self.metrics) if self.metrics else {}
-    return self._values
+    return host_values(self.metrics) if self.metrics else {}
 
-  def stop_after(self, finish: Callable[[StepDone], None]) -> None:
-    """Asks for a checkpoint of this step and for the run to stop after it;
-    `finish(self)` runs once the checkpoint is on disk."""
-    self.stops.append(finish)
-    self.checkpoint = True
+
+@dataclasses.dataclass(frozen=True)
+class Saved:
+  """What the checkpoint stage did for a stopping step (for the message).
+
+  Attributes:
+    step: the step.
+    saved: whether its checkpoint is on disk (False: a diverged loss).
+    directory: the checkpoint directory.
+    kept: the checkpoints a failed run keeps, in words.
+  """
+  step: int
+  saved: bool
+  directory: str
+  kept: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  """What an action reports for a step.
+
+  Attributes:
+    metrics: scalars (or lists) joining the step's record.
+    stop: None, or what to do to stop the run after this step once its
+      checkpoint is saved (log why, or raise); called with the `Saved`.
+  """
+  metrics: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  stop: Callable[[Saved], None] | None = None
+
+
+NOTHING = Report()
 
 
 class PeriodicAction:
   """An action of the train loop (see the module docstring)."""
-
-  def __call__(self, done: StepDone) -> None:
-    """Acts on a completed step when its cadence says so."""
 
   def end(self) -> None:
     """After the last step of this start, when no error propagates."""
 
   def close(self) -> None:
     """Always, after `end` or an error (actions close in reverse order)."""
-
-
-class Checkpointing(PeriodicAction):
-  """Checkpoints at its cadence and on request; the divergence guard.
-
-  Args:
-    every: `train.checkpoint_every`.
-    checkpointer: the run's `Checkpointer`.
-    guard: the `DivergenceGuard` (`train.divergence_factor`,
-      `train.divergence_patience`), restored from the checkpoint's facts.
-    data_iterator: the train iterator whose position each checkpoint holds.
-    tokens_seen: step -> tokens trained on by the end of it.
-  """
-
-  def __init__(self, every: int, checkpointer: Checkpointer,
-               guard: guards.DivergenceGuard, data_iterator: Any,
-               tokens_seen: Callable[[int], int]):
-    self.every, self.checkpointer, self.guard = every, checkpointer, guard
-    self.data_iterator, self.tokens_seen = data_iterator, tokens_seen
-
-  def saves(self, done: StepDone) -> bool:
-    """Whether this step is checkpointed (cadence, last step, a request)."""
-    return done.checkpoint or done.is_last or done.step % self.every == 0
-
-  def kept(self) -> str:
-    """The checkpoints a failed run keeps, for error messages."""
-    return (f"checkpoint {self.checkpointer.latest_step()} (best eval: "
-            f"{self.checkpointer.best_step()})")
-
-  def observe(self, step: int, record: dict) -> None:
-    """Checks a train record before it is written (a `MetricLog` observer).
-
-    Raises:
-      FloatingPointError: the loss or gradient norm is NaN or inf.
-      guards.DivergenceError: the cross-entropy (`nll`, the loss without
-        regularizers) stayed above the divergence line.
-    """
-    if "loss" in record:
-      guards.check_finite(step, record, self.kept())
-      self.guard.observe(step, record["nll"], self.kept())
-
-  def __call__(self, done: StepDone) -> None:
-    self.checkpointer.check()  # a failed background save stops the run here
-    if self.saves(done):
-      done.saved = self._save(done)
-    if done.stops:  # a stopping run's checkpoint is on disk before it exits
-      self.checkpointer.wait()
-
-  def _save(self, done: StepDone) -> bool:
-    """Starts saving `done`'s step unless its loss is bad; True if it did."""
-    values = done.values()
-    guards.check_finite(done.step, values, self.kept())  # never save NaNs
-    if self.guard.is_diverged(values["nll"]):
-      logging.warning("not saving checkpoint %d: loss %.4g lies above %.4g "
-                      "(train.divergence_factor x its running minimum)",
-                      done.step, values["nll"], self.guard.threshold())
-      return False
-    run = {"tokens_seen": self.tokens_seen(done.step), **self.guard.state()}
-    if done.evaluation:  # ranks the checkpoint for retention
-      run["eval_loss"] = done.evaluation["eval_loss"]
-    self.checkpointer.save(done.step, done.state, self.data_iterator, run)
-    return True
-
-  def close(self) -> None:
-    self.checkpointer.close()  # completes the save in flight, even on error
 
 
 class Preemption(PeriodicAction):
@@ -181,8 +138,7 @@ class Preemption(PeriodicAction):
   same step).
   """
 
-  def __init__(self, checkpointing: Checkpointing):
-    self.checkpointing = checkpointing
+  def __init__(self):
     self.watch = preemption.PreemptionWatch()
 
   def __enter__(self) -> Preemption:
@@ -192,25 +148,28 @@ class Preemption(PeriodicAction):
   def __exit__(self, *exc_info) -> None:
     self.watch.__exit__(*exc_info)
 
-  def __call__(self, done: StepDone) -> None:
-    if self.watch.requested(done.step):
-      done.stop_after(self._report)
+  def due(self, done: StepDone) -> bool:
+    return done.step > 0  # checked after every step
 
-  def _report(self, done: StepDone) -> None:
-    directory = self.checkpointing.checkpointer.directory
+  def __call__(self, done: StepDone) -> Report:
+    if self.watch.requested(done.step):
+      return Report(stop=self._report)
+    return NOTHING
+
+  def _report(self, saved: Saved) -> None:
     logging.warning(
         "%s: stopped after step %d; %s. Rerun the same command to continue.",
-        self.watch.signal_name, done.step,
-        f"saved its checkpoint in {directory}/{done.step}" if done.saved
-        else f"not saved (diverged loss), {self.checkpointing.kept()} kept")
+        self.watch.signal_name, saved.step,
+        f"saved its checkpoint in {saved.directory}/{saved.step}"
+        if saved.saved else f"not saved (diverged loss), {saved.kept} kept")
 
 
 class Evaluation(PeriodicAction):
   """Eval metrics and greedy samples of the fixed validation windows.
 
   Args:
-    every: `train.eval_every` (also the last step, and step 0 when the
-      loop asks: the collapse diagnostics' reference point).
+    every: `train.eval_every` (also the last step, and the step-0
+      baseline: the collapse diagnostics' reference point).
     evaluate: (params, step) -> eval metrics (`steps.evaluate`).
     sample: (params, step) -> samples (`samples.continue_prompts`).
     write_samples: (step, samples) -> None (`MetricWriter.write_samples`).
@@ -221,137 +180,66 @@ class Evaluation(PeriodicAction):
                sample: Callable[[Any, int], list[dict[str, str]]],
                write_samples: Callable[[int, list], None],
                throughput: Throughput):
-    self.every, self.evaluate, self.sample = every, evaluate, sample
+    self.cadence = Cadence(every, at_start=True)
+    self.evaluate, self.sample = evaluate, sample
     self.write_samples, self.throughput = write_samples, throughput
 
-  def __call__(self, done: StepDone) -> None:
-    if done.step % self.every and not done.is_last:
-      return
+  def due(self, done: StepDone) -> bool:
+    return self.cadence.due(done.step, done.is_last)
+
+  def __call__(self, done: StepDone) -> Report:
     with self.throughput.paused():
-      done.evaluation = self.evaluate(done.state.params, done.step)
+      evaluation = self.evaluate(done.state.params, done.step)
       self.write_samples(done.step,
                          self.sample(done.state.params, done.step))
+    return Report(metrics=evaluation)
 
 
-class MetricLog(PeriodicAction):
-  """Writes each logged or evaluated step's record, one step late if it can.
-
-  A record is the step's metrics, `tokens_seen`, the rates since the last
-  record (`Throughput`, `mfu` where the device's peak is known), then the
-  eval metrics and `health_alarms` of an evaluated step. A log step that is
-  neither evaluated nor checkpointed is read after the next step has been
-  dispatched, so reading it does not stall the device.
+class AfterStep:
+  """The periodic actions in their order (module docstring).
 
   Args:
-    every: `train.log_every`.
-    total_steps: `train.steps` (the console line).
-    writer: the run's `MetricWriter`.
-    throughput: the run's clock (`begin` is called by the loop).
-    tokens_seen: step -> tokens trained on by the end of it.
-    flops_per_token, peak_flops: for `mfu` (`metrics.throughput`); peak
-      None where unknown.
-    observers: called with (step, record) before it is written, in order.
-    writes_now: whether a step's record must be written at once (its
-      checkpoint is about to be saved: `Checkpointing.saves`).
+    reporters: actions with `due(done)` and `__call__(done) -> Report`,
+      independent of each other (preemption, evaluation, lm-eval tasks).
+    metric_log: writes the records.
+    alarms: the collapse alarms (its `check_record` is one of the metric
+      log's checks).
+    checkpointing: saves the state.
   """
 
-  def __init__(self, every: int, total_steps: int, writer: MetricWriter,
-               throughput: Throughput, tokens_seen: Callable[[int], int],
-               flops_per_token: float, peak_flops: float | None,
-               observers: list[Observer],
-               writes_now: Callable[[StepDone], bool]):
-    self.every, self.total_steps = every, total_steps
-    self.writer, self.throughput = writer, throughput
-    self.tokens_seen = tokens_seen
-    self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
-    self.observers, self.writes_now = observers, writes_now
-    self.unread_metrics: tuple[int, Mapping[str, jax.Array]] | None = None
-    self.last: dict[str, Any] = {}  # the latest record written
-    self._timed_first_step = False
+  def __init__(self, reporters: Sequence[Any], metric_log: MetricLog,
+               alarms: HealthAlarms, checkpointing: Checkpointing):
+    self.reporters = list(reporters)
+    self.metric_log, self.alarms = metric_log, alarms
+    self.checkpointing = checkpointing
 
-  def __call__(self, done: StepDone) -> None:
-    if done.metrics is not None and not self._timed_first_step:
-      jax.block_until_ready(done.metrics)  # compilation is not training
-      self.throughput.first_step_done(done.step)
-      self._timed_first_step = True
-    self.flush()
-    evaluated = done.evaluation is not None or done.harness is not None
-    if evaluated or self.writes_now(done):
-      if evaluated or done.step % self.every == 0:
-        self._write(done.step, done.values(),
-                    {**(done.evaluation or {}), **(done.harness or {})}
-                    if evaluated else None)
-    elif done.step % self.every == 0:
-      self.unread_metrics = (done.step, done.metrics)
+  @property
+  def actions(self) -> list[PeriodicAction]:
+    """Every action, in order (`end` and, reversed, `close`)."""
+    return [*self.reporters, self.metric_log, self.alarms,
+            self.checkpointing]
 
-  def flush(self) -> None:
-    """Writes the record left unread at the previous step, if any."""
-    if self.unread_metrics is not None:
-      step, metrics = self.unread_metrics
-      self.unread_metrics = None
-      self._write(step, host_values(metrics), None)
-
-  def _write(self, step: int, values: dict[str, float],
-             evaluation: dict[str, Any] | None) -> None:
-    record = dict(values)
-    if values:
-      record["tokens_seen"] = self.tokens_seen(step)
-      record.update(self.throughput.measure(step))
-      if self.peak_flops and "tokens_per_sec" in record:
-        record["mfu"] = (record["tokens_per_sec"] * self.flops_per_token
-                         / self.peak_flops)
-    record.update(evaluation or {})
-    for observe in self.observers:
-      observe(step, record)
-    self.writer.write(step, record)
-    log_console(step, self.total_steps, record)
-    self.last = {"step": step, **record}
+  def __call__(self, done: StepDone) -> bool:
+    """Runs the actions after `done`; True when the run stops after it."""
+    reports = [reporter(done) for reporter in self.reporters
+               if reporter.due(done)]
+    evaluated = any(report.metrics for report in reports)
+    reported = {k: v for report in reports for k, v in report.metrics.items()}
+    stops = [report.stop for report in reports if report.stop]
+    if done.step == 0:  # the baseline: evaluated and logged, no state saved
+      self.metric_log(done, reported, write_now=False)
+      return False
+    self.metric_log(done, reported if evaluated else None,
+                    write_now=bool(stops) or self.checkpointing.due(done))
+    if evaluated:
+      alarm = self.alarms(done)
+      stops += [alarm.stop] if alarm.stop else []
+    saved = self.checkpointing(done, stopping=bool(stops),
+                               eval_loss=reported.get("eval_loss"))
+    for stop in stops:
+      stop(saved)
+    return bool(stops)
 
   def end(self) -> None:
-    self.flush()
-    if jax.process_index() == 0:
-      logging.info("final metrics: %s", json.dumps(self.last))
-      logging.info(self.throughput.summary(
-          self.flops_per_token, self.peak_flops,
-          f"{jax.device_count()} x {jax.devices()[0].device_kind}"))
-
-  def close(self) -> None:
-    self.writer.close()
-
-
-class HealthAlarms(PeriodicAction):
-  """The collapse alarms (`config.health`) on every eval record.
-
-  Args:
-    health_config: `config.health`.
-    monitor: the run's `health.HealthMonitor` (replayed on resume).
-    checkpoint_dir: where a halted run's checkpoint is, for the message.
-  """
-
-  def __init__(self, health_config: Any, monitor: health.HealthMonitor,
-               checkpoint_dir: str):
-    self.halt_on_alarm = health_config.halt_on_alarm
-    self.monitor, self.checkpoint_dir = monitor, checkpoint_dir
-    self._alarms: tuple[int, list[str]] = (-1, [])
-
-  def observe(self, step: int, record: dict) -> None:
-    """Feeds the monitor a record; adds `health_alarms` to eval records."""
-    alarms = self.monitor.observe(step, record)  # [] for a train record
-    if "eval_loss" in record:
-      record["health_alarms"] = alarms
-      self._alarms = (step, alarms)
-
-  def __call__(self, done: StepDone) -> None:
-    if done.evaluation is None or not self.halt_on_alarm:
-      return
-    step, alarms = self._alarms
-    if multihost.process_zero_decides(step == done.step and bool(alarms)):
-      done.stop_after(self._halt)
-
-  def _halt(self, done: StepDone) -> None:
-    raise health.HealthAlarmError(
-        f"step {done.step}: {self.monitor.message(self._alarms[1])} "
-        f"(health.halt_on_alarm=True; checkpoint {done.step} "
-        f"{'saved' if done.saved else 'not saved (diverged loss)'} in "
-        f"{self.checkpoint_dir}; set --config.health.halt_on_alarm=False "
-        "to train on)")
+    for action in self.actions:
+      action.end()

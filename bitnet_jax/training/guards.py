@@ -42,9 +42,9 @@ class DivergenceGuard:
   The line is `factor` x the running minimum of the losses seen so far: a
   language model's training loss falls or plateaus, and noise or the
   stage-boundary drop move it by percent, not by a factor of 3. A loss that
-  explodes (a stage-2 learning rate of 1e3 took a run from 5.5 nats to
-  1.9e8, measured in the lab notes of ../shared/seeds) crosses the line and
-  stays there.
+  explodes (an exploding step multiplies it by orders of magnitude: a
+  stage-2 learning rate of 1e3 was reported to take a run from 5.5 nats to
+  1.9e8) crosses the line and stays there.
 
   Args:
     factor: multiple of the running minimum (> 1); 0 disables the guard.

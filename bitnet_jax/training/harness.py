@@ -19,12 +19,11 @@ import tokenizers
 from absl import logging
 from flax import nnx
 
-from bitnet_jax.training import actions
-from bitnet_jax.runs import reader
 from bitnet_jax.evaluation import harness
 from bitnet_jax.evaluation.backend import BitNetLM, special_tokens
 from bitnet_jax.metrics import Throughput
-from bitnet_jax.model.transformer import quantization_blend
+from bitnet_jax.runs import reader
+from bitnet_jax.training import actions
 
 
 class HarnessEvaluation(actions.PeriodicAction):
@@ -47,7 +46,8 @@ class HarnessEvaluation(actions.PeriodicAction):
                graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh,
                tokenizer: tokenizers.Tokenizer, throughput: Throughput):
     e = config.eval
-    self.config, self.every = config, e.harness_every
+    self.config = config
+    self.cadence = actions.Cadence(e.harness_every)
     self.names = harness.task_names(e.harness_tasks)
     self.manager = harness.task_manager(e.harness_include_path)
     harness.check_tasks(self.names, self.manager)
@@ -62,25 +62,21 @@ class HarnessEvaluation(actions.PeriodicAction):
 
   def due(self, done: actions.StepDone) -> bool:
     """Whether `done` is a harness step (never the step-0 baseline)."""
-    return done.step > 0 and (done.is_last or bool(
-        self.every and done.step % self.every == 0))
+    return self.cadence.due(done.step, done.is_last)
 
-  def __call__(self, done: actions.StepDone) -> None:
-    if not self.due(done):
-      return
+  def __call__(self, done: actions.StepDone) -> actions.Report:
     with self.throughput.paused():
-      blend = quantization_blend(self.config, done.step)
       if self.lm is None:
         self.lm = BitNetLM(
             self.graphdef, done.state.params, self.tokenizer, mesh=self.mesh,
             max_length=self.max_length,
             batch_size=self.config.eval.harness_batch_size,
-            quant_blend=blend, **self.special)
+            step=done.step, **self.special)
       else:
-        self.lm.set_params(done.state.params, blend)
+        self.lm.set_params(done.state.params, done.step)
       results = harness.evaluate(self.lm, self.names, self.manager,
                                  num_fewshot=self.num_fewshot,
                                  limit=self.limit, bootstrap_iters=0)
-    done.harness = harness.flat_metrics(results)
     logging.info("harness at step %d:\n%s", done.step, harness.table(results))
+    return actions.Report(metrics=harness.flat_metrics(results))
 

@@ -1,18 +1,20 @@
 """`train_and_evaluate(config, workdir)`: the train loop.
 
-Where each concern lives:
+Where each concern lives (bitnet_jax.training unless named):
 
-  bitnet_jax.training.setup          how a run starts (fresh / resume / weights-only /
-                          finished) and everything the loop uses, built once
-  bitnet_jax.training.steps        the jitted train and eval steps
-  bitnet_jax.training.train_state  `TrainState(step, params, opt_state)`, created
-                          already sharded
-  bitnet_jax.training.actions      what runs after each step, each on its cadence:
-                          preemption, evaluation (+ samples), metric records,
-                          collapse alarms (+ halt), checkpoints (+ the
-                          divergence guard)
-  bitnet_jax.runs.lock     one writer per workdir (gcs_lock: on gs://)
-  bitnet_jax.runs.identity a resume that would change the run is refused
+  setup               how a run starts (fresh / resume / weights-only /
+                      finished) and everything the loop uses, built once
+  steps               the jitted train and eval steps
+  objectives/         what the train step minimizes (cross-entropy,
+                      distillation), handed to it as a value
+  train_state         `TrainState(step, params, opt_state)`, created
+                      already sharded
+  actions             what runs after each step, each on its cadence, in an
+                      explicit order: preemption, evaluation (+ samples),
+                      lm-eval tasks, metric records (+ the divergence guard,
+                      collapse alarms), checkpoints
+  runs.lock           one writer per workdir (runs.gcs_lock: on gs://)
+  runs.identity       a resume that would change the run is refused
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import ml_collections
 from absl import logging
 
 from bitnet_jax import config as config_lib
-from bitnet_jax.runs import gcs_lock
 from bitnet_jax.distributed import multihost
+from bitnet_jax.runs import gcs_lock
 from bitnet_jax.storage import paths
 from bitnet_jax.training.actions import StepDone
 from bitnet_jax.training.setup import Finished, Run, build_run
@@ -35,11 +37,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint.
 
-  Writes `workdir/metrics.jsonl`, `workdir/tensorboard/`,
-  `workdir/checkpoints/`, `workdir/config.json` (the first start's config),
-  `workdir/config_history.jsonl` (every start), `workdir/tokenizer.json`
-  and `workdir/samples.jsonl` (greedy continuations at each evaluation),
-  and holds `workdir/run.lock` while it runs (one writer per workdir).
+  Writes the run directory's files (`bitnet_jax.runs.directory` names each:
+  metrics, TensorBoard events, checkpoints, the first start's config, the
+  history of starts, the tokenizer, greedy samples at each evaluation) and
+  holds its lock while it runs (one writer per workdir).
   `workdir` may be local or an object store (`gs://bucket/run`: every file
   goes through `bitnet_jax.storage.paths`, the lock through GCS preconditions).
   SIGTERM or SIGINT ends the run after the step in flight, with a checkpoint
@@ -84,26 +85,18 @@ def train(run: Run) -> dict[str, Any]:
   with run.preemption:
     try:
       if run.start_step == 0:  # the collapse diagnostics' reference point
-        baseline = StepDone(0, run.state, metrics=None)
-        run.evaluation(baseline)
-        run.metric_log(baseline)
+        run.after_step(StepDone(0, run.state, metrics=None))
       run.throughput.begin()
       for step in range(run.start_step + 1, run.total_steps + 1):
         run.state, step_metrics = run.train_step(run.state, next(run.batches))
-        done = StepDone(step, run.state, step_metrics,
-                        is_last=step == run.total_steps)
-        for action in run.actions:
-          action(done)
-        for finish in done.stops:
-          finish(done)
-        if done.stops:
+        if run.after_step(StepDone(step, run.state, step_metrics,
+                                   is_last=step == run.total_steps)):
           break
-      for action in run.actions:
-        action.end()
+      run.after_step.end()
       failing = False
     finally:  # a crash still completes the pending checkpoint saves
-      _close_all(reversed(run.actions), failing=failing)
-  return run.metric_log.last
+      _close_all(reversed(run.after_step.actions), failing=failing)
+  return run.after_step.metric_log.last
 
 
 def _close_all(closables: Any, *, failing: bool) -> None:

@@ -28,6 +28,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from bitnet_jax.training.cadence import Cadence
+
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -43,7 +45,7 @@ class PreemptionWatch:
   """
 
   def __init__(self, sync_every: int = 10):
-    self.sync_every = sync_every
+    self.sync = Cadence(sync_every, at_last=False)
     self.signal_name: str | None = None
     self._previous: dict[int, object] = {}
     self._multi = jax.process_count() > 1
@@ -91,7 +93,7 @@ class PreemptionWatch:
         self.signal_name = self.signal_name or "SIGTERM"
         return True
       return False
-    if step % self.sync_every:
+    if not self.sync.due(step, is_last=False):
       return False
     flags = multihost_utils.process_allgather(
         np.int32(self.signal_name is not None))

@@ -25,7 +25,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from bitnet_jax.model import decode
-from bitnet_jax.model import transformer as model_lib
+from bitnet_jax.model.transformer import bind
 
 
 def sample_prompts(config: ml_collections.ConfigDict,
@@ -36,7 +36,7 @@ def sample_prompts(config: ml_collections.ConfigDict,
   t = config.train
   if not t.sample_prompts or not eval_batches:
     return np.zeros((0, t.sample_prompt_tokens), np.int32)
-  tokens = np.asarray(eval_batches[0]["tokens"])
+  tokens = np.asarray(eval_batches[0].tokens)
   prompts = tokens[:t.sample_prompts, :t.sample_prompt_tokens]
   if jax.process_count() > 1:
     prompts = np.asarray(multihost_utils.broadcast_one_to_all(prompts))
@@ -50,12 +50,11 @@ def continue_prompts(config: ml_collections.ConfigDict,
   """Greedy continuations of `prompts` by the model `params` of `step`.
 
   Args:
-    config: the run's config (train.seq_len, train.sample_new_tokens, the
-      quantization warmup).
+    config: the run's config (train.seq_len, train.sample_new_tokens).
     graphdef, params: the model (`nnx.split`), params possibly sharded.
     prompts: int32 `[n, prompt_tokens]` from `sample_prompts`.
     tokenizer: a `tokenizers.Tokenizer` (decodes the ids).
-    step: the train step of `params` (sets the quantization blend).
+    step: the train step of `params` (`transformer.bind`).
 
   Returns:
     One {"prompt", "continuation"} dict of text per prompt ([] for none);
@@ -70,10 +69,9 @@ def continue_prompts(config: ml_collections.ConfigDict,
     return []
   t = config.train
   new = decode.generate(
-      (graphdef, params), prompts.tolist(),
+      bind(graphdef, params, step), prompts.tolist(),
       min(t.sample_new_tokens, t.seq_len - prompts.shape[1]),
-      context_len=t.seq_len,
-      quant_blend=model_lib.quantization_blend(config, step))
+      context_len=t.seq_len)
   return [{"prompt": tokenizer.decode(prompt.tolist()),
            "continuation": tokenizer.decode(row.tolist())}
           for prompt, row in zip(prompts, new)]

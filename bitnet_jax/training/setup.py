@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,19 +21,20 @@ from absl import logging
 from clu import parameter_overview
 
 from bitnet_jax import data, metrics
-from bitnet_jax.training import actions
-from bitnet_jax.runs import checkpoint
-from bitnet_jax.training.objectives import distillation
-from bitnet_jax.training import guards
+from bitnet_jax.distributed import multihost, sharding
 from bitnet_jax.metrics import health
-from bitnet_jax.distributed import multihost
-from bitnet_jax.runs import identity
-from bitnet_jax.runs import reader
-from bitnet_jax.training import samples
-from bitnet_jax.distributed import sharding
-from bitnet_jax.training import steps
-from bitnet_jax.training import train_state
 from bitnet_jax.optim import optimizer as optimizer_lib
+from bitnet_jax.runs import checkpoint, directory, identity, reader
+from bitnet_jax.training import (
+  actions,
+  guards,
+  objectives,
+  records,
+  samples,
+  steps,
+  train_state,
+)
+from bitnet_jax.training import checkpointing as checkpointing_lib
 
 
 class Start(enum.Enum):
@@ -78,8 +78,8 @@ class Run:
       arguments donated.
     batches: global batches placed on the mesh, never exhausted.
     preemption: the signal watch (a context manager around the loop).
-    evaluation, metric_log: the actions the loop also calls at step 0.
-    actions: every periodic action, in the order they run after a step.
+    after_step: the periodic actions, run after each step (and at the
+      step-0 baseline) in their order (`actions.AfterStep`).
     throughput: the run's clock (`begin` before the first step).
   """
   config: ml_collections.ConfigDict
@@ -90,9 +90,7 @@ class Run:
   train_step: Callable[[train_state.TrainState, dict], tuple[Any, dict]]
   batches: Iterator[dict]
   preemption: actions.Preemption
-  evaluation: actions.Evaluation
-  metric_log: actions.MetricLog
-  actions: list[actions.PeriodicAction]
+  after_step: actions.AfterStep
   throughput: metrics.Throughput
 
   @property
@@ -109,7 +107,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str
   """
   t = config.train
   checkpointer = checkpoint.Checkpointer(
-      os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
+      directory.checkpoints_dir(workdir), keep=t.keep_checkpoints)
   try:
     start, latest = _plan_start(config, workdir, checkpointer)
     if start is Start.FINISHED:
@@ -216,7 +214,8 @@ def _build(config: ml_collections.ConfigDict, workdir: str,
   eval_local = data.eval_batches(prepared, config, jax.process_index(),
                                  jax.process_count())
   eval_global = [sharding.global_batch(b, mesh) for b in eval_local]
-  eval_step = steps.make_eval_step(config, graphdef, shardings.params, mesh)
+  eval_step = steps.make_eval_step(config, graphdef, shardings.params, mesh,
+                                   objectives.NextToken(t))
   prompts = samples.sample_prompts(config, eval_local)
   tokens_seen = TokensSeen(start_step, facts["tokens_seen"], tokens_per_step)
   throughput = metrics.Throughput(tokens_per_step, t.steps)
@@ -230,10 +229,9 @@ def _build(config: ml_collections.ConfigDict, workdir: str,
   guard = guards.DivergenceGuard(t.divergence_factor, t.divergence_patience)
   guard.restore(facts)  # the running minimum survives resumes
 
-  checkpointing = actions.Checkpointing(t.checkpoint_every, checkpointer,
-                                        guard, iterator, tokens_seen)
-  alarms = actions.HealthAlarms(config.health, monitor,
-                                checkpointer.directory)
+  checkpointing = checkpointing_lib.Checkpointing(
+      t.checkpoint_every, checkpointer, guard, iterator, tokens_seen)
+  alarms = records.HealthAlarms(config.health, monitor)
   evaluation = actions.Evaluation(
       t.eval_every,
       evaluate=lambda params, step: steps.evaluate(eval_step, params,
@@ -243,26 +241,27 @@ def _build(config: ml_collections.ConfigDict, workdir: str,
       write_samples=writer.write_samples, throughput=throughput)
   harness_evaluation = _harness_evaluation(config, workdir, graphdef, mesh,
                                            prepared.tokenizer, throughput)
-  metric_log = actions.MetricLog(
+  metric_log = records.MetricLog(
       t.log_every, t.steps, writer, throughput, tokens_seen,
       flops_per_token=metrics.flops_per_token(
           metrics.matmul_params(state.params, config.model),
           config.model.n_layers, config.model.d_model, t.seq_len),
       peak_flops=metrics.peak_flops(jax.devices()),
-      observers=[checkpointing.observe, alarms.observe],
-      writes_now=checkpointing.saves)
-  preemption = actions.Preemption(checkpointing)
+      # in this order: a NaN or diverged loss stops the run before its
+      # record feeds the collapse alarms
+      checks=[checkpointing.check_record, alarms.check_record])
+  preemption = actions.Preemption()
   return Run(
       config=config, workdir=workdir, start=start, start_step=start_step,
       state=state,
       train_step=steps.make_train_step(
           config, graphdef, tx, shardings, mesh,
-          teacher=distillation.load_teacher(config, mesh,
-                                       prepared.tokenizer_path)),
+          objectives.make_objective(config, mesh, prepared.tokenizer_path)),
       batches=(sharding.global_batch(b, mesh) for b in iterator),
-      preemption=preemption, evaluation=evaluation, metric_log=metric_log,
-      actions=[preemption, evaluation, *harness_evaluation, metric_log,
-               alarms, checkpointing],
+      preemption=preemption,
+      after_step=actions.AfterStep(
+          [preemption, evaluation, *harness_evaluation], metric_log, alarms,
+          checkpointing),
       throughput=throughput)
 
 

@@ -1,14 +1,16 @@
 """The jitted train and eval steps (gradient accumulation, chunked loss).
 
-The train step maps (`TrainState`, batch) to (new `TrainState`, metrics);
-both arguments are donated (the state is replaced, the batch is used once),
-so their buffers are free for the step's own use. The model's structure
-(`graphdef`) is static.
+The train step maps (`TrainState`, `Batch`) to (new `TrainState`, metrics);
+the state is donated (replaced, its buffers reused), the batch is not (XLA
+could reuse none of its int32 / float32 buffers). What it minimizes is an
+objective handed to it (`bitnet_jax.training.objectives`): the step knows
+the objective's summed terms and their weight, nothing else. The model's
+structure (`graphdef`) is static; its parameters and step form the model
+every consumer evaluates (`transformer.bind`).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -20,28 +22,18 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bitnet_jax.model import diagnostics
-from bitnet_jax.training.objectives import distillation
-from bitnet_jax.distributed import sharding
-from bitnet_jax.model import transformer as model_lib
-from bitnet_jax.optim import optimizer as optimizer_lib
 from bitnet_jax.config import ConfigError
-from bitnet_jax.training.loss import next_token_sums, position_outputs, split_batch
+from bitnet_jax.data.batch import Batch
+from bitnet_jax.distributed import sharding
 from bitnet_jax.metrics import statistics
+from bitnet_jax.model import diagnostics
+from bitnet_jax.model.transformer import bind
+from bitnet_jax.optim import optimizer as optimizer_lib
+from bitnet_jax.training.objectives import NextToken, Objective
 from bitnet_jax.training.train_state import TrainState
 
-# XLA reuses a donated buffer only for an output of its shape and dtype, and
-# no output of the train step matches the int32 batch arrays, so JAX warns
-# at compilation that their donation is unusable. That one warning is
-# silenced; one that names any other buffer (a state array that lost its
-# donation, a real memory cost) still shows.
-warnings.filterwarnings(
-    "ignore", category=UserWarning,
-    message=r"Some donated buffers were not usable: "
-    r"int32\[[0-9,]+\](, int32\[[0-9,]+\])*\.")
 
-
-def micro_batches(batch: dict, steps: int, mesh: jax.sharding.Mesh) -> dict:
+def micro_batches(batch: Batch, steps: int, mesh: jax.sharding.Mesh) -> Batch:
   """Splits a global batch `[batch, ...]` into `[steps, batch / steps, ...]`.
 
   Micro-batch j takes rows j, j + steps, j + 2 steps, ...: every device's
@@ -57,7 +49,7 @@ def micro_batches(batch: dict, steps: int, mesh: jax.sharding.Mesh) -> dict:
   return jax.tree.map(split, batch)
 
 
-def sum_over_micro_batches(fn: Callable[[dict, jax.Array], Any], batch: dict,
+def sum_over_micro_batches(fn: Callable[[Batch, jax.Array], Any], batch: Batch,
                            steps: int, mesh: jax.sharding.Mesh) -> Any:
   """`fn(batch, 0)`, a pytree of sums, as the sum of `fn(micro_batch, j)`
   over `steps` micro-batches (`micro_batches`; j the int32 index) run one
@@ -93,30 +85,39 @@ def check_micro_batch(config: ml_collections.ConfigDict,
         "grad_accum_steps is a multiple of the device count")
 
 
+class TrainStep:
+  """The jitted train step with the objective's frozen inputs bound:
+  (state, batch) -> (state, metrics); `lower(state, batch)` lowers it
+  (ahead-of-time compilation)."""
+
+  def __init__(self, jitted: Any, frozen: Any):
+    self.jitted, self.frozen = jitted, frozen
+
+  def __call__(self, state: TrainState, batch: Batch
+               ) -> tuple[TrainState, dict]:
+    return self.jitted(state, batch, self.frozen)
+
+  def lower(self, state: Any, batch: Any) -> Any:
+    return self.jitted.lower(state, batch, self.frozen)
+
+
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                     tx: optax.GradientTransformation, shardings: Any,
-                    mesh: jax.sharding.Mesh,
-                    teacher: distillation.Teacher | None = None
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """Jits one optimizer step; the state and the batch are donated.
+                    mesh: jax.sharding.Mesh, objective: Objective
+                    ) -> TrainStep:
+  """Jits one optimizer step of `objective`; the state is donated.
 
-  The step maps (state, batch) to (new state, metrics); a batch is
-  "tokens" int32 `[batch, seq_len + 1]` (plus "segment_ids" and "positions"
-  with document packing, see `loss.split_batch`). With
+  The step maps (state, `Batch`) to (new state, metrics). With
   `train.grad_accum_steps` k > 1 the batch runs as k micro-batches inside the
   step (`jax.lax.scan`), their gradients of the summed loss added and divided
-  by the whole batch's count of positions once: the same update as one pass
-  over the batch, up to float rounding. Metrics: loss (nats/token),
-  accuracy, grad_norm (before clipping), learning_rate and weight_decay as
-  applied in this step.
-
-  With a `teacher` (`distillation.load_teacher`) the loss is
-  `distillation.distillation_sums`'s: the teacher's parameters are a third,
-  undonated argument of the jitted function in their own (FSDP) shardings,
-  bound here, so the returned step still maps (state, batch); its forward
-  pass runs per micro-batch, without gradient. Metrics add `distill_kl`,
-  `distill_attention` (nats per position) and `teacher_loss` (the teacher's
-  cross-entropy on the batch, nats/token).
+  by the whole batch's summed loss mask once: the same update as one pass
+  over the batch, up to float rounding. Metrics: each of the objective's
+  summed terms divided by that weight (loss, nll, accuracy, ...), grad_norm
+  (before clipping), learning_rate and weight_decay as applied in this step,
+  and quantization_blend during a quantization warm-up. The objective's
+  frozen inputs (`objective.frozen`, e.g. a teacher's parameters) are a
+  third, undonated argument of the jitted function in their own shardings,
+  bound by `TrainStep`.
 
   Raises:
     ConfigError: see `check_micro_batch`.
@@ -128,33 +129,19 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   # its own stream: not the parameter init's key(seed)
   dropout_seed = jax.random.fold_in(jax.random.key(config.seed), 0x64726F70)
 
-  def train_step(state: TrainState, batch: dict, teacher_params: Any = None
+  def train_step(state: TrainState, batch: Batch, frozen: Any
                  ) -> tuple[TrainState, dict]:
     params = state.params
-    blend = model_lib.quantization_blend(config, state.step)
     step_key = jax.random.fold_in(dropout_seed, state.step)
 
     def sums_and_grads(batch, index):  # gradients in the params' shardings
-      model_kwargs = {"quant_blend": blend}
+      forward = {}
       if config.model.dropout_rate > 0:
-        model_kwargs["dropout_key"] = jax.random.fold_in(step_key, index)
-      if teacher is not None:
-        teacher_model = nnx.merge(teacher.graphdef, teacher_params)
-        teacher_out = distillation.teacher_outputs(teacher, teacher_model, batch,
-                                              config)
+        forward["dropout_key"] = jax.random.fold_in(step_key, index)
 
       def summed_loss(params):
-        model = nnx.merge(graphdef, params)
-        if teacher is not None:
-          sums = distillation.distillation_sums(model, teacher_model, teacher_out,
-                                           batch, config, model_kwargs)
-        else:
-          sums = next_token_sums(model, batch,
-                                 label_smoothing=t.label_smoothing,
-                                 z_loss_weight=t.z_loss_weight,
-                                 entropy_weight=t.entropy_weight,
-                                 chunk_size=t.loss_chunk_size,
-                                 model_kwargs=model_kwargs)
+        sums = objective(bind(graphdef, params, state.step), batch, frozen,
+                         **forward)
         return sums["loss"], sums
       grads, sums = jax.grad(summed_loss, has_aux=True)(params)
       return sums, jax.lax.with_sharding_constraint(grads,
@@ -162,18 +149,13 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
 
     sums, grads = sum_over_micro_batches(sums_and_grads, batch,
                                          t.grad_accum_steps, mesh)
-    count = jnp.maximum(sums["weight"], 1.0)
+    count = jnp.maximum(sums.pop("weight"), 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state.opt_state, params)
-    step_metrics = {"loss": sums["loss"] / count,
-                    "nll": sums["nll"] / count,
-                    "accuracy": sums["hits"] / count,
-                    "grad_norm": optax.global_norm(grads),
-                    **optimizer_lib.current_hyperparams(opt_state)}
-    if teacher is not None:
-      step_metrics.update(distill_kl=sums["distill_kl"] / count,
-                          distill_attention=sums["distill_attention"] / count,
-                          teacher_loss=sums["teacher_nll"] / count)
+    step_metrics = {name: value / count for name, value in sums.items()}
+    step_metrics["grad_norm"] = optax.global_norm(grads)
+    step_metrics.update(optimizer_lib.current_hyperparams(opt_state))
+    blend = bind(graphdef, params, state.step).quantization_blend()
     if blend is not None:
       step_metrics["quantization_blend"] = blend
     new_state = TrainState(step=state.step + 1,
@@ -184,63 +166,42 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   # The state keeps its shardings (parameters FSDP-sharded, see
   # `sharding.state_shardings`); the batch rows are split over the data
   # axes (`batch_sharding`); the metrics are replicated scalars.
-  in_shardings = (shardings, sharding.batch_sharding(mesh))
-  out_shardings = (shardings, sharding.replicated(mesh))
-  if teacher is None:
-    return jax.jit(train_step, in_shardings=in_shardings,
-                   out_shardings=out_shardings, donate_argnums=(0, 1))
-  jitted = jax.jit(train_step,
-                   in_shardings=(*in_shardings, teacher.shardings),
-                   out_shardings=out_shardings, donate_argnums=(0, 1))
-  return DistillationStep(jitted, teacher.params)
-
-
-class DistillationStep:
-  """The train step with the teacher's parameters bound: (state, batch) ->
-  (state, metrics), like the plain step; `lower(state, batch)` lowers it
-  (ahead-of-time compilation)."""
-
-  def __init__(self, jitted: Any, teacher_params: Any):
-    self.jitted, self.teacher_params = jitted, teacher_params
-
-  def __call__(self, state: TrainState, batch: dict
-               ) -> tuple[TrainState, dict]:
-    return self.jitted(state, batch, self.teacher_params)
-
-  def lower(self, state: Any, batch: Any) -> Any:
-    return self.jitted.lower(state, batch, self.teacher_params)
+  jitted = jax.jit(
+      train_step,
+      in_shardings=(shardings, sharding.batch_sharding(mesh),
+                    objective.frozen_shardings),
+      out_shardings=(shardings, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+  return TrainStep(jitted, objective.frozen)
 
 
 def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
-                   param_shardings: Any, mesh: jax.sharding.Mesh
-                   ) -> Callable[[Any, dict], dict]:
+                   param_shardings: Any, mesh: jax.sharding.Mesh,
+                   objective: NextToken) -> Callable[[Any, Batch, Any], dict]:
   """Jits the per-batch eval statistics (summed, see `metrics`).
 
-  The eval step maps (params, batch, step) to sums: the loss, the
-  prediction statistics (`statistics.prediction_statistics`), the predictive
-  entropy and the blocks' output RMS (`Transformer.hidden_and_statistics`,
-  one value per batch, with `batches` counting them). `step` (int32) sets
-  the quantization blend of `model.quantization_warmup_steps`, so the model
-  is evaluated as it trains. As in training, the logits are made
-  `train.loss_chunk_size` positions at a time and a batch runs as
-  `train.grad_accum_steps` micro-batches (whose statistics add up), so
-  evaluation fits wherever a train step does.
+  The eval step maps (params, batch, step) to sums, each position weighted
+  by the batch's loss mask: the cross-entropy (`objective.outputs`, the
+  plain nll whatever the train objective adds), the prediction statistics
+  (`statistics.prediction_statistics`), the predictive entropy and the
+  blocks' output RMS (`Transformer.hidden_and_statistics`, one value per
+  batch, with `batches` counting them). `step` (int32) is the model's step
+  (`transformer.bind`), so the model is evaluated as it trains. As in
+  training, the logits are made `train.loss_chunk_size` positions at a time
+  and a batch runs as `train.grad_accum_steps` micro-batches (whose
+  statistics add up), so evaluation fits wherever a train step does.
   """
   t = config.train
   if t.grad_accum_steps > 1:
     check_micro_batch(config, mesh)
 
-  def batch_statistics(params: Any, batch: dict, step: jax.Array) -> dict:
-    inputs, targets, _, _ = split_batch(batch)
-    outputs = position_outputs(
-        nnx.merge(graphdef, params), batch, chunk_size=t.loss_chunk_size,
-        model_kwargs={"quant_blend": model_lib.quantization_blend(config,
-                                                                  step)},
-        block_statistics=True)
-    weights = outputs["weight"]
+  def batch_statistics(params: Any, batch: Batch, step: jax.Array) -> dict:
+    outputs = objective.outputs(bind(graphdef, params, step), batch,
+                                block_statistics=True)
+    weights = batch.loss_mask
     stats = statistics.prediction_statistics(
-        outputs["prediction"], inputs, targets, config.model.vocab_size,
-        weights)
+        outputs["prediction"], batch.inputs, batch.targets,
+        config.model.vocab_size, weights)
     stats["loss_sum"] = jnp.sum(outputs["nll"] * weights)
     stats["entropy_sum"] = jnp.sum(outputs["entropy"] * weights)
     stats["attention_rms"] = outputs["attention_rms"]
@@ -248,7 +209,7 @@ def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     stats["batches"] = jnp.float32(1.0)
     return stats
 
-  def eval_step(params: Any, batch: dict, step: jax.Array) -> dict:
+  def eval_step(params: Any, batch: Batch, step: jax.Array) -> dict:
     return sum_over_micro_batches(
         lambda b, _: batch_statistics(params, b, step), batch,
         t.grad_accum_steps, mesh)
@@ -270,9 +231,8 @@ def evaluate(eval_step: Callable, params: Any, batches: list[dict],
     step: the train step the params come from (the quantization blend).
     eval_step: `make_eval_step`'s function (params, batch, step) -> sums.
     params: the model parameters (pure dict, sharded).
-    batches: global batches (dicts of int32 `[batch_size, seq_len + 1]`,
-      see `loss.split_batch`), already placed on the mesh (they are the same
-      at every evaluation).
+    batches: global `Batch`es, already placed on the mesh (they are the
+      same at every evaluation).
 
   Returns:
     Python floats: `statistics.summarize_eval`'s keys (eval_loss nats,

@@ -18,10 +18,9 @@ import optax
 from absl import logging
 from flax import nnx, struct
 
-from bitnet_jax.runs import checkpoint
-from bitnet_jax.runs import reader
 from bitnet_jax.distributed import sharding
 from bitnet_jax.model.transformer import Transformer
+from bitnet_jax.runs import checkpoint, reader
 
 
 @struct.dataclass

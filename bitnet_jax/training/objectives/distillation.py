@@ -21,7 +21,7 @@ converted 1.58-bit student against its full-precision original:
   with A_X the heads of X (n_heads for Q, n_kv_heads for K and V) and |x|
   the counted positions. Two choices the papers leave open for a decoder
   are made here: Q and K are the q_proj / k_proj outputs before QK-norm and
-  RoPE (`Attention.__call__(relations=True)`), and row t of R covers only
+  RoPE (`Attention.__call__(capture=True)`), and row t of R covers only
   the keys position t's attention can see (causal, within its document in
   packed windows), so no relation crosses what the model reads.
 
@@ -35,197 +35,46 @@ float32 logits is held.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import logging
-from flax import nnx
 
-from bitnet_jax.storage import paths
-from bitnet_jax.runs import reader
-from bitnet_jax.model.attention import kv_heads
-from bitnet_jax.config import ConfigError
-from bitnet_jax.training.loss import outputs_from_hidden, split_batch
-from bitnet_jax.model.transformer import quantization_blend
+from bitnet_jax.data.batch import Batch
+from bitnet_jax.model.transformer import bind
+from bitnet_jax.training import loss
+from bitnet_jax.training.objectives.base import Objective
+from bitnet_jax.training.objectives.teacher import Teacher, attention_layer
 
 RELATION_TYPES = ("query", "key", "value")  # Q-Q, K-K, V-V
 
 
-@dataclasses.dataclass(frozen=True)
-class Teacher:
-  """A frozen teacher model, read once.
+def logit_distillation(teacher_logits: jax.Array, student_logits: jax.Array,
+                       temperature: float = 1.0) -> jax.Array:
+  """Per-position KL(teacher || student) of the softened distributions, x T^2.
 
-  Attributes:
-    config: the teacher run's config (its own `model`).
-    graphdef: its model structure (static in the jitted step).
-    params: its parameters, in the FSDP shardings of the student's mesh.
-    step: the checkpoint read.
-  """
-  config: ml_collections.ConfigDict
-  graphdef: nnx.GraphDef
-  params: Any
-  step: int
-
-  @property
-  def shardings(self) -> Any:
-    return jax.tree.map(lambda x: x.sharding, self.params)
-
-  @property
-  def quant_blend(self) -> jax.Array | None:
-    """The quantization blend of its config at `step` (None: its plain
-    `model.quantization`)."""
-    return quantization_blend(self.config, self.step)
-
-
-def attention_layer(train: ml_collections.ConfigDict,
-                    model: ml_collections.ConfigDict, who: str) -> int:
-  """`train.distill_attention_layer` as a block index of `model` (-1: the
-  last block).
-
-  Raises:
-    ConfigError: naming `train.distill_attention_layer` when the index is
-      outside the model `who` names (the student or the teacher).
-  """
-  layer, n_layers = train.distill_attention_layer, model.n_layers
-  index = layer + n_layers if layer < 0 else layer
-  if not 0 <= index < n_layers:
-    raise ConfigError(
-        f"config.train.distill_attention_layer={layer} is outside the "
-        f"{who}'s {n_layers} blocks: use 0 .. {n_layers - 1}, or -1 for the "
-        "last")
-  return index
-
-
-def check_teacher(config: ml_collections.ConfigDict,
-                  teacher_config: ml_collections.ConfigDict) -> None:
-  """Refuses a teacher the student cannot be distilled from.
-
-  Raises:
-    ConfigError: naming `train.teacher` and the field when the vocabularies
-      differ (the logits' KL needs one vocabulary), or, with
-      `train.distill_attention_weight` > 0, the attention heads differ (a
-      relation head of the teacher per head of the student) or the layer
-      is outside either model.
-  """
-  t, m, tm = config.train, config.model, teacher_config.model
-  if tm.vocab_size != m.vocab_size:
-    raise ConfigError(
-        f"config.train.teacher={t.teacher!r} has model.vocab_size="
-        f"{tm.vocab_size}, the student {m.vocab_size}: distillation needs "
-        "one vocabulary (the teacher's tokenizer)")
-  if t.distill_attention_weight > 0:
-    for name, ours, theirs in (("n_heads", m.n_heads, tm.n_heads),
-                               ("n_kv_heads", kv_heads(m), kv_heads(tm))):
-      if ours != theirs:
-        raise ConfigError(
-            f"config.train.teacher={t.teacher!r} has model.{name}={theirs}, "
-            f"the student {ours}: attention-relation distillation compares "
-            "head by head; set train.distill_attention_weight=0 or use a "
-            "teacher with the student's heads")
-    attention_layer(t, m, "student")
-    attention_layer(t, tm, "teacher")
-
-
-def _teacher_run(config: ml_collections.ConfigDict
-                 ) -> tuple[str, int, ml_collections.ConfigDict]:
-  """(run directory, checkpoint step, run config) of `train.teacher`,
-  checked against the student (`check_teacher`)."""
-  directory, step = reader.resolve_checkpoint(config.train.teacher,
-                                            "train.teacher")
-  workdir = paths.parent(directory)
-  teacher_config = reader.load_run_config(workdir)
-  check_teacher(config, teacher_config)
-  return workdir, step, teacher_config
-
-
-def load_teacher(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                 tokenizer_json: str) -> Teacher | None:
-  """Reads `train.teacher` into the student's parameter shardings (None
-  without a teacher).
+  kl_i = T^2 * sum_v p_v (log p_v - log q_v), p = softmax(teacher / T),
+  q = softmax(student / T): Hinton et al., "Distilling the Knowledge in a
+  Neural Network" (arXiv 1503.02531, sec. 2; the T^2 keeps the gradient's
+  scale as T changes), BitDistill's logits distillation (arXiv 2510.13998,
+  eq. 8-9).
 
   Args:
-    config: the student's config.
-    mesh: the run's mesh; the teacher's parameters get the FSDP shardings
-      the student's get (`sharding.state_shardings`).
-    tokenizer_json: the student's tokenizer; the teacher run's must match
-      (`reader.check_init_tokenizer`).
-
-  Raises:
-    ConfigError: naming `train.teacher` when no checkpoint is there or it
-      does not fit (`check_teacher`).
-    RunIdentityError: the teacher was trained with another tokenizer.
-  """
-  t = config.train
-  if not t.teacher:
-    return None
-  workdir, step, teacher_config = _teacher_run(config)
-  reader.check_init_tokenizer(t.teacher, tokenizer_json, t.allow_config_change,
-                            key="train.teacher")
-  graphdef, shapes = reader.sharded_abstract_model(teacher_config.model, mesh)
-  params, _ = reader.load_params(
-      paths.join(workdir, "checkpoints", str(step)), shapes,
-      key="train.teacher")
-  logging.info("distilling from the teacher %s (checkpoint %d, "
-               "model.quantization=%s)", workdir, step,
-               teacher_config.model.quantization)
-  if teacher_config.model.quantization != "none":
-    logging.warning("train.teacher=%r is a %s model, not a full-precision "
-                    "one: BitDistill distils from the full-precision "
-                    "original (`convert import-hf --quantization=none`)",
-                    t.teacher, teacher_config.model.quantization)
-  return Teacher(config=teacher_config, graphdef=graphdef, params=params,
-                 step=step)
-
-
-def abstract_teacher(config: ml_collections.ConfigDict,
-                     mesh: jax.sharding.Mesh) -> Teacher | None:
-  """`train.teacher` as shapes only: its run's config and parameter
-  `jax.ShapeDtypeStruct`s in the FSDP shardings of `mesh` (no weights are
-  read), so a distillation step can be lowered and compiled ahead of time
-  (`bitnet_jax.aot`). None without a teacher.
-
-  Raises:
-    ConfigError: as `load_teacher`, for the checkpoint and the fit.
-  """
-  if not config.train.teacher:
-    return None
-  _, step, teacher_config = _teacher_run(config)
-  graphdef, shapes = reader.sharded_abstract_model(teacher_config.model, mesh)
-  return Teacher(config=teacher_config, graphdef=graphdef, params=shapes,
-                 step=step)
-
-
-def teacher_outputs(teacher: Teacher, model: Any,
-                    batch: Mapping[str, jax.Array],
-                    config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The teacher's forward pass on a batch, without gradient.
-
-  Args:
-    teacher: the `Teacher` (its config and quantization blend).
-    model: its `Transformer` (`nnx.merge(teacher.graphdef, params)`).
-    batch: see `loss.split_batch`.
-    config: the student's config (whether and where relations are needed).
+    teacher_logits, student_logits: float `[..., vocab_size]` (computed in
+      float32); the teacher's get no gradient.
+    temperature: T > 0.
 
   Returns:
-    {"hidden": the final-norm output `[batch, seq_len, teacher d_model]`},
-    plus "qkv" (the block's projections, `Attention.__call__`) with
-    `train.distill_attention_weight` > 0.
+    float32 `[...]`, nats (x T^2); 0 where the two logits agree.
   """
-  inputs, _, features, _ = split_batch(batch)
-  layer = None
-  if config.train.distill_attention_weight > 0:
-    layer = attention_layer(config.train, teacher.config.model, "teacher")
-  hidden, stats = model.hidden_and_statistics(
-      inputs, **features, quant_blend=teacher.quant_blend,
-      capture_layer=layer)
-  out = {"hidden": hidden}
-  if layer is not None:
-    out["qkv"] = stats["qkv"]
-  return jax.lax.stop_gradient(out)
+  teacher = jax.nn.log_softmax(
+      jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature)
+  student = jax.nn.log_softmax(student_logits.astype(jnp.float32)
+                               / temperature)
+  return temperature ** 2 * jnp.sum(jnp.exp(teacher) * (teacher - student),
+                                    axis=-1)
 
 
 def _allowed(rows: jax.Array, segment_ids: jax.Array | None,
@@ -304,57 +153,71 @@ def attention_relation_distillation(
   return jnp.swapaxes(per_chunk, 0, 1).reshape(per_chunk.shape[1], seq)
 
 
-def distillation_sums(model: Any, teacher_model: Any,
-                      teacher_out: Mapping[str, jax.Array],
-                      batch: Mapping[str, jax.Array],
-                      config: ml_collections.ConfigDict,
-                      model_kwargs: Mapping[str, Any] | None = None
-                      ) -> dict[str, jax.Array]:
-  """The student's summed loss terms against the teacher on one batch.
+class Distillation(Objective):
+  """The BitDistill loss against a frozen teacher (module docstring).
 
-  Sums over the counted positions (see `loss.next_token_sums`), so
-  micro-batches add up: `loss` (ce_weight x the cross-entropy with its
-  smoothing, z-loss and entropy terms + distill_logit_weight x KL +
-  distill_attention_weight x the relation KL), `nll`, `entropy`, `hits`,
-  `weight`, and the distillation terms `distill_kl`, `distill_attention`
-  and `teacher_nll` (the teacher's own cross-entropy). float32 scalars.
+  Summed terms: `loss` (ce_weight x the cross-entropy with its smoothing,
+  z-loss and entropy terms + distill_logit_weight x KL +
+  distill_attention_weight x the relation KL), `nll`, `accuracy`,
+  `distill_kl`, `distill_attention` (nats per position) and `teacher_loss`
+  (the teacher's own cross-entropy), with `weight`.
 
   Args:
-    model: the student `Transformer`.
-    teacher_model: the teacher `Transformer` (its `logits`).
-    teacher_out: `teacher_outputs` of this batch.
-    batch: see `loss.split_batch`.
-    config: the student's config (`train` weights, chunk size).
-    model_kwargs: the student's `quant_blend`, `dropout_key`.
+    config: the student's config (`train` weights, temperature, layer,
+      chunk size).
+    teacher: the `Teacher` (`teacher.load_teacher`, or
+      `teacher.abstract_teacher` to lower a step); its parameters are
+      `frozen`.
   """
-  t = config.train
-  inputs, targets, features, weights = split_batch(batch)
-  if weights is None:
-    weights = jnp.ones(targets.shape, jnp.float32)
-  layer = attention_layer(t, config.model, "student") if (
-      t.distill_attention_weight > 0) else None
-  hidden, stats = model.hidden_and_statistics(
-      inputs, **features, **(model_kwargs or {}), capture_layer=layer)
-  outputs = outputs_from_hidden(
-      model, hidden, targets, chunk_size=t.loss_chunk_size,
-      teacher=(teacher_model, teacher_out["hidden"]),
-      temperature=t.distill_temperature, label_smoothing=t.label_smoothing,
-      z_loss_weight=t.z_loss_weight, entropy_weight=t.entropy_weight)
-  relation = jnp.zeros(targets.shape, jnp.float32)
-  if layer is not None:
-    relation = attention_relation_distillation(
-        teacher_out["qkv"], stats["qkv"], features.get("segment_ids"),
+
+  def __init__(self, config: ml_collections.ConfigDict, teacher: Teacher):
+    t = config.train
+    self.teacher, self.frozen = teacher, teacher.params
+    self.loss_weights = {"label_smoothing": t.label_smoothing,
+                         "z_loss_weight": t.z_loss_weight,
+                         "entropy_weight": t.entropy_weight}
+    self.weights = (t.ce_weight, t.distill_logit_weight,
+                    t.distill_attention_weight)
+    self.temperature, self.chunk_size = t.distill_temperature, (
         t.loss_chunk_size)
-  per_position = (t.ce_weight * outputs["loss"]
-                  + t.distill_logit_weight * outputs["distill_kl"]
-                  + t.distill_attention_weight * relation)
+    self.student_layer = self.teacher_layer = None
+    if t.distill_attention_weight > 0:
+      self.student_layer = attention_layer(t, config.model, "student")
+      self.teacher_layer = attention_layer(t, teacher.config.model,
+                                           "teacher")
 
-  def total(x):
-    return jnp.sum(x * weights)
+  def __call__(self, model: Any, batch: Batch, frozen: Any,
+               **forward: Any) -> dict[str, jax.Array]:
+    inputs, targets, features = batch.inputs, batch.targets, batch.features
+    teacher_model = bind(self.teacher.graphdef, frozen, self.teacher.step)
+    teacher_hidden, teacher_stats = jax.lax.stop_gradient(
+        teacher_model.hidden_and_statistics(
+            inputs, **features, capture_layer=self.teacher_layer))
+    hidden, stats = model.hidden_and_statistics(
+        inputs, **features, **forward, capture_layer=self.student_layer)
 
-  return {"loss": total(per_position), "nll": total(outputs["nll"]),
-          "entropy": total(outputs["entropy"]), "hits": total(outputs["hit"]),
-          "weight": jnp.sum(weights),
-          "distill_kl": total(outputs["distill_kl"]),
-          "distill_attention": total(relation),
-          "teacher_nll": total(outputs["teacher_nll"])}
+    def per_position(hidden, teacher_hidden, targets):
+      logits = model.logits(hidden)
+      teacher_logits = jax.lax.stop_gradient(
+          teacher_model.logits(teacher_hidden))
+      outputs = loss.logit_outputs(logits, targets, **self.loss_weights)
+      outputs["distill_kl"] = logit_distillation(teacher_logits, logits,
+                                                 self.temperature)
+      outputs["teacher_loss"] = loss.logit_outputs(teacher_logits,
+                                                   targets)["nll"]
+      return outputs
+
+    outputs = loss.chunked(per_position, self.chunk_size, hidden,
+                           teacher_hidden, targets)
+    relation = jnp.zeros(targets.shape, jnp.float32)
+    if self.student_layer is not None:
+      relation = attention_relation_distillation(
+          teacher_stats["captured"], stats["captured"],
+          features.get("segment_ids"), self.chunk_size)
+    ce, logit, attention = self.weights
+    return loss.masked_sums(
+        {"loss": (ce * outputs["loss"] + logit * outputs["distill_kl"]
+                  + attention * relation),
+         "nll": outputs["nll"], "accuracy": outputs["hit"],
+         "distill_kl": outputs["distill_kl"], "distill_attention": relation,
+         "teacher_loss": outputs["teacher_loss"]}, batch.loss_mask)

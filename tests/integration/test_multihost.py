@@ -1,0 +1,191 @@
+"""Two processes over loopback (jax.distributed) train like one process.
+
+Each worker has 4 simulated CPU devices; together they form the same 8-device
+(data, fsdp) mesh as the single-process reference in this pytest process.
+The full-precision architecture is used so that the comparison is not blurred
+by ternary rounding flips (see test_sharding.py).
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from bitnet_jax import data
+from bitnet_jax.training import loop
+
+from drivers import REPO, free_port, stream_config
+
+WORKER = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+sys.path.insert(0, "tests")
+import drivers
+config = drivers.load_config("configs/tiny.py", {overrides!r})
+config.distributed.initialize = True
+config.distributed.coordinator_address = "127.0.0.1:{port}"
+config.distributed.num_processes = 2
+config.distributed.process_id = int(sys.argv[1])
+from absl import logging
+logging.set_verbosity(logging.INFO)  # as app.run does in bitnet_jax.main
+from bitnet_jax.distributed import sharding
+from bitnet_jax.training import loop
+sharding.initialize_distributed(config)
+import jax
+assert jax.process_count() == 2 and jax.device_count() == 8
+drivers.slow_train_steps({sleep})
+loop.train_and_evaluate(config, {workdir!r})
+"""
+
+
+def _start_workers(overrides: dict, workdir: str,
+                   sleep: float = 0.0) -> list[subprocess.Popen]:
+  program = WORKER.format(overrides=overrides, port=free_port(),
+                          workdir=workdir, sleep=sleep)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return [subprocess.Popen([sys.executable, "-c", program, str(i)],
+                           cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+          for i in range(2)]
+
+
+def _run_workers(overrides: dict, workdir: str, workers: list | None = None,
+                 fail: bool = False) -> list[str]:
+  """Waits for both workers; each must exit 0 (with `fail`: not 0)."""
+  workers = workers or _start_workers(overrides, workdir)
+  logs = []
+  for worker in workers:
+    try:
+      logs.append(worker.communicate(timeout=300)[0])
+    except subprocess.TimeoutExpired:
+      for w in workers:
+        w.kill()
+      pytest.fail("multi-host workers timed out")
+  for i, (worker, log) in enumerate(zip(workers, logs)):
+    assert (worker.returncode != 0) == fail, (
+        f"worker {i} exited {worker.returncode}:\n{log[-4000:]}")
+  return logs
+
+
+def _losses(workdir: str) -> dict[int, float]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  return {r["step"]: r.get("loss", r.get("eval_loss")) for r in records}
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_and_resume(tiny_config, tmp_path):
+  overrides = {"data.data_dir": tiny_config.data.data_dir,
+               "model.quantization": "none", "train.steps": 6,
+               "train.log_every": 1, "train.eval_every": 3,
+               "train.checkpoint_every": 3, "optimizer.warmup_steps": 2}
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    tiny_config[section][field] = value
+  data.prepare(tiny_config)  # the workers then only read the caches
+  loop.train_and_evaluate(tiny_config, str(tmp_path / "one_process"))
+
+  workdir = str(tmp_path / "two_processes")
+  _run_workers(overrides, workdir)
+  single, multi = _losses(str(tmp_path / "one_process")), _losses(workdir)
+  assert sorted(multi) == sorted(single), "different steps were logged"
+  np.testing.assert_allclose(
+      [multi[s] for s in sorted(single)], [single[s] for s in sorted(single)],
+      rtol=1e-5, err_msg="2-process losses differ from the 1-process run")
+  iterator_states = [name for name in os.listdir(
+      os.path.join(workdir, "checkpoints", "6", "data"))
+                     if name.endswith(".json")]
+  assert sorted(iterator_states) == ["process_0-of-2.json",
+                                     "process_1-of-2.json"], iterator_states
+
+  longer = {**overrides, "train.steps": 9}  # the finished run, extended
+  logs = _run_workers(longer, workdir)
+  for i, log in enumerate(logs):
+    assert "resuming at step 6" in log, f"worker {i} did not resume:\n{log}"
+  assert sorted(_losses(workdir)) == list(range(10)), "steps 7-9 not logged"
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_host_stops_every_host_at_the_same_checkpoint(
+    tiny_config, tmp_path):
+  overrides = {"data.data_dir": tiny_config.data.data_dir,
+               "model.quantization": "none", "train.steps": 400,
+               "train.log_every": 1, "train.eval_every": 400,
+               "train.checkpoint_every": 400, "optimizer.warmup_steps": 2}
+  data.prepare(tiny_config)
+  workdir = str(tmp_path / "run")
+  workers = _start_workers(overrides, workdir, sleep=0.1)
+  deadline = time.monotonic() + 120
+  while not (os.path.exists(os.path.join(workdir, "metrics.jsonl")) and
+             len(_losses(workdir)) > 3):
+    assert time.monotonic() < deadline, "the workers never reached step 3"
+    assert all(w.poll() is None for w in workers), "a worker died early"
+    time.sleep(0.1)
+  workers[1].send_signal(signal.SIGTERM)  # the scheduler preempts one host
+  logs = _run_workers(overrides, workdir, workers)  # both must exit 0
+  steps = [re.findall(r"stopped after step (\d+)", log) for log in logs]
+  assert all(len(s) == 1 for s in steps), f"each host must stop once: {steps}"
+  assert steps[0] == steps[1], f"hosts stopped at different steps: {steps}"
+  saved = os.path.join(workdir, "checkpoints", steps[0][0], "data")
+  assert sorted(n for n in os.listdir(saved) if n.endswith(".json")) == [
+      "process_0-of-2.json", "process_1-of-2.json"], "not both hosts saved"
+
+
+@pytest.mark.slow
+def test_two_hosts_stream_their_own_files_and_resume_their_own_positions(
+    tiny_config, tmp_path):
+  corpus = stream_config(tiny_config, str(tmp_path / "corpus"),
+                         packing="document").data
+  overrides = {f"data.{key}": corpus[key] for key in (
+      "dataset", "eval_dataset", "data_dir", "shuffle_buffer_size",
+      "read_concurrency", "packing")}
+  overrides.update({"train.steps": 6, "train.log_every": 1,
+                    "train.eval_every": 6, "train.checkpoint_every": 4,
+                    "optimizer.warmup_steps": 1})
+  data.prepare(tiny_config)  # the BPE is trained once, before the workers
+  workdir = str(tmp_path / "run")
+  _run_workers(overrides, workdir)
+  uninterrupted = _losses(workdir)
+  saved = os.path.join(workdir, "checkpoints", "4", "data")
+  states = []
+  for process in range(2):
+    with open(os.path.join(saved, f"process_{process}-of-2.json")) as f:
+      states.append(f.read())
+  assert states[0] != states[1], "both hosts saved the same stream position"
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))  # back to step 4
+  logs = _run_workers(overrides, workdir)
+  for i, log in enumerate(logs):
+    assert "resuming at step 4" in log, f"worker {i} did not resume:\n{log}"
+  resumed = _losses(workdir)
+  assert sorted(resumed) == list(range(7)), "steps 5-6 not logged once"
+  assert [resumed[s] for s in (5, 6)] == [uninterrupted[s] for s in (5, 6)], (
+      "after the resume the hosts trained on other batches than before")
+
+
+@pytest.mark.slow
+def test_an_alarm_with_halt_on_alarm_stops_every_host_at_one_eval(
+    tiny_config, tmp_path):
+  # frequency_collapse at once: any top-token share > 0.01, no grace period.
+  overrides = {"data.data_dir": tiny_config.data.data_dir,
+               "model.quantization": "none", "train.steps": 6,
+               "train.log_every": 1, "train.eval_every": 3,
+               "train.checkpoint_every": 6, "optimizer.warmup_steps": 2,
+               "health.halt_on_alarm": True, "health.grace_steps": 0,
+               "health.grace_fraction": 0.0, "health.patience": 1,
+               "health.max_top_token_share": 0.01}
+  data.prepare(tiny_config)
+  workdir = str(tmp_path / "run")
+  logs = _run_workers(overrides, workdir, fail=True)
+  for i, log in enumerate(logs):
+    assert "HealthAlarmError: step 3:" in log, (
+        f"worker {i} did not halt on the alarm at step 3:\n{log[-3000:]}")
+  saved = os.path.join(workdir, "checkpoints", "3", "data")
+  assert sorted(n for n in os.listdir(saved) if n.endswith(".json")) == [
+      "process_0-of-2.json", "process_1-of-2.json"], "not both hosts saved"

@@ -1,0 +1,306 @@
+"""Surviving a cluster: signals, kills, a second writer, bad disks, changes.
+
+Real processes and real signals where the property is about processes: a
+driver subprocess trains the tiny config with a short sleep in every step, so
+that a signal lands mid-run.
+"""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bitnet_jax.runs import checkpoint, identity, lock
+from bitnet_jax.training import guards, loop, steps
+
+from drivers import REPO
+
+TIMING_KEYS = {"tokens_per_sec", "steps_per_sec", "step_time_ms",
+               "eta_seconds", "mfu"}
+DRIVER = """
+import resource, signal, sys
+sys.path.insert(0, "tests")
+import drivers
+from absl import logging
+logging.set_verbosity(logging.INFO)
+from bitnet_jax import data
+from bitnet_jax.training import loop
+config = drivers.load_config("configs/tiny.py", {overrides!r})
+drivers.slow_train_steps({sleep})
+if {file_limit}:
+  data.prepare(config)  # caches exist already; only checkpoints grow
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, as a full disk
+  resource.setrlimit(resource.RLIMIT_FSIZE, ({file_limit}, {file_limit}))
+loop.train_and_evaluate(config, {workdir!r})
+"""
+
+
+def _overrides(data_dir: str, **extra) -> dict:
+  overrides = {"data.data_dir": data_dir, "train.steps": 24,
+               "train.log_every": 1, "train.eval_every": 8,
+               "train.checkpoint_every": 4, "optimizer.warmup_steps": 2}
+  overrides.update({k.replace("__", "."): v for k, v in extra.items()})
+  return overrides
+
+
+def _start(workdir, overrides, sleep=0.05, file_limit=0) -> subprocess.Popen:
+  program = DRIVER.format(overrides=overrides, workdir=str(workdir),
+                          sleep=sleep, file_limit=file_limit)
+  return subprocess.Popen([sys.executable, "-c", program], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+
+
+def _records(workdir) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    lines = f.read().splitlines()
+  records = []
+  for line in lines:
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      pass  # a line being written right now
+  return records
+
+
+def _wait_for_step(process, workdir, step: int, timeout: float = 120) -> None:
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if any(r["step"] >= step for r in _records(workdir) if "loss" in r):
+      return
+    if process.poll() is not None:
+      pytest.fail(f"the run ended before step {step}:\n"
+                  f"{process.stdout.read()[-3000:]}")
+    time.sleep(0.02)
+  process.kill()
+  pytest.fail(f"step {step} was not logged within {timeout} s")
+
+
+def _finish(process, timeout: float = 120) -> tuple[int, str]:
+  try:
+    output, _ = process.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    pytest.fail(f"the process did not exit within {timeout} s (a hang)")
+  return process.returncode, output
+
+
+def _comparable(records: list[dict]) -> dict:
+  merged = {}
+  for record in records:
+    merged.setdefault(record["step"], {}).update(
+        {k: v for k, v in record.items() if k not in TIMING_KEYS})
+  return merged
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_the_step_in_flight_and_exits_zero(
+    tmp_path, data_dir, signum):
+  process = _start(tmp_path, _overrides(data_dir, train__steps=200,
+                                        train__checkpoint_every=100))
+  _wait_for_step(process, tmp_path, 6)
+  sent = time.monotonic()
+  process.send_signal(signum)
+  code, output = _finish(process)
+  assert code == 0, f"exit status {code} after {signum.name}:\n{output[-3000:]}"
+  assert time.monotonic() - sent < 30, "stopping took longer than seconds"
+  stopped = re.findall(r"stopped after step (\d+); saved", output)
+  assert len(stopped) == 1, f"want one line naming the step:\n{output[-3000:]}"
+  step = int(stopped[0])
+  assert os.path.isdir(tmp_path / "checkpoints" / str(step)), (
+      f"no checkpoint of step {step}, the step in flight")
+  logged = [r["step"] for r in _records(tmp_path) if "loss" in r]
+  assert logged == list(range(1, step + 1)), "metrics were not flushed"
+
+
+@pytest.mark.slow
+def test_a_second_signal_exits_at_once(tmp_path, data_dir):
+  process = _start(tmp_path, _overrides(data_dir, train__steps=200,
+                                        train__checkpoint_every=100),
+                   sleep=2.0)
+  _wait_for_step(process, tmp_path, 1)
+  process.send_signal(signal.SIGTERM)
+  time.sleep(0.3)  # inside the 2 s step: the first signal waits for it
+  process.send_signal(signal.SIGTERM)
+  code, output = _finish(process, timeout=10)
+  assert code == 128 + signal.SIGTERM, (
+      f"exit status {code}, want {128 + signal.SIGTERM}:\n{output[-2000:]}")
+
+
+@pytest.mark.slow
+def test_chaos_kills_and_signals_change_no_logged_value(
+    tiny_config, tmp_path, data_dir):
+  overrides = _overrides(data_dir)
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    tiny_config[section][field] = value
+  loop.train_and_evaluate(tiny_config, str(tmp_path / "straight"))
+  straight = _comparable(_records(tmp_path / "straight"))
+
+  workdir = tmp_path / "chaos"
+  rng = random.Random(os.getpid())  # random points; the seed is in messages
+  plan = [(signal.SIGKILL, rng.randint(1, 3)),  # before the first checkpoint
+          (signal.SIGTERM, rng.randint(5, 9)),
+          (signal.SIGKILL, rng.randint(11, 15)),
+          (signal.SIGTERM, rng.randint(17, 21))]
+  for signum, at_step in plan:
+    before = max((r["step"] for r in _records(workdir)), default=0)
+    process = _start(workdir, overrides)
+    _wait_for_step(process, workdir, max(at_step, before + 1))
+    process.send_signal(signum)
+    code, output = _finish(process)
+    if signum == signal.SIGTERM:
+      assert code == 0, f"SIGTERM exit {code} (plan {plan}):\n{output[-3000:]}"
+      step = int(re.findall(r"stopped after step (\d+)", output)[0])
+      assert os.path.isdir(workdir / "checkpoints" / str(step)), (
+          f"no checkpoint of step {step} after SIGTERM (plan {plan})")
+  code, output = _finish(_start(workdir, overrides))
+  assert code == 0, f"the final run failed (plan {plan}):\n{output[-3000:]}"
+
+  records = _records(workdir)
+  steps = [r["step"] for r in records if "loss" in r]
+  assert steps == list(range(1, 25)), f"steps logged {steps} (plan {plan})"
+  assert [r["step"] for r in records if "eval_loss" in r] == [0, 8, 16, 24], (
+      f"evaluations duplicated or lost (plan {plan})")
+  assert _comparable(records) == straight, (
+      f"a logged value differs from the uninterrupted run (plan {plan})")
+
+
+@pytest.mark.slow
+def test_a_second_writer_on_a_workdir_is_refused_naming_the_holder(
+    tiny_config, tmp_path, data_dir):
+  process = _start(tmp_path, _overrides(data_dir, train__steps=200))
+  try:
+    _wait_for_step(process, tmp_path, 1)
+    with pytest.raises(lock.WorkdirLockedError) as caught:
+      loop.train_and_evaluate(tiny_config, str(tmp_path))
+    assert f"pid {process.pid}" in str(caught.value), caught.value
+    starts = identity.read_history(str(tmp_path))
+    assert [entry["pid"] for entry in starts] == [process.pid], (
+        f"the refused start was recorded as a start of the run: {starts}")
+  finally:
+    process.kill()
+    process.wait()
+
+
+@pytest.mark.slow
+def test_a_failed_background_save_stops_the_run_naming_path_and_cause(
+    tmp_path, data_dir):
+  process = _start(tmp_path, _overrides(data_dir, train__steps=40), sleep=0.0,
+                   file_limit=200_000)
+  code, output = _finish(process)
+  assert code != 0, "the run went on after its checkpoint failed"
+  assert "CheckpointSaveError" in output and "File too large" in output, (
+      output[-3000:])
+  assert str(tmp_path / "checkpoints") in output, "the path is not named"
+
+  code, output = _finish(_start(tmp_path, _overrides(data_dir,
+                                                     train__steps=40),
+                                sleep=0.0))
+  assert code == 0, f"the restart failed:\n{output[-3000:]}"
+  leftovers = [n for n in os.listdir(tmp_path / "checkpoints") if "tmp" in n]
+  assert not leftovers, f"partial checkpoint directories left: {leftovers}"
+
+
+def _short_run(config, steps=8):
+  config.train.steps, config.train.log_every = steps, 2
+  config.train.eval_every = config.train.checkpoint_every = 4
+  config.optimizer.warmup_steps = 2
+  return config
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_learning_rate_is_refused_and_writes_nothing(
+    tiny_config, tmp_path):
+  loop.train_and_evaluate(_short_run(tiny_config), str(tmp_path))
+  files = {n: (tmp_path / n).read_bytes() for n in ("config.json",
+                                                    "metrics.jsonl")}
+  tiny_config.train.steps = 12
+  tiny_config.optimizer.learning_rate = 3e-3
+  with pytest.raises(identity.RunIdentityError,
+                     match=r"config\.optimizer\.learning_rate: 0\.0015 -> "
+                     r"0\.003"):
+    loop.train_and_evaluate(tiny_config, str(tmp_path))
+  for name, content in files.items():
+    assert (tmp_path / name).read_bytes() == content, f"{name} was changed"
+
+
+@pytest.mark.slow
+def test_a_forced_resume_into_another_model_size_names_each_array(
+    tiny_config, tmp_path, capfd):
+  loop.train_and_evaluate(_short_run(tiny_config), str(tmp_path))
+  tiny_config.train.steps = 12
+  tiny_config.model.d_model = 128
+  tiny_config.train.allow_config_change = True
+  capfd.readouterr()
+  with pytest.raises(checkpoint.CheckpointMismatchError) as caught:
+    loop.train_and_evaluate(tiny_config, str(tmp_path))
+  lines = str(caught.value).splitlines()
+  assert any(line.strip().startswith("params/embed_tokens/embedding: "
+                                     "checkpoint (512, 64)") for line in lines)
+  assert "strict" not in str(caught.value)
+  assert "Traceback" not in capfd.readouterr().err, (
+      "library tracebacks were printed")
+
+
+@pytest.mark.slow
+def test_a_diverged_run_stops_before_checkpointing_the_diverged_state(
+    tiny_config, tmp_path, monkeypatch):
+  config = _short_run(tiny_config, steps=20)
+  config.train.divergence_patience = 2
+  real = steps.make_train_step
+
+  def exploding(*args, **kwargs):
+    step_fn = real(*args, **kwargs)
+
+    def run(state, window):
+      state, out = step_fn(state, window)
+      if int(state.step) > 9:  # finite, but 1e6 times larger
+        out = {**out, "loss": out["loss"] * 1e6, "nll": out["nll"] * 1e6}
+      return state, out
+    return run
+
+  monkeypatch.setattr(steps, "make_train_step", exploding)
+  with pytest.raises(guards.DivergenceError, match="diverged"):
+    loop.train_and_evaluate(config, str(tmp_path))
+  saved = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=3)
+  assert saved.all_steps() == [4, 8], (
+      f"checkpoints {saved.all_steps()}: a diverged state was saved")
+  saved.close()
+
+
+@pytest.mark.slow
+def test_a_half_written_metrics_line_does_not_stop_the_restart(
+    tiny_config, tmp_path):
+  loop.train_and_evaluate(_short_run(tiny_config), str(tmp_path))
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 9, "lo')
+  tiny_config.train.steps = 12
+  loop.train_and_evaluate(tiny_config, str(tmp_path))
+  steps = [r["step"] for r in _records(tmp_path) if "loss" in r]
+  assert steps == [2, 4, 6, 8, 10, 12], steps
+
+
+@pytest.mark.slow
+def test_tokens_seen_stays_true_across_a_forced_batch_size_change(
+    tiny_config, tmp_path):
+  loop.train_and_evaluate(_short_run(tiny_config), str(tmp_path))
+  tiny_config.train.steps = 12
+  tiny_config.train.batch_size = 16
+  tiny_config.train.allow_config_change = True
+  final = loop.train_and_evaluate(tiny_config, str(tmp_path))
+  assert final["tokens_seen"] == 8 * 8 * 32 + 4 * 16 * 32, (
+      f"tokens_seen {final['tokens_seen']}: the tokens of the first 8 steps "
+      "(batch 8) were recounted at the new batch size")
+  history = identity.read_history(str(tmp_path))
+  assert history[-1]["overrode_refusal"], "the override was not recorded"

@@ -1,0 +1,193 @@
+"""End to end on the tiny config: learning, metrics, checkpoints, resume."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+from bitnet_jax.training import loop, steps
+
+from drivers import REPO, stream_config
+
+TRAIN_KEYS = {"step", "loss", "learning_rate", "weight_decay", "grad_norm",
+              "tokens_seen", "tokens_per_sec"}
+EVAL_KEYS = {"eval_loss", "eval_accuracy", "unique_predictions", "copy_rate",
+             "top_token_share", "prediction_entropy", "health_alarms",
+             "attention_rms/0", "attention_rms/1", "ffn_rms/0", "ffn_rms/1",
+             *(f"{stat}/{kind}" for stat in ("zero_share", "mean_abs_weight")
+               for kind in ("q_proj", "k_proj", "v_proj", "o_proj",
+                            "gate_proj", "up_proj", "down_proj"))}
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+class Preempted(Exception):
+  pass
+
+
+def _wrap_train_step(monkeypatch, wrapper):
+  """Routes every train step through wrapper(call_index, step, state, window).
+
+  `call_index` counts the steps this run executed, from 0.
+  """
+  real = steps.make_train_step
+
+  def make(*args, **kwargs):
+    step_fn, calls = real(*args, **kwargs), itertools.count()
+    return lambda state, window: wrapper(next(calls), step_fn, state, window)
+
+  monkeypatch.setattr(steps, "make_train_step", make)
+
+
+@pytest.mark.slow
+def test_tiny_run_learns_and_logs_every_required_metric(
+    trained_run, trained_run_final, tiny_config):
+  """The session's run (tests/conftest.py): configs/tiny.py as it ships,
+  on the default mesh of all 8 simulated devices."""
+  config, final = tiny_config, trained_run_final
+  records = _records(trained_run)
+  logged = [r for r in records if "loss" in r]
+  evals = [r for r in records if "eval_loss" in r]
+  assert [r["step"] for r in logged] == list(range(10, 61, 10)), "log_every"
+  assert [r["step"] for r in evals] == [0, 30, 60], "eval_every + baseline"
+  for record in logged:
+    assert TRAIN_KEYS <= record.keys(), f"missing {TRAIN_KEYS - record.keys()}"
+  for record in evals:
+    assert EVAL_KEYS <= record.keys(), f"missing {EVAL_KEYS - record.keys()}"
+  assert logged[-1]["tokens_seen"] == 60 * 8 * 32
+  assert logged[-1]["loss"] < logged[0]["loss"] - 0.3, "loss did not fall"
+  assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.3, (
+      "eval loss did not fall")
+  with open(os.path.join(trained_run, "samples.jsonl")) as f:
+    samples = [json.loads(line) for line in f]
+  prompts = config.train.sample_prompts
+  assert [s["step"] for s in samples] == [0] * prompts + [30] * prompts + [
+      60] * prompts, "samples.jsonl: sample_prompts lines per evaluation"
+  assert all(s["continuation"] for s in samples), "empty continuation"
+  assert len({s["prompt"] for s in samples}) == prompts, (
+      "the prompts must stay the same at every evaluation")
+  assert final["eval_loss"] == evals[-1]["eval_loss"]
+  assert os.path.isdir(os.path.join(trained_run, "checkpoints", "60")), (
+      "no final checkpoint")
+  assert os.listdir(os.path.join(trained_run, "tensorboard")), (
+      "no TensorBoard events")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["stdlib", "jsonl stream"])
+def test_resumed_run_repeats_the_uninterrupted_losses_exactly(
+    tiny_config, tmp_path, monkeypatch, source):
+  config = tiny_config  # default mesh: all 8 simulated devices
+  if source == "jsonl stream":  # the grain stream resumes from the checkpoint
+    flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
+    stream_config(config, str(tmp_path / "corpus"), packing="document",
+                  worker_count=1)
+  config.train.steps, config.train.log_every = 20, 1
+  config.train.checkpoint_every, config.train.eval_every = 10, 10
+  config.optimizer.warmup_steps = 2
+  loop.train_and_evaluate(config, str(tmp_path / "straight"))
+
+  def crash_at_15(index, step, state, window):
+    if index == 15:
+      raise Preempted("simulated preemption at step 15")
+    return step(state, window)
+
+  with monkeypatch.context() as patch:
+    _wrap_train_step(patch, crash_at_15)
+    with pytest.raises(Preempted):
+      loop.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert max(r["step"] for r in _records(tmp_path / "resumed")) >= 14
+  executed = []
+
+  def count(index, step, state, window):
+    executed.append(index)
+    return step(state, window)
+
+  _wrap_train_step(monkeypatch, count)
+  loop.train_and_evaluate(config, str(tmp_path / "resumed"))
+
+  assert len(executed) == 10, (
+      f"the second run trained {len(executed)} steps: it did not resume "
+      "from the step-10 checkpoint")
+  straight = {r["step"]: r["loss"] for r in _records(tmp_path / "straight")
+              if "loss" in r}
+  resumed = [r for r in _records(tmp_path / "resumed") if "loss" in r]
+  assert [r["step"] for r in resumed] == list(range(1, 21)), (
+      "every step must be logged exactly once across the restart")
+  for record in resumed:
+    assert record["loss"] == straight[record["step"]], (
+        f"step {record['step']}: resumed loss {record['loss']} != "
+        f"uninterrupted {straight[record['step']]} (state or data order)")
+
+
+def _run_main(args: list[str]) -> subprocess.CompletedProcess:
+  """Runs `python -m bitnet_jax.main ARGS`, asserting TF is never imported."""
+  program = (
+      "import runpy, sys\n"
+      f"sys.argv = ['bitnet_jax.main'] + {args!r}\n"
+      "code = 0\n"
+      "try:\n"
+      "  runpy.run_module('bitnet_jax.main', run_name='__main__')\n"
+      "except SystemExit as e:\n"
+      "  code = e.code\n"
+      "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'\n"
+      "sys.exit(code)\n")
+  return subprocess.run([sys.executable, "-c", program], check=False,
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_command_line_trains_resumes_and_never_imports_tensorflow(
+    tmp_path, data_dir):
+  workdir = str(tmp_path / "run")
+  args = ["--config=configs/tiny.py", f"--workdir={workdir}",
+          f"--config.data.data_dir={data_dir}", "--config.train.steps=20",
+          "--config.train.eval_every=10", "--config.optimizer.warmup_steps=2"]
+  first = _run_main(args)
+  assert first.returncode == 0, f"first run failed:\n{first.stderr}"
+  again = _run_main(args)
+  assert again.returncode == 0, f"second run failed:\n{again.stderr}"
+  assert "is finished" in again.stderr and '"eval_loss"' in again.stderr, (
+      "a finished run started again must say so and print its final "
+      f"metrics:\n{again.stderr[-2000:]}")
+  longer = _run_main(args + ["--config.train.steps=30"])
+  assert longer.returncode == 0, f"longer run failed:\n{longer.stderr}"
+  assert "resuming at step 20" in longer.stderr, (
+      "raising train.steps did not resume the finished run")
+  assert "stage boundary" in longer.stderr, "no warning about train.steps"
+  assert [r["step"] for r in _records(workdir) if "loss" in r] == [10, 20, 30]
+
+  wider = _run_main(args + ["--config.train.steps=40",
+                            "--config.model.d_model=128",
+                            "--config.train.allow_config_change=true"])
+  assert wider.returncode == 1, f"exit {wider.returncode}:\n{wider.stderr}"
+  assert "params/embed_tokens/embedding: checkpoint (512, 64)" in (
+      wider.stderr), "the differing arrays are not named"
+  assert "Traceback" not in wider.stderr and "strict" not in wider.stderr, (
+      f"library tracebacks or advice leaked:\n{wider.stderr[-3000:]}")
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_the_run_before_a_bad_checkpoint(
+    tiny_config, tmp_path, monkeypatch):
+  config = tiny_config
+  config.train.steps, config.train.log_every = 12, 4
+  config.train.checkpoint_every, config.optimizer.warmup_steps = 4, 2
+  def nan_from_step_6(index, step, state, window):
+    state, out = step(state, window)
+    if index >= 5:
+      out = {**out, "loss": out["loss"] * float("nan")}
+    return state, out
+
+  _wrap_train_step(monkeypatch, nan_from_step_6)
+  with pytest.raises(FloatingPointError, match="loss is nan at step 8"):
+    loop.train_and_evaluate(config, str(tmp_path))
+  saved = sorted(os.listdir(tmp_path / "checkpoints"))
+  assert saved == ["4"], f"checkpoints {saved}: a NaN step was saved"
