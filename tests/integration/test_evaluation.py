@@ -148,7 +148,7 @@ def test_rolling_windows_predict_every_token_once(lm):
 
 def test_generation_is_greedy_decoding_cut_at_the_stop_sequence(lm):
   for prompt in ("from ", "import ", "self.", "def ", "class "):
-    greedy = decode.generate((lm.graphdef, lm.scorer.params),
+    greedy = decode.generate(lm.scorer.model,
                              [lm.tok_encode(prompt)], 12,
                              context_len=SEQ_LEN)[0].tolist()
     text = lm.tok_decode(greedy)

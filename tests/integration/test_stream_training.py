@@ -56,7 +56,7 @@ def test_the_stream_resumes_exactly_with_two_workers(tiny_config, tmp_path,
   resumed.set_state(state)
   for i, want in enumerate(expected):
     got = next(resumed)
-    for key in ("tokens", "segment_ids", "positions"):
-      np.testing.assert_array_equal(got[key], want[key],
+    for key in ("tokens", "segment_ids", "positions", "loss_mask"):
+      np.testing.assert_array_equal(getattr(got, key), getattr(want, key),
                                     err_msg=f"batch {i} {key} after restore")
   resumed.close()

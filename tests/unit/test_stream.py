@@ -6,6 +6,7 @@ import logging
 import os
 import re
 
+import jax
 import numpy as np
 import pytest
 
@@ -75,13 +76,13 @@ def test_stream_windows_are_packed_documents_ending_in_end_of_text(
   prepared = data.prepare(config)
   it = data.train_iterator(prepared, config)
   batches = [next(it) for _ in range(12)]  # ~3k tokens, several documents
-  batch = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+  batch = jax.tree.map(lambda *rows: np.concatenate(rows), *batches)
   tokens = batch.tokens
   assert tokens.shape == (96, 33) and tokens.dtype == np.int32
   text = prepared.tokenizer.decode(tokens.reshape(-1).tolist(),
                                    skip_special_tokens=False)
   assert "<|endoftext|># doc " in text, "documents are not EOT-separated"
-  starts = batch["positions"] == 0
+  starts = batch.positions == 0
   assert (starts[:, 0]).all(), "a window must start a segment at position 0"
   after_eot = np.zeros_like(starts)
   after_eot[:, 1:] = tokens[:, :-1] == prepared.eot_id
