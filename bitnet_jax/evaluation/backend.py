@@ -28,7 +28,7 @@ Requests are handled as lm-eval's `hf` backend handles them
 Every request runs through the model's own quantized forward (fake-quantized
 ternary weights, per-token int8 activations, as in training), which the
 packed `export-hf --format=packed` reproduces in transformers
-(tests/test_hf.py compares their logits).
+(tests/integration/test_hf_export.py compares their logits).
 
 Differences, none of which changes a score: every request is scored on its
 own (identical windows once), where the `hf` backend reuses one forward pass

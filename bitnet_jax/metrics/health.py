@@ -6,7 +6,7 @@ the alarms firing at that evaluation (stored as `record["health_alarms"]`)
 and logs one WARNING the first time each fires. "Train loss" below is the
 mean of the last 3 train records (nats). Defaults and the runs behind them
 (tiny: `configs/tiny.py`, 500 steps, an eval every 25, seeds 0-2, recorded;
-d20:cpu, recorded; tables and commands in tests/test_health.py and
+d20:cpu, recorded; tables and commands in tests/unit/test_health.py and
 experiments/RESULTS.md, "Watching the model learn"; and, marked "reported"
 below, figures reported for earlier BitNet b1.58 training runs (d20 scale,
 a 50,257-token vocabulary) that no script here reproduces):

@@ -39,7 +39,7 @@ def squared_relu(x: jax.Array) -> jax.Array:
 
 
 # `model.ffn_activation` -> the gate's activation, one entry per
-# `FfnActivation` (tests/test_model.py checks none is missing).
+# `FfnActivation` (tests/unit/test_model.py checks none is missing).
 FFN_ACTIVATIONS = {FfnActivation.SWIGLU: jax.nn.silu,
                    FfnActivation.RELU2: squared_relu}
 

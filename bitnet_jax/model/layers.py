@@ -111,7 +111,7 @@ def int8_codes_matmul(x: jax.Array, kernel: jax.Array,
 
 
 # `model.bitlinear_matmul` -> how a ternary BitLinear multiplies, one entry
-# per `BitLinearMatmul` (tests/test_model.py checks none is missing).
+# per `BitLinearMatmul` (tests/unit/test_model.py checks none is missing).
 BITLINEAR_MATMULS = {BitLinearMatmul.FAKE_QUANT: fake_quant_matmul,
                      BitLinearMatmul.INT8: int8_codes_matmul}
 

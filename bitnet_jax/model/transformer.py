@@ -43,7 +43,7 @@ from bitnet_jax.model.layers import head_dim, rms_norm
 SAVED_BY_QKV_OUT = ("query_proj", "key_proj", "value_proj", "out_proj")
 
 # `model.remat_policy` -> `jax.checkpoint` policy (None: no remat), one entry
-# per `RematPolicy` (tests/test_model.py checks none is missing).
+# per `RematPolicy` (tests/unit/test_model.py checks none is missing).
 REMAT_POLICIES = {
     RematPolicy.NONE: None,
     RematPolicy.FULL: jax.checkpoint_policies.nothing_saveable,

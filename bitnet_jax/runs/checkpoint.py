@@ -41,7 +41,7 @@ from bitnet_jax.model.tree_paths import is_stacked, path_name
 from bitnet_jax.runs.directory import DAMAGED_CHECKPOINTS
 from bitnet_jax.storage import paths
 
-DAMAGED_DIR = DAMAGED_CHECKPOINTS  # its older name (tests/test_gcs.py)
+DAMAGED_DIR = DAMAGED_CHECKPOINTS  # its older name, read by a GCS test
 MAX_MISMATCH_LINES = 40  # differing arrays listed before "... and N more"
 
 

@@ -18,7 +18,7 @@ A run directory (`--workdir`, local or gs://) holds:
   hf_source/             the imported HF folder's config and tokenizer files
 
 The names are on disk in every run written so far: changing one orphans
-those runs' files (tests/test_run_identity.py pins them).
+those runs' files (tests/unit/test_run_identity.py pins them).
 """
 
 from __future__ import annotations
