@@ -333,3 +333,16 @@ def lock_token(path: str) -> str:
   import json  # pylint: disable=g-import-not-at-top
   with open(path) as f:
     return json.load(f)["token"]
+
+
+def needs_libtpu(test):
+  """Skips `test` without libtpu (`pip install 'jax[tpu]'`), which compiles
+  for TPU on this CPU host."""
+  # pylint: disable-next=g-import-not-at-top
+  import importlib.util
+
+  import pytest
+  return pytest.mark.skipif(
+      importlib.util.find_spec("libtpu") is None,
+      reason="libtpu is not installed (pip install 'jax[tpu]'); it compiles "
+             "for TPU on this CPU host")(test)

@@ -6,7 +6,6 @@ itself: tests/unit/test_aot.py.
 """
 
 import dataclasses
-import importlib.util
 import subprocess
 import sys
 
@@ -15,16 +14,14 @@ import pytest
 from bitnet_jax.aot import tpu
 from configs import tiny
 
+from drivers import needs_libtpu
+
 # conftest turns on JAX's persistent compilation cache; an executable compiled
 # for a TPU topology cannot be loaded back on this CPU host, so JAX warns and
 # compiles again (the result is the same).
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Error reading persistent compilation cache entry:UserWarning")
 
-needs_libtpu = pytest.mark.skipif(
-    importlib.util.find_spec("libtpu") is None,
-    reason="libtpu is not installed (pip install 'jax[tpu]'); it compiles "
-           "for TPU on this CPU host")
 
 
 def _tiny(**model):

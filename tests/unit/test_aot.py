@@ -5,7 +5,6 @@ and skip with that reason where it is missing; the name table and the HLO
 reader run everywhere.
 """
 
-import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -16,16 +15,14 @@ from bitnet_jax.config import ConfigError
 from bitnet_jax.metrics import throughput
 from configs import tiny
 
+from drivers import needs_libtpu
+
 # conftest turns on JAX's persistent compilation cache; an executable compiled
 # for a TPU topology cannot be loaded back on this CPU host, so JAX warns and
 # compiles again (the result is the same).
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Error reading persistent compilation cache entry:UserWarning")
 
-needs_libtpu = pytest.mark.skipif(
-    importlib.util.find_spec("libtpu") is None,
-    reason="libtpu is not installed (pip install 'jax[tpu]'); it compiles "
-           "for TPU on this CPU host")
 
 
 @pytest.mark.parametrize("name,generation,shape", [
