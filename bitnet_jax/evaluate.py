@@ -54,7 +54,7 @@ def run() -> dict:
     raise ConfigError(f"--batch_size={FLAGS.batch_size} must be >= 1")
   if FLAGS.tasks:
     names = harness.task_names(FLAGS.tasks)
-    manager = harness.task_manager(FLAGS.include_path)
+    manager = harness.task_manager(FLAGS.include_path, names=names)
     harness.check_tasks(names, manager)  # before the model loads
   lm = BitNetLM.from_run(FLAGS.workdir, FLAGS.step,
                          batch_size=FLAGS.batch_size)

@@ -54,30 +54,27 @@ import pytest
 # early instead of leaving one worker running alone at the end. Files not
 # listed follow in their usual order. Names are unique across the tiers.
 _SLOWEST_FIRST = (
-    # tests/integration
-    "test_evaluation.py", "test_multihost.py", "test_resilience.py",
-    "test_compile.py", "test_hf_export.py", "test_actions_in_a_run.py",
-    "test_scan_resume.py", "test_stream_training.py", "test_hf_sources.py",
-    "test_distill_runs.py", "test_train.py", "test_experiments.py",
-    "test_gcs.py", "test_hf_import.py", "test_remedies_training.py",
-    "test_sharded_training.py", "test_data_without_tensorflow.py",
-    "test_health_run.py", "test_launch_slurm.py",
-    # tests/unit (test_verify.py well after test_data.py: the worker that
-    # takes it then finds prepared_data_dir built)
-    "test_data.py", "test_distill.py", "test_steps.py", "test_scan.py",
-    "test_aot.py", "test_verify.py", "test_decode.py", "test_loss.py",
-    "test_model.py", "test_remedies.py", "test_metrics.py")
+    # tests/integration (test_compile.py second: it needs no data, so the
+    # worker that takes it does not wait while the other builds data_dir)
+    "test_multihost.py", "test_compile.py", "test_resilience.py",
+    "test_evaluation.py", "test_gcs.py", "test_hf_export.py",
+    "test_train.py", "test_stream_training.py", "test_distill_steps.py",
+    "test_data_stdlib.py", "test_steps_compiled.py", "test_health_run.py",
+    "test_hf_sources.py", "test_scan_steps.py", "test_hf_import.py",
+    "test_distill_runs.py", "test_sharded_training.py",
+    "test_experiments.py", "test_scan_resume.py",
+    "test_data_without_tensorflow.py", "test_remedies_training.py",
+    "test_verify_stdlib.py", "test_verify_command.py",
+    "test_actions_in_a_run.py", "test_launch_slurm.py",
+    # tests/unit
+    "test_decode.py", "test_distill.py", "test_remedies.py", "test_steps.py",
+    "test_loss.py", "test_data.py", "test_model.py", "test_golden.py",
+    "test_hf_layout.py", "test_metrics.py")
 
 
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(_SLOWEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> str:
-  """A data directory shared by the session: corpora and tokens build once."""
-  return str(tmp_path_factory.mktemp("data"))
 
 
 from drivers import load_config as _load_config  # noqa: E402
@@ -90,11 +87,23 @@ def load_config():
 
 
 @pytest.fixture
-def tiny_config(data_dir):
-  """A fresh configs/tiny.py config reading the session's data cache."""
+def tiny_config(tmp_path_factory):
+  """A fresh configs/tiny.py config whose `data.data_dir` is where the
+  session's `data_dir` is (or will be) prepared. The unit tier's tests only
+  read its model and train fields; tests/integration/conftest.py's
+  `tiny_config` prepares the data first.
+  """
   config = _load_config("configs/tiny.py")
-  config.data.data_dir = data_dir
+  config.data.data_dir = str(_session_root(tmp_path_factory) / "data")
   return config
+
+
+def _session_root(tmp_path_factory) -> pathlib.Path:
+  """The temporary directory the pytest-xdist workers of a session share."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # pytest-N/, above each worker's popen-gwK/
+  return root
 
 
 def _built_once(tmp_path_factory, name: str, build) -> pathlib.Path:
@@ -104,9 +113,7 @@ def _built_once(tmp_path_factory, name: str, build) -> pathlib.Path:
   it under a file lock in their common temporary directory, the others wait
   for it.
   """
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    root = root.parent  # pytest-N/, above each worker's popen-gwK/
+  root = _session_root(tmp_path_factory)
   path, done = root / name, root / f"{name}.done"
   with filelock.FileLock(str(root / f"{name}.lock")):
     if not done.exists():
@@ -117,11 +124,12 @@ def _built_once(tmp_path_factory, name: str, build) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def prepared_data_dir(tmp_path_factory) -> str:
+def data_dir(tmp_path_factory) -> str:
   """A data directory holding configs/tiny.py's corpus, tokenizer and token
-  caches (about 45 s to build on 2 cores), prepared once per session and
-  shared by the workers, for tests of the prepared data. `data.prepare`
-  writes atomically: tests may add other caches beside it.
+  caches (about 35 s to build on 2 cores), prepared once per session and
+  shared by the workers. Tests of other corpora or vocabularies add their
+  caches beside them (`data.prepare` writes atomically and never removes a
+  live writer's files); never edit or delete what is in it.
   """
   def prepare(path):
     from bitnet_jax import data  # pylint: disable=g-import-not-at-top
@@ -129,7 +137,7 @@ def prepared_data_dir(tmp_path_factory) -> str:
     config.data.data_dir = str(path)
     data.prepare(config)
 
-  return str(_built_once(tmp_path_factory, "prepared_data", prepare))
+  return str(_built_once(tmp_path_factory, "data", prepare))
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ from bitnet_jax.data.pipeline import (
     TokenWindows,
     eval_batches,
     prepare,
+    prepare_tokenizer,
     train_iterator,
 )
 
@@ -35,5 +36,6 @@ __all__ = [
     "eval_batches",
     "make_batch",
     "prepare",
+    "prepare_tokenizer",
     "train_iterator",
 ]

@@ -200,6 +200,22 @@ def token_cache(split: TextSplit, tokenizer: tokenizers.Tokenizer,
   return bin_path, n_tokens, dtype.name
 
 
+def prepare_tokenizer(config) -> tuple[tokenizers.Tokenizer, str]:
+  """The first part of `prepare`: (the tokenizer, the path it was loaded
+  from or cached at), trained on the train split and cached when absent.
+
+  Cheap once cached, so that a run can check the tokenizer against its
+  history before `prepare` spends minutes tokenizing with the wrong one.
+
+  Raises:
+    ConfigError: as `prepare`.
+  """
+  root = data_root(config)
+  files.remove_stale_temporaries(os.path.join(root, "tokenizers"))
+  train, _ = open_splits(config, root)
+  return tokenizer_lib.get_tokenizer(config, root, train)
+
+
 def prepare(config) -> PreparedData:
   """Builds or loads the corpus, the tokenizer and both token caches.
 

@@ -162,6 +162,10 @@ def get_tokenizer(config, root: str, train: TextSplit
 
 def encode_documents(tokenizer: tokenizers.Tokenizer,
                      texts: list[str]) -> list[list[int]]:
-  """Returns the token ids of each text (no special tokens are added)."""
-  return [e.ids for e in tokenizer.encode_batch(texts,
-                                                add_special_tokens=False)]
+  """Returns the token ids of each text (no special tokens are added).
+
+  `encode_batch_fast` gives the same ids as `encode_batch` without computing
+  character offsets (about 1.5x faster on the tiny config's corpus).
+  """
+  return [e.ids for e in tokenizer.encode_batch_fast(
+      texts, add_special_tokens=False)]

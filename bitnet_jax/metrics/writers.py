@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +22,28 @@ from bitnet_jax.storage import paths
 from bitnet_jax.storage.files import write_atomically
 
 _SHOWN_CHARS = 80  # characters of a dropped or corrupt line put in messages
+
+
+def _import_tensorboardx():
+  """Imports tensorboardX without importing torch.
+
+  `tensorboardX.writer` imports torch at module level when it is installed
+  (as with the `test` extra, for transformers), only to accept torch tensors;
+  that costs every run's start about 3 s on 2 cores. This writer logs Python
+  numbers and strings, so torch is hidden during that one import (an entry
+  of None in `sys.modules` makes `import torch` raise ImportError, which
+  tensorboardX catches) and restored right after; a torch imported later,
+  or already, is untouched.
+  """
+  if "torch" in sys.modules or "tensorboardX" in sys.modules:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+    return tensorboardX
+  sys.modules["torch"] = None  # type: ignore[assignment]
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules["torch"]
+  return tensorboardX
 
 
 def _parse_lines(text: str, path: str) -> tuple[list[str], list[dict]]:
@@ -167,16 +190,15 @@ class MetricWriter:
       return
     for path in (self.path, self.samples_path):
       _truncate_after(path, resume_step)
-    from tensorboardX import SummaryWriter  # only process 0 needs it
+    tensorboardx = _import_tensorboardx()  # only process 0 needs it
     if paths.is_url(workdir):
-      from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
-      record_writer.register_writer_factory(
+      tensorboardx.record_writer.register_writer_factory(
           workdir.partition(":")[0], _AppendingEventsFactory())
     # A SessionLog START at purge_step makes TensorBoard drop the points of
     # earlier event files at steps >= purge_step.
     purge_step = resume_step + 1 if resume_step > 0 else 0
-    self._tensorboard = SummaryWriter(paths.join(workdir, TENSORBOARD),
-                                      purge_step=purge_step)
+    self._tensorboard = tensorboardx.SummaryWriter(
+        paths.join(workdir, TENSORBOARD), purge_step=purge_step)
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     """Writes one JSON object `{"step": step, **scalars}` and TB scalars.

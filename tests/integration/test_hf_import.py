@@ -200,8 +200,8 @@ def test_a_missing_init_from_names_the_key(tmp_path, data_dir):
 
 
 @pytest.mark.slow
-def test_fine_tuning_with_another_tokenizer_is_refused(hf_latent, tmp_path,
-                                                       data_dir):
+def test_fine_tuning_with_another_tokenizer_is_refused(hf_latent, tmp_path):
+  data_dir = str(tmp_path / "data")
   workdir = str(tmp_path / "run")
   importer.import_hf(hf_latent, workdir)
   tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
@@ -217,6 +217,8 @@ def test_fine_tuning_with_another_tokenizer_is_refused(hf_latent, tmp_path,
   config = load_config(f"{workdir}/config.py", other)
   with pytest.raises(ConfigError, match="tokenizer"):  # the import itself
     loop.train_and_evaluate(config, workdir)
+  assert not os.path.exists(os.path.join(data_dir, "tokens")), (
+      "the corpus was tokenized before the tokenizer was refused")
   config = load_config(f"{workdir}/config.py",
                        {**other, "train.init_from": workdir})
   with pytest.raises(ConfigError, match="train.init_from"):  # a new run

@@ -1,9 +1,10 @@
 """Two processes over loopback (jax.distributed) train like one process.
 
-Each worker has 4 simulated CPU devices; together they form the same 8-device
-(data, fsdp) mesh as the single-process reference in this pytest process.
-The full-precision architecture is used so that the comparison is not blurred
-by ternary rounding flips (see test_sharding.py).
+Each worker has 1 simulated CPU device, so every step's collectives cross
+the process boundary; the single-process reference in this pytest process
+runs the same global batch data-parallel over its 8 devices. The
+full-precision architecture is used so that the comparison is not blurred
+by ternary rounding flips (see test_sharded_training.py).
 """
 
 import json
@@ -25,7 +26,7 @@ from drivers import REPO, free_port, stream_config
 
 WORKER = """
 import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
 sys.path.insert(0, "tests")
 import drivers
 config = drivers.load_config("configs/tiny.py", {overrides!r})
@@ -39,7 +40,7 @@ from bitnet_jax.distributed import sharding
 from bitnet_jax.training import loop
 sharding.initialize_distributed(config)
 import jax
-assert jax.process_count() == 2 and jax.device_count() == 8
+assert jax.process_count() == 2 and jax.device_count() == 2
 drivers.slow_train_steps({sleep})
 loop.train_and_evaluate(config, {workdir!r})
 """
@@ -81,7 +82,9 @@ def _losses(workdir: str) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_and_resume(tiny_config, tmp_path):
+def test_two_processes_match_one_process(tiny_config, tmp_path):
+  """(That each host resumes its own data position: the streaming test
+  below; that every host saves it: the SIGTERM test.)"""
   overrides = {"data.data_dir": tiny_config.data.data_dir,
                "model.quantization": "none", "train.steps": 6,
                "train.log_every": 1, "train.eval_every": 3,
@@ -89,7 +92,6 @@ def test_two_processes_match_one_process_and_resume(tiny_config, tmp_path):
   for key, value in overrides.items():
     section, field = key.split(".")
     tiny_config[section][field] = value
-  data.prepare(tiny_config)  # the workers then only read the caches
   loop.train_and_evaluate(tiny_config, str(tmp_path / "one_process"))
 
   workdir = str(tmp_path / "two_processes")
@@ -104,12 +106,6 @@ def test_two_processes_match_one_process_and_resume(tiny_config, tmp_path):
                      if name.endswith(".json")]
   assert sorted(iterator_states) == ["process_0-of-2.json",
                                      "process_1-of-2.json"], iterator_states
-
-  longer = {**overrides, "train.steps": 9}  # the finished run, extended
-  logs = _run_workers(longer, workdir)
-  for i, log in enumerate(logs):
-    assert "resuming at step 6" in log, f"worker {i} did not resume:\n{log}"
-  assert sorted(_losses(workdir)) == list(range(10)), "steps 7-9 not logged"
 
 
 @pytest.mark.slow

@@ -196,7 +196,7 @@ def test_a_second_writer_on_a_workdir_is_refused_naming_the_holder(
 @pytest.mark.slow
 def test_a_failed_background_save_stops_the_run_naming_path_and_cause(
     tmp_path, data_dir):
-  process = _start(tmp_path, _overrides(data_dir, train__steps=40), sleep=0.0,
+  process = _start(tmp_path, _overrides(data_dir, train__steps=12), sleep=0.0,
                    file_limit=200_000)
   code, output = _finish(process)
   assert code != 0, "the run went on after its checkpoint failed"
@@ -205,7 +205,7 @@ def test_a_failed_background_save_stops_the_run_naming_path_and_cause(
   assert str(tmp_path / "checkpoints") in output, "the path is not named"
 
   code, output = _finish(_start(tmp_path, _overrides(data_dir,
-                                                     train__steps=40),
+                                                     train__steps=12),
                                 sleep=0.0))
   assert code == 0, f"the restart failed:\n{output[-3000:]}"
   leftovers = [n for n in os.listdir(tmp_path / "checkpoints") if "tmp" in n]

@@ -1,6 +1,9 @@
 """The lm-eval pieces that need no trained run: scoring buckets and the
 sharded scorer against the plain forward, metric names, task errors."""
 
+import importlib.util
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +14,7 @@ from bitnet_jax.distributed import sharding
 from bitnet_jax.evaluation import harness, scoring
 from bitnet_jax.model.transformer import Transformer
 
-from drivers import params_of
+from drivers import REPO, params_of
 
 
 def test_bucket_lengths_are_powers_of_two_capped_at_the_context():
@@ -78,3 +81,27 @@ def test_unknown_tasks_and_missing_data_are_one_clear_error(tmp_path):
   assert "\n" not in message, "one line"
   with pytest.raises(harness.TaskError, match="--include_path"):
     harness.task_manager(str(tmp_path / "absent"), include_defaults=False)
+
+
+def test_local_tasks_are_resolved_without_indexing_the_bundled_ones(
+    tmp_path, monkeypatch):
+  spec = importlib.util.spec_from_file_location(
+      "local_tasks", os.path.join(REPO, "experiments", "local_tasks.py"))
+  local_tasks = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(local_tasks)
+  folder = local_tasks.write_tasks(str(tmp_path), count=4, max_gen_toks=4)
+  indexed = []  # (folders, include_defaults) of each index built
+  real = harness._indexed.__wrapped__
+  monkeypatch.setattr(harness, "_indexed", lambda folders, defaults: (
+      indexed.append((folders, defaults)) or real(folders, defaults)))
+  manager = harness.task_manager(folder, names=["stdlib_choice"])
+  assert indexed == [((folder,), False)], (
+      f"local tasks must not index lm-eval's bundled ones: {indexed}")
+  assert "stdlib_choice" in manager.all_tasks
+  # a name the folder does not hold falls back to the full index (stubbed:
+  # indexing ~14k bundled YAML files is the slow part this avoids)
+  monkeypatch.setattr(harness, "_indexed", lambda folders, defaults: (
+      indexed.append((folders, defaults)) or (
+          real(folders, False) if not defaults else "full index")))
+  assert harness.task_manager(folder, names=["arc_easy"]) == "full index"
+  assert indexed[-1] == ((folder,), True), indexed
