@@ -216,7 +216,8 @@ def prepare_tokenizer(config) -> tuple[tokenizers.Tokenizer, str]:
   return tokenizer_lib.get_tokenizer(config, root, train)
 
 
-def prepare(config) -> PreparedData:
+def prepare(config, tokenizer: tuple[tokenizers.Tokenizer, str] | None = None
+            ) -> PreparedData:
   """Builds or loads the corpus, the tokenizer and both token caches.
 
   Idempotent: a second call with the same config reads everything from
@@ -226,15 +227,20 @@ def prepare(config) -> PreparedData:
   multi-host run every process may call it; with a data_dir shared by the
   hosts, call it on one host first so the BPE is trained once.
 
+  Args:
+    config: the run config.
+    tokenizer: what `prepare_tokenizer(config)` returned, if the caller
+      already has it (it is then not loaded or fetched again).
+
   Raises:
     ConfigError: naming the offending key for a bad `data.dataset`,
       `data.tokenizer_path`, or a `model.vocab_size` below the tokenizer's.
   """
   root = data_root(config)
-  for written_here in ("tokens", "tokenizers"):  # not tfds/: TFDS's own
-    files.remove_stale_temporaries(os.path.join(root, written_here))
+  # not tfds/: TFDS's own; tokenizers/: prepare_tokenizer's
+  files.remove_stale_temporaries(os.path.join(root, "tokens"))
+  tokenizer, tokenizer_path = tokenizer or prepare_tokenizer(config)
   train, held_out = open_splits(config, root)
-  tokenizer, tokenizer_path = tokenizer_lib.get_tokenizer(config, root, train)
   eot_id = tokenizer_lib.end_of_text_id(tokenizer, tokenizer_path)
   mode = data_mode(config)
   if mode == "stream":

@@ -173,11 +173,11 @@ def _build(config: ml_collections.ConfigDict, workdir: str,
   t = config.train
   tokens_per_step = t.batch_size * t.seq_len
   # the tokenizer is checked against the run before the corpus is tokenized
-  tokenizer_path = multihost.process_zero_first(
-      lambda: data.prepare_tokenizer(config)[1], "tokenizer_prepared")
-  _check_tokenizers(config, workdir, tokenizer_path, start)
-  prepared = multihost.process_zero_first(lambda: data.prepare(config),
-                                          "data_prepared")
+  tokenizer = multihost.process_zero_first(
+      lambda: data.prepare_tokenizer(config), "tokenizer_prepared")
+  _check_tokenizers(config, workdir, tokenizer[1], start)
+  prepared = multihost.process_zero_first(
+      lambda: data.prepare(config, tokenizer), "data_prepared")
   mesh = sharding.make_mesh(config.mesh)
   tx = optimizer_lib.make_optimizer(config)
 

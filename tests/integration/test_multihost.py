@@ -75,6 +75,24 @@ def _run_workers(overrides: dict, workdir: str, workers: list | None = None,
   return logs
 
 
+def _overrides(data_dir: str, **changes) -> dict:
+  """The workers' config: the tiny full-precision model, 6 steps logged
+  every step, with `changes` ({"section__field": value}) on top."""
+  overrides = {"data.data_dir": data_dir, "model.quantization": "none",
+               "train.steps": 6, "train.log_every": 1, "train.eval_every": 3,
+               "train.checkpoint_every": 3, "optimizer.warmup_steps": 2}
+  overrides.update({k.replace("__", "."): v for k, v in changes.items()})
+  return overrides
+
+
+def _assert_each_host_saved(workdir: str, step) -> None:
+  """Both processes wrote their data iterator's state in checkpoint `step`."""
+  saved = os.path.join(workdir, "checkpoints", str(step), "data")
+  states = sorted(n for n in os.listdir(saved) if n.endswith(".json"))
+  assert states == ["process_0-of-2.json", "process_1-of-2.json"], (
+      f"not both hosts saved their data position at step {step}: {states}")
+
+
 def _losses(workdir: str) -> dict[int, float]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
@@ -85,10 +103,7 @@ def _losses(workdir: str) -> dict[int, float]:
 def test_two_processes_match_one_process(tiny_config, tmp_path):
   """(That each host resumes its own data position: the streaming test
   below; that every host saves it: the SIGTERM test.)"""
-  overrides = {"data.data_dir": tiny_config.data.data_dir,
-               "model.quantization": "none", "train.steps": 6,
-               "train.log_every": 1, "train.eval_every": 3,
-               "train.checkpoint_every": 3, "optimizer.warmup_steps": 2}
+  overrides = _overrides(tiny_config.data.data_dir)
   for key, value in overrides.items():
     section, field = key.split(".")
     tiny_config[section][field] = value
@@ -101,21 +116,14 @@ def test_two_processes_match_one_process(tiny_config, tmp_path):
   np.testing.assert_allclose(
       [multi[s] for s in sorted(single)], [single[s] for s in sorted(single)],
       rtol=1e-5, err_msg="2-process losses differ from the 1-process run")
-  iterator_states = [name for name in os.listdir(
-      os.path.join(workdir, "checkpoints", "6", "data"))
-                     if name.endswith(".json")]
-  assert sorted(iterator_states) == ["process_0-of-2.json",
-                                     "process_1-of-2.json"], iterator_states
+  _assert_each_host_saved(workdir, 6)
 
 
 @pytest.mark.slow
 def test_sigterm_to_one_host_stops_every_host_at_the_same_checkpoint(
     tiny_config, tmp_path):
-  overrides = {"data.data_dir": tiny_config.data.data_dir,
-               "model.quantization": "none", "train.steps": 400,
-               "train.log_every": 1, "train.eval_every": 400,
-               "train.checkpoint_every": 400, "optimizer.warmup_steps": 2}
-  data.prepare(tiny_config)
+  overrides = _overrides(tiny_config.data.data_dir, train__steps=400,
+                         train__eval_every=400, train__checkpoint_every=400)
   workdir = str(tmp_path / "run")
   workers = _start_workers(overrides, workdir, sleep=0.1)
   deadline = time.monotonic() + 120
@@ -129,9 +137,7 @@ def test_sigterm_to_one_host_stops_every_host_at_the_same_checkpoint(
   steps = [re.findall(r"stopped after step (\d+)", log) for log in logs]
   assert all(len(s) == 1 for s in steps), f"each host must stop once: {steps}"
   assert steps[0] == steps[1], f"hosts stopped at different steps: {steps}"
-  saved = os.path.join(workdir, "checkpoints", steps[0][0], "data")
-  assert sorted(n for n in os.listdir(saved) if n.endswith(".json")) == [
-      "process_0-of-2.json", "process_1-of-2.json"], "not both hosts saved"
+  _assert_each_host_saved(workdir, steps[0][0])
 
 
 @pytest.mark.slow
@@ -169,19 +175,14 @@ def test_two_hosts_stream_their_own_files_and_resume_their_own_positions(
 def test_an_alarm_with_halt_on_alarm_stops_every_host_at_one_eval(
     tiny_config, tmp_path):
   # frequency_collapse at once: any top-token share > 0.01, no grace period.
-  overrides = {"data.data_dir": tiny_config.data.data_dir,
-               "model.quantization": "none", "train.steps": 6,
-               "train.log_every": 1, "train.eval_every": 3,
-               "train.checkpoint_every": 6, "optimizer.warmup_steps": 2,
-               "health.halt_on_alarm": True, "health.grace_steps": 0,
-               "health.grace_fraction": 0.0, "health.patience": 1,
-               "health.max_top_token_share": 0.01}
-  data.prepare(tiny_config)
+  overrides = _overrides(
+      tiny_config.data.data_dir, train__checkpoint_every=6,
+      health__halt_on_alarm=True, health__grace_steps=0,
+      health__grace_fraction=0.0, health__patience=1,
+      health__max_top_token_share=0.01)
   workdir = str(tmp_path / "run")
   logs = _run_workers(overrides, workdir, fail=True)
   for i, log in enumerate(logs):
     assert "HealthAlarmError: step 3:" in log, (
         f"worker {i} did not halt on the alarm at step 3:\n{log[-3000:]}")
-  saved = os.path.join(workdir, "checkpoints", "3", "data")
-  assert sorted(n for n in os.listdir(saved) if n.endswith(".json")) == [
-      "process_0-of-2.json", "process_1-of-2.json"], "not both hosts saved"
+  _assert_each_host_saved(workdir, 3)
