@@ -4,7 +4,8 @@ No jax import at module level: the helpers that need jax, torch or
 bitnet_jax import them when called.
 
 Subprocess programs run with the repository as working directory and import
-this module with `sys.path.insert(0, "tests")`.
+this module with `sys.path.insert(0, "tests")`; `Driver` starts such a
+program in a process forked from a server that imported bitnet_jax once.
 """
 
 import importlib.util
@@ -58,6 +59,99 @@ def slow_train_steps(seconds: float) -> None:
     return run
 
   steps.make_train_step = make
+
+
+# --- driver processes ----------------------------------------------------------
+
+# What the fork server imports once; each driver process is forked from it
+# and so starts without importing jax, flax, orbax and grain again (about
+# 5 s of each start on 2 cores).
+_PRELOAD = ("bitnet_jax.training.loop", "drivers")
+
+
+def _run_program(program: str, args: list[str], env: dict, unset: list[str],
+                 log: str) -> None:
+  """In the forked child: `python -c program *args` from the repository,
+  with the parent's `env` over the server's and `unset` removed, stdout and
+  stderr into the file `log`. (Only these changes: the variables the
+  server's imports set, e.g. for libtpu, must stay, or JAX hangs.)"""
+  import atexit  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+  os.dup2(out, 1)
+  os.dup2(out, 2)
+  os.close(out)
+  os.environ.update({k: v for k, v in env.items() if os.environ.get(k) != v})
+  for key in unset:
+    os.environ.pop(key, None)
+  os.chdir(REPO)
+  sys.argv = ["-c", *args]
+  try:
+    exec(compile(program, "<driver>", "exec"), {"__name__": "__main__"})  # noqa: S102  pylint: disable=exec-used
+  finally:  # as an interpreter's exit does (multiprocessing's does not):
+    atexit._run_exitfuncs()  # e.g. jax.distributed.shutdown  pylint: disable=protected-access
+
+
+class Driver:
+  """A Python program run in its own process, like `python -c PROGRAM
+  ARGS`, but forked from a fork server that has imported bitnet_jax once
+  (multiprocessing's "forkserver" start method; JAX is imported there but
+  never initialized, so each process picks its own devices from `env`'s
+  XLA_FLAGS). A real process: its own pid, signals, exit status (128 + N
+  after `os._exit`, -N when killed by signal N) and files.
+
+  The subset of `subprocess.Popen` the tests use: `pid`, `poll`, `wait`,
+  `send_signal`, `kill`, `returncode`, `communicate`; the output (stdout
+  and stderr together) is in the file `log`, read by `output()`. The
+  environment is this process's without the variables named in `unset`.
+  """
+
+  def __init__(self, program: str, args=(), unset=(),
+               log: str | None = None):
+    import multiprocessing  # pylint: disable=g-import-not-at-top
+    import tempfile  # pylint: disable=g-import-not-at-top
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(_PRELOAD))
+    if log is None:
+      handle, log = tempfile.mkstemp(prefix="driver-", suffix=".log")
+      os.close(handle)
+    self.log = log
+    self._process = context.Process(
+        target=_run_program, args=(program, [str(a) for a in args],
+                                   dict(os.environ), list(unset), log))
+    self._process.start()
+    self.pid = self._process.pid
+
+  @property
+  def returncode(self) -> int | None:
+    return self._process.exitcode
+
+  def poll(self) -> int | None:
+    return self._process.exitcode
+
+  def wait(self, timeout: float | None = None) -> int:
+    """The exit status; raises subprocess.TimeoutExpired after `timeout` s."""
+    import subprocess  # pylint: disable=g-import-not-at-top
+    self._process.join(timeout)
+    if self._process.exitcode is None:
+      raise subprocess.TimeoutExpired("driver", timeout)
+    return self._process.exitcode
+
+  def send_signal(self, signum: int) -> None:
+    os.kill(self.pid, signum)
+
+  def kill(self) -> None:
+    import signal  # pylint: disable=g-import-not-at-top
+    if self._process.exitcode is None:
+      self.send_signal(signal.SIGKILL)
+
+  def output(self) -> str:
+    with open(self.log, errors="replace") as f:
+      return f.read()
+
+  def communicate(self, timeout: float | None = None) -> tuple[str, None]:
+    self.wait(timeout)
+    return self.output(), None
 
 
 def corpus_documents(count: int, chars: int = 1500) -> list[str]:

@@ -1,12 +1,12 @@
-"""The data path never imports TensorFlow, checked in fresh processes: the
-prepare command a missing TFDS dataset's error prints, and preparing and
-reading the stdlib corpus (the data layer itself: tests/unit/test_data.py).
+"""The data path never imports TensorFlow, checked in a fresh process: the
+prepare command a missing TFDS dataset's error prints, which builds it.
+(Preparing and reading a built corpus without TensorFlow: every command-line
+training run of tests/integration/test_train.py; the data layer itself:
+tests/unit/test_data.py.)
 """
 
-import os
 import shlex
 import subprocess
-import sys
 
 import pytest
 
@@ -35,28 +35,3 @@ def test_prepare_command_in_the_message_builds_without_tensorflow(tmp_path):
   assert result.returncode == 0, f"the command failed: {result.stderr[-3000:]}"
   train, _ = corpus.open_splits(config, str(tmp_path))
   assert len(train) > 0, "the prepared dataset has no train documents"
-
-
-def test_data_path_does_not_import_tensorflow(data_dir, tmp_path):
-  code = f"""
-import importlib.util, sys
-sys.path.insert(0, {REPO!r})
-spec = importlib.util.spec_from_file_location(
-    "tiny", {os.path.join(REPO, "configs", "tiny.py")!r})
-tiny = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(tiny)
-config = tiny.get_config()
-config.data.data_dir = {data_dir!r}
-from bitnet_jax import data
-from bitnet_jax.data import stdlib as stdlib_corpus
-stdlib_corpus.prepare_stdlib({str(tmp_path)!r}, 0.05)  # a fresh TFDS build
-prepared = data.prepare(config)
-assert next(data.train_iterator(prepared, config)).tokens.shape == (8, 33)
-print(sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow"))
-"""
-  result = subprocess.run([sys.executable, "-c", code], check=False,
-                          capture_output=True, text=True, cwd=str(tmp_path),
-                          timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.strip().splitlines()[-1] == "[]", (
-      f"TensorFlow was imported: {result.stdout[-500:]}")

@@ -13,7 +13,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -22,7 +21,7 @@ import pytest
 from bitnet_jax import data
 from bitnet_jax.training import loop
 
-from drivers import REPO, free_port, stream_config
+from drivers import Driver, free_port, stream_config
 
 WORKER = """
 import os, sys
@@ -47,14 +46,10 @@ loop.train_and_evaluate(config, {workdir!r})
 
 
 def _start_workers(overrides: dict, workdir: str,
-                   sleep: float = 0.0) -> list[subprocess.Popen]:
+                   sleep: float = 0.0) -> list[Driver]:
   program = WORKER.format(overrides=overrides, port=free_port(),
                           workdir=workdir, sleep=sleep)
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return [subprocess.Popen([sys.executable, "-c", program, str(i)],
-                           cwd=REPO, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
-          for i in range(2)]
+  return [Driver(program, [i], unset=["XLA_FLAGS"]) for i in range(2)]
 
 
 def _run_workers(overrides: dict, workdir: str, workers: list | None = None,
@@ -100,89 +95,99 @@ def _losses(workdir: str) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(tiny_config, tmp_path):
-  """(That each host resumes its own data position: the streaming test
-  below; that every host saves it: the SIGTERM test.)"""
+def test_two_processes_match_one_process_and_halt_together_on_an_alarm(
+    tiny_config, tmp_path):
+  """Up to the alarm at step 3's evaluation (frequency_collapse at once: any
+  top-token share > 0.01, no grace period, `halt_on_alarm`) the two
+  processes log the 1-process run's losses; then every host stops there
+  with its data position saved.
+
+  (That each host resumes its own data position: the streaming test below;
+  that a signal to one host stops all: the SIGTERM test.)
+  """
   overrides = _overrides(tiny_config.data.data_dir)
   for key, value in overrides.items():
     section, field = key.split(".")
     tiny_config[section][field] = value
   loop.train_and_evaluate(tiny_config, str(tmp_path / "one_process"))
 
+  alarm = _overrides(
+      tiny_config.data.data_dir, train__checkpoint_every=6,
+      health__halt_on_alarm=True, health__grace_steps=0,
+      health__grace_fraction=0.0, health__patience=1,
+      health__max_top_token_share=0.01)
   workdir = str(tmp_path / "two_processes")
-  _run_workers(overrides, workdir)
+  logs = _run_workers(alarm, workdir, fail=True)
+  for i, log in enumerate(logs):
+    assert "HealthAlarmError: step 3:" in log, (
+        f"worker {i} did not halt on the alarm at step 3:\n{log[-3000:]}")
+  _assert_each_host_saved(workdir, 3)
   single, multi = _losses(str(tmp_path / "one_process")), _losses(workdir)
-  assert sorted(multi) == sorted(single), "different steps were logged"
+  assert sorted(multi) == [0, 1, 2, 3], f"steps logged before the halt: {multi}"
   np.testing.assert_allclose(
-      [multi[s] for s in sorted(single)], [single[s] for s in sorted(single)],
+      [multi[s] for s in sorted(multi)], [single[s] for s in sorted(multi)],
       rtol=1e-5, err_msg="2-process losses differ from the 1-process run")
-  _assert_each_host_saved(workdir, 6)
+
+
+def _truncate_metrics(workdir: str, last_step: int) -> None:
+  """Keeps the metric lines of steps <= last_step (as a resume would)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  with open(path) as f:
+    lines = [line for line in f if json.loads(line)["step"] <= last_step]
+  with open(path, "w") as f:
+    f.writelines(lines)
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_host_stops_every_host_at_the_same_checkpoint(
+def test_two_hosts_resume_their_own_stream_positions_and_stop_together(
     tiny_config, tmp_path):
-  overrides = _overrides(tiny_config.data.data_dir, train__steps=400,
-                         train__eval_every=400, train__checkpoint_every=400)
-  workdir = str(tmp_path / "run")
-  workers = _start_workers(overrides, workdir, sleep=0.1)
-  deadline = time.monotonic() + 120
-  while not (os.path.exists(os.path.join(workdir, "metrics.jsonl")) and
-             len(_losses(workdir)) > 3):
-    assert time.monotonic() < deadline, "the workers never reached step 3"
-    assert all(w.poll() is None for w in workers), "a worker died early"
-    time.sleep(0.1)
-  workers[1].send_signal(signal.SIGTERM)  # the scheduler preempts one host
-  logs = _run_workers(overrides, workdir, workers)  # both must exit 0
-  steps = [re.findall(r"stopped after step (\d+)", log) for log in logs]
-  assert all(len(s) == 1 for s in steps), f"each host must stop once: {steps}"
-  assert steps[0] == steps[1], f"hosts stopped at different steps: {steps}"
-  _assert_each_host_saved(workdir, steps[0][0])
-
-
-@pytest.mark.slow
-def test_two_hosts_stream_their_own_files_and_resume_their_own_positions(
-    tiny_config, tmp_path):
+  """A streamed corpus, each host reading its own files: 16 steps
+  uninterrupted; then a copy of that run from its step-4 checkpoint, in
+  which SIGTERM (a scheduler preempting one host) reaches host 1 only."""
   corpus = stream_config(tiny_config, str(tmp_path / "corpus"),
                          packing="document").data
   overrides = {f"data.{key}": corpus[key] for key in (
       "dataset", "eval_dataset", "data_dir", "shuffle_buffer_size",
       "read_concurrency", "packing")}
-  overrides.update({"train.steps": 6, "train.log_every": 1,
-                    "train.eval_every": 6, "train.checkpoint_every": 4,
-                    "optimizer.warmup_steps": 1})
+  overrides.update({"train.steps": 16, "train.log_every": 1,
+                    "train.eval_every": 16, "train.checkpoint_every": 4,
+                    "train.keep_checkpoints": 4, "optimizer.warmup_steps": 1})
   data.prepare(tiny_config)  # the BPE is trained once, before the workers
-  workdir = str(tmp_path / "run")
-  _run_workers(overrides, workdir)
-  uninterrupted = _losses(workdir)
-  saved = os.path.join(workdir, "checkpoints", "4", "data")
+  straight = str(tmp_path / "straight")
+  _run_workers(overrides, straight)
+  uninterrupted = _losses(straight)
+  saved = os.path.join(straight, "checkpoints", "4", "data")
   states = []
   for process in range(2):
     with open(os.path.join(saved, f"process_{process}-of-2.json")) as f:
       states.append(f.read())
   assert states[0] != states[1], "both hosts saved the same stream position"
-  shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))  # back to step 4
-  logs = _run_workers(overrides, workdir)
+
+  workdir = str(tmp_path / "resumed")
+  shutil.copytree(straight, workdir)
+  for step in os.listdir(os.path.join(workdir, "checkpoints")):
+    if step.isdigit() and int(step) > 4:
+      shutil.rmtree(os.path.join(workdir, "checkpoints", step))
+  _truncate_metrics(workdir, 4)
+  workers = _start_workers(overrides, workdir, sleep=0.2)
+  deadline = time.monotonic() + 120
+  while max(_losses(workdir)) < 6:
+    assert time.monotonic() < deadline, "the workers never reached step 6"
+    assert all(w.poll() is None for w in workers), "a worker died early"
+    time.sleep(0.1)
+  workers[1].send_signal(signal.SIGTERM)
+  logs = _run_workers(overrides, workdir, workers)  # both must exit 0
   for i, log in enumerate(logs):
-    assert "resuming at step 4" in log, f"worker {i} did not resume:\n{log}"
+    assert "resuming at step 4 " in log, f"worker {i} did not resume:\n{log}"
+  steps = [re.findall(r"stopped after step (\d+)", log) for log in logs]
+  assert all(len(s) == 1 for s in steps), f"each host must stop once: {steps}"
+  assert steps[0] == steps[1], f"hosts stopped at different steps: {steps}"
+  stopped = int(steps[0][0])
+  assert 6 <= stopped < 16, f"stopped after step {stopped}, not mid-run"
+  _assert_each_host_saved(workdir, stopped)
   resumed = _losses(workdir)
-  assert sorted(resumed) == list(range(7)), "steps 5-6 not logged once"
-  assert [resumed[s] for s in (5, 6)] == [uninterrupted[s] for s in (5, 6)], (
-      "after the resume the hosts trained on other batches than before")
-
-
-@pytest.mark.slow
-def test_an_alarm_with_halt_on_alarm_stops_every_host_at_one_eval(
-    tiny_config, tmp_path):
-  # frequency_collapse at once: any top-token share > 0.01, no grace period.
-  overrides = _overrides(
-      tiny_config.data.data_dir, train__checkpoint_every=6,
-      health__halt_on_alarm=True, health__grace_steps=0,
-      health__grace_fraction=0.0, health__patience=1,
-      health__max_top_token_share=0.01)
-  workdir = str(tmp_path / "run")
-  logs = _run_workers(overrides, workdir, fail=True)
-  for i, log in enumerate(logs):
-    assert "HealthAlarmError: step 3:" in log, (
-        f"worker {i} did not halt on the alarm at step 3:\n{log[-3000:]}")
-  _assert_each_host_saved(workdir, 3)
+  assert sorted(resumed) == list(range(stopped + 1)), (
+      f"steps 5-{stopped} not logged once: {sorted(resumed)}")
+  assert [resumed[s] for s in range(5, stopped + 1)] == [
+      uninterrupted[s] for s in range(5, stopped + 1)], (
+          "after the resume the hosts trained on other batches than before")

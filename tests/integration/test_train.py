@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-from absl import flags
 
 from bitnet_jax.training import loop, steps
 
@@ -83,14 +82,14 @@ def test_tiny_run_learns_and_logs_every_required_metric(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["stdlib", "jsonl stream"])
 def test_resumed_run_repeats_the_uninterrupted_losses_exactly(
-    tiny_config, tmp_path, monkeypatch, source):
+    tiny_config, tmp_path, monkeypatch):
+  """A streamed corpus read in this process (the default worker_count 0):
+  the grain stream resumes from the checkpoint. (Grain worker processes
+  resuming: test_stream_training.py; the token-file corpus's kill and
+  resume: test_resilience.py's chaos run.)"""
   config = tiny_config  # default mesh: all 8 simulated devices
-  if source == "jsonl stream":  # the grain stream resumes from the checkpoint
-    flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
-    stream_config(config, str(tmp_path / "corpus"), packing="document",
-                  worker_count=1)
+  stream_config(config, str(tmp_path / "corpus"), packing="document")
   config.train.steps, config.train.log_every = 20, 1
   config.train.checkpoint_every, config.train.eval_every = 10, 10
   config.optimizer.warmup_steps = 2

@@ -54,6 +54,37 @@ def test_run_facts_are_restored_with_the_state(tmp_path):
   ckpt.close()
 
 
+def test_replicated_arrays_small_and_large_round_trip_on_eight_devices(
+    tmp_path):
+  """Small arrays are copied from one replica, those of at least
+  REPLICA_PARALLEL_MIN_SLICE_BYTES per replica slice still replica-parallel
+  (orbax's default): both must come back exactly."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  rows = 8 * checkpoint.REPLICA_PARALLEL_MIN_SLICE_BYTES // (4 * 256)
+  state = {"step": np.int32(5), "params": {
+      "scale": np.linspace(0, 1, 64, dtype=np.float32),
+      "big": np.arange(rows * 256, dtype=np.float32).reshape(rows, 256)}}
+  on_devices = jax.device_put(state, replicated)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1)
+  handler = ocp.type_handlers.get_type_handler(jax.Array)
+  assert handler._min_slice_bytes_for_replica_parallel == (  # pylint: disable=protected-access
+      checkpoint.REPLICA_PARALLEL_MIN_SLICE_BYTES), (
+          "orbax's array handler still slices small arrays per replica")
+  ckpt.save(5, on_devices, grain_iterator(), {"tokens_seen": 1})
+  ckpt.wait()
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=replicated), on_devices)
+  restored = ckpt.restore(target, grain_iterator())
+  for name in ("scale", "big"):
+    np.testing.assert_array_equal(restored.state["params"][name],
+                                  state["params"][name],
+                                  err_msg=f"{name} changed in the round trip")
+  ckpt.close()
+
+
 def test_shape_mismatch_lists_each_differing_array_on_one_line(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2)
   save_steps(ckpt, {1: None})
