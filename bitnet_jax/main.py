@@ -22,7 +22,8 @@ from bitnet_jax.training import loop
 # Failures with a message that says what to do: printed without a traceback.
 _EXPLAINED_ERRORS = (ConfigError, lock.WorkdirLockedError,
                      checkpoint.CheckpointMismatchError,
-                     checkpoint.CheckpointSaveError, FloatingPointError)
+                     checkpoint.CheckpointSaveError,
+                     checkpoint.UnrestorableRunError, FloatingPointError)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A Python config file with get_config(), e.g. "

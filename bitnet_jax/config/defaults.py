@@ -181,6 +181,9 @@ FIELDS = field_table(
       "newest checkpoints kept (plus the best eval one)"),
     F("train.allow_config_change", False, FLAG, RUNTIME,
       "resume despite changed identity keys"),
+    F("train.start_over_if_unrestorable", False, FLAG, RUNTIME,
+      "when no checkpoint of the run restores, start again at step 0, its "
+      "metrics, samples and TensorBoard files kept in damaged_checkpoints/"),
     F("train.divergence_factor", 3.0, number("> 1", special=(0, "off")),
       SCHEDULE, "stop when the loss exceeds this x its running minimum"),
     F("train.divergence_patience", 3, integer(">= 1"), SCHEDULE,

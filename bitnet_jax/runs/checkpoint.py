@@ -77,6 +77,11 @@ class CheckpointMismatchError(RuntimeError):
   """The checkpoint on disk does not fit the configured model or optimizer."""
 
 
+class UnrestorableRunError(RuntimeError):
+  """A run has checkpoints but none restores; the message says how to start
+  it over (`train.start_over_if_unrestorable`) or elsewhere."""
+
+
 class CheckpointSaveError(OSError):
   """A checkpoint could not be written; the message names the path and cause."""
 

@@ -11,6 +11,9 @@ A run directory (`--workdir`, local or gs://) holds:
   checkpoints/<step>/    orbax checkpoints: items `state`, `data`, `run`
   damaged_checkpoints/<step>-<unix time>/
                          checkpoints that failed to restore
+  damaged_checkpoints/history-<unix time>/
+                         metrics, samples and TensorBoard files of a run
+                         started over when none restored
   metrics.jsonl          metric records
   samples.jsonl          greedy continuations at each evaluation
   tensorboard/           TensorBoard event files
@@ -52,6 +55,10 @@ CHECKPOINT_STATE = "state"
 # Beside checkpoints/: Checkpointer.restore moves a checkpoint it cannot read
 # here, as `<step>-<unix time>`, with a WARNING; never deleted.
 DAMAGED_CHECKPOINTS = "damaged_checkpoints"
+# In DAMAGED_CHECKPOINTS: where a start with train.start_over_if_unrestorable
+# moves METRICS, SAMPLES and TENSORBOARD when no checkpoint restored, before
+# the run starts again at step 0; `{time}` is the unix time.
+DAMAGED_HISTORY = "history-{time}"
 # Appended by metrics.MetricWriter (process 0): a train record every
 # train.log_every steps, an eval record at each evaluation; a restart drops
 # the lines after its checkpoint's step (all of them at step 0).
@@ -81,6 +88,12 @@ def checkpoints_dir(workdir: str) -> str:
 def checkpoint_dir(workdir: str, step: int) -> str:
   """`WORKDIR/checkpoints/<step>`, one checkpoint."""
   return paths.join(workdir, CHECKPOINTS, str(step))
+
+
+def damaged_history_dir(workdir: str, unix_time: int) -> str:
+  """`WORKDIR/damaged_checkpoints/history-<unix time>` (`DAMAGED_HISTORY`)."""
+  return paths.join(workdir, DAMAGED_CHECKPOINTS,
+                    DAMAGED_HISTORY.format(time=unix_time))
 
 
 def replaced_config_name(stamp: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,6 +26,7 @@ from bitnet_jax.distributed import multihost, sharding
 from bitnet_jax.metrics import health
 from bitnet_jax.optim import optimizer as optimizer_lib
 from bitnet_jax.runs import checkpoint, directory, identity, reader
+from bitnet_jax.storage import paths
 from bitnet_jax.training import (
   actions,
   guards,
@@ -131,6 +133,8 @@ def _plan_start(config: ml_collections.ConfigDict, workdir: str,
   in the run's history (`identity.start_run`, process 0)."""
   t = config.train
   latest = checkpointer.latest_step()
+  if latest is None and _lost_its_checkpoints(workdir):
+    _start_over(config, workdir, checkpointer)  # or refuse
   if latest is None:
     start = Start.FRESH
   elif checkpointer.newest_is_weights_only():
@@ -197,8 +201,7 @@ def _build(config: ml_collections.ConfigDict, workdir: str,
              **restored.run}
   else:
     if start is Start.RESUME:
-      logging.warning("no checkpoint in %s could be restored: starting the "
-                      "run from step 0", checkpointer.directory)
+      _start_over(config, workdir, checkpointer)
       iterator = new_iterator()
     if checkpointer.newest_is_weights_only():  # (also behind damaged ones)
       start = Start.WEIGHTS_ONLY
@@ -266,6 +269,52 @@ def _build(config: ml_collections.ConfigDict, workdir: str,
           [preemption, evaluation, *harness_evaluation], metric_log, alarms,
           checkpointing),
       throughput=throughput)
+
+
+def _lost_its_checkpoints(workdir: str) -> bool:
+  """Whether a run without checkpoints had some, all moved aside as damaged
+  (`<step>-<unix time>` in damaged_checkpoints/), and has a history that a
+  start from step 0 would overwrite (metric records)."""
+  damaged = paths.listdir(paths.join(workdir, directory.DAMAGED_CHECKPOINTS))
+  return any(name.split("-")[0].isdigit() for name in damaged) and bool(
+      metrics.read_records(workdir))
+
+
+def _start_over(config: ml_collections.ConfigDict, workdir: str,
+                checkpointer: checkpoint.Checkpointer) -> None:
+  """A run whose checkpoints all failed to restore (each was moved to
+  damaged_checkpoints/ with a WARNING, at this start or an earlier refused
+  one): refuses, unless
+  `train.start_over_if_unrestorable`; then moves the run's metrics, samples
+  and TensorBoard files to `damaged_checkpoints/history-<unix time>/`, so
+  that training again from step 0 overwrites none of its history.
+
+  Raises:
+    UnrestorableRunError: without `train.start_over_if_unrestorable`,
+      naming the directories and the two ways on; nothing is changed.
+  """
+  damaged = paths.join(workdir, directory.DAMAGED_CHECKPOINTS)
+  history = (directory.METRICS, directory.SAMPLES, directory.TENSORBOARD)
+  if not config.train.start_over_if_unrestorable:
+    raise checkpoint.UnrestorableRunError(
+        f"no checkpoint in {checkpointer.directory} could be restored (each "
+        f"was moved to {damaged}/; the WARNINGs above say why); "
+        f"{', '.join(history)} are untouched. Rerun with "
+        "--config.train.start_over_if_unrestorable=true to train the run "
+        f"again from step 0 (those files are then kept in {damaged}/"
+        "history-<unix time>/), or start a new run with another --workdir")
+  kept = directory.damaged_history_dir(workdir, int(time.time()))
+
+  def keep() -> None:
+    for name in history:
+      source = paths.join(workdir, name)
+      if paths.isfile(source) or paths.isdir(source):
+        paths.move(source, paths.join(kept, name))
+  multihost.on_process_zero(keep, "keep the run's history aside")
+  logging.warning("no checkpoint in %s could be restored: training the run "
+                  "again from step 0 (train.start_over_if_unrestorable); "
+                  "its %s are in %s", checkpointer.directory,
+                  ", ".join(history), kept)
 
 
 def _harness_evaluation(config: ml_collections.ConfigDict, workdir: str,

@@ -302,6 +302,37 @@ def test_a_forced_resume_into_another_model_size_names_each_array(
 
 
 @pytest.mark.slow
+def test_a_run_whose_checkpoints_all_fail_keeps_its_history(
+    tiny_config, short_run, tmp_path):
+  """Refused without train.start_over_if_unrestorable, nothing changed;
+  with it, trained again from step 0, the old files kept aside."""
+  workdir = _copy(short_run, tmp_path)
+  for step in os.listdir(os.path.join(workdir, "checkpoints")):
+    shutil.rmtree(os.path.join(workdir, "checkpoints", step, "state"))
+  history = {n: pathlib.Path(workdir, n).read_bytes()
+             for n in ("metrics.jsonl", "samples.jsonl")}
+  _short_run(tiny_config, steps=12)
+  with pytest.raises(checkpoint.UnrestorableRunError,
+                     match="start_over_if_unrestorable"):
+    loop.train_and_evaluate(tiny_config, workdir)
+  with pytest.raises(checkpoint.UnrestorableRunError):  # the damaged ones
+    loop.train_and_evaluate(tiny_config, workdir)  # are aside: still refused
+  for name, content in history.items():
+    assert pathlib.Path(workdir, name).read_bytes() == content, (
+        f"{name} changed although the run refused to start over")
+
+  tiny_config.train.start_over_if_unrestorable = True
+  loop.train_and_evaluate(tiny_config, workdir)
+  kept = list(pathlib.Path(workdir, "damaged_checkpoints").glob("history-*"))
+  assert len(kept) == 1, f"the old history was not kept aside: {kept}"
+  for name, content in history.items():
+    assert (kept[0] / name).read_bytes() == content, f"{name} was not kept"
+  assert (kept[0] / "tensorboard").is_dir(), "tensorboard/ was not kept"
+  steps = [r["step"] for r in _records(workdir) if "loss" in r]
+  assert steps == [2, 4, 6, 8, 10, 12], f"not trained again: {steps}"
+
+
+@pytest.mark.slow
 def test_a_diverged_run_stops_before_checkpointing_the_diverged_state(
     tiny_config, tmp_path, monkeypatch):
   config = _short_run(tiny_config, steps=20)

@@ -269,6 +269,7 @@ _RUNTIME = {
     "model.attention_implementation", "model.remat_policy",
     "model.bitlinear_matmul", "train.loss_chunk_size",
     "train.grad_accum_steps", "train.allow_config_change",
+    "train.start_over_if_unrestorable",
     "train.lock_stale_seconds", "train.init_from", "eval.harness_batch_size"}
 _SCHEDULE = {
     "train.steps", "train.log_every", "train.eval_every",
@@ -325,6 +326,7 @@ _ON_DISK = {
     "REPLACED_CONFIG": "config.replaced-{stamp}.json",
     "TOKENIZER_JSON": "tokenizer.json", "CHECKPOINTS": "checkpoints",
     "CHECKPOINT_STATE": "state", "DAMAGED_CHECKPOINTS": "damaged_checkpoints",
+    "DAMAGED_HISTORY": "history-{time}",
     "METRICS": "metrics.jsonl", "SAMPLES": "samples.jsonl",
     "TENSORBOARD": "tensorboard", "RUN_LOCK": "run.lock",
     "HF_SOURCE": "hf_source"}
