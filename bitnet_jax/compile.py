@@ -19,7 +19,7 @@ from ml_collections import config_flags
 
 from bitnet_jax.aot import compile_step, find_batch, tpu
 from bitnet_jax.aot.report import format_table
-from bitnet_jax.config import ConfigError
+from bitnet_jax.config import ConfigError, command_line
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A Python config file, e.g. configs/bitnet_700m.py; "
@@ -69,4 +69,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  command_line.run(main)

@@ -26,6 +26,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from bitnet_jax import config as config_lib
+from bitnet_jax.config import command_line
 from bitnet_jax.interop import exporter, gguf, hf, hf_sources, importer
 from bitnet_jax.runs import checkpoint
 
@@ -93,4 +94,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  command_line.run(main)

@@ -31,7 +31,7 @@ import jax
 from absl import app, flags
 from absl import logging as absl_logging
 
-from bitnet_jax.config import ConfigError
+from bitnet_jax.config import ConfigError, command_line
 from bitnet_jax.runs import checkpoint
 
 FLAGS = flags.FLAGS
@@ -117,4 +117,4 @@ def _define_flags() -> None:
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flag_as_required("workdir")
-  app.run(main)
+  command_line.run(main)

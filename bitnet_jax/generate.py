@@ -28,7 +28,7 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 
-from bitnet_jax.config import ConfigError, window_length
+from bitnet_jax.config import ConfigError, command_line, window_length
 from bitnet_jax.data.tokenizer import load_tokenizer
 from bitnet_jax.evaluation import diagnose
 from bitnet_jax.model import decode
@@ -98,4 +98,4 @@ def _define_flags() -> None:
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flag_as_required("workdir")
-  app.run(main)
+  command_line.run(main)

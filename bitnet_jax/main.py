@@ -14,7 +14,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from bitnet_jax.config import ConfigError
+from bitnet_jax.config import ConfigError, command_line
 from bitnet_jax.distributed import sharding
 from bitnet_jax.runs import checkpoint, lock
 from bitnet_jax.training import loop
@@ -65,4 +65,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  command_line.run(main)

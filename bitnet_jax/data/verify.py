@@ -44,11 +44,11 @@ import math
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from bitnet_jax import data
-from bitnet_jax.config import ConfigError, validate
+from bitnet_jax.config import ConfigError, command_line, validate
 from bitnet_jax.data.pipeline import TokenWindows, read_tokens
 
 _MAX_LOOKUPS = 1024  # distinct duplicated windows looked up in the token file
@@ -346,4 +346,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  command_line.run(main, flags_parser=_parse_flags)
