@@ -365,8 +365,9 @@ def check_tokenizer(workdir: str, tokenizer_json: str, allow_change: bool,
     The WARNING lines logged.
 
   Raises:
-    RunIdentityError: resuming, WORKDIR/tokenizer.json exists and differs
-      from `tokenizer_json`, and `allow_change` is false. A new data.dataset
+    RunIdentityError: resuming without `allow_change`, and
+      WORKDIR/tokenizer.json is missing, or exists and differs from
+      `tokenizer_json`. A new data.dataset
       trains a new BPE, and a changed data.tokenizer_path loads another one;
       either would feed new token ids to the old embeddings.
     OSError: if `tokenizer_json` cannot be read.
@@ -378,7 +379,18 @@ def check_tokenizer(workdir: str, tokenizer_json: str, allow_change: bool,
   except FileNotFoundError:
     saved = None
   warnings: list[str] = []
-  if saved is None:  # the first start: keep a copy
+  if saved is None and resuming:  # deleted: nothing to check against
+    if not allow_change:
+      raise RunIdentityError(
+          f"{saved_path} is missing, but the run has checkpoints: the "
+          "tokenizer it trained with cannot be checked against this start's "
+          f"{tokenizer_json}. Put the run's tokenizer.json back, or rerun "
+          "with --config.train.allow_config_change=true to resume with this "
+          "one (copied there).")
+    warnings.append(f"train.allow_config_change=true: {saved_path} was "
+                    f"missing; resuming with {tokenizer_json}, copied there.")
+    logging.warning("%s", warnings[-1])
+  if saved is None:  # the first start (or the accepted copy): keep a copy
     write_atomically(saved_path, current)
   if saved is None or same_tokenizer(saved, current) or (
       not paths.is_url(saved_path)

@@ -209,15 +209,34 @@ def _tokenizer(path, vocab: dict) -> str:
 
 def test_the_first_start_copies_the_tokenizer_into_the_workdir(tmp_path):
   source = _tokenizer(tmp_path / "bpe.json", {"a": 0})
-  identity.check_tokenizer(str(tmp_path / "run"), source, False)
+  identity.check_tokenizer(str(tmp_path / "run"), source, False,
+                           resuming=False)
   assert _read(tmp_path / "run" / "tokenizer.json") == _read(source), (
       "WORKDIR/tokenizer.json is not a copy of the run's tokenizer")
+
+
+def test_a_deleted_tokenizer_of_a_resumed_run_is_refused_or_accepted(
+    tmp_path):
+  """Checkpoints but no WORKDIR/tokenizer.json: nothing to check against,
+  so refused naming the file and the key; accepted (and copied) with
+  allow_config_change."""
+  workdir = str(tmp_path / "run")
+  source = _tokenizer(tmp_path / "bpe.json", {"a": 0})
+  with pytest.raises(RunIdentityError) as error:
+    identity.check_tokenizer(workdir, source, False, resuming=True)
+  saved = os.path.join(workdir, "tokenizer.json")
+  for named in (saved, "allow_config_change"):
+    assert named in str(error.value), f"{named} not named: {error.value}"
+  assert not os.path.exists(saved), "a refused start wrote the tokenizer"
+  warnings = identity.check_tokenizer(workdir, source, True, resuming=True)
+  assert warnings and "missing" in warnings[0], warnings
+  assert _read(saved) == _read(source), "the accepted tokenizer not copied"
 
 
 def test_a_changed_tokenizer_is_refused_naming_both_paths(tmp_path):
   workdir = str(tmp_path / "run")
   first = _tokenizer(tmp_path / "bpe-a.json", {"a": 0})
-  identity.check_tokenizer(workdir, first, False)
+  identity.check_tokenizer(workdir, first, False, resuming=False)
   second = _tokenizer(tmp_path / "bpe-b.json", {"b": 0})
   with pytest.raises(RunIdentityError) as error:
     identity.check_tokenizer(workdir, second, False)
@@ -228,7 +247,7 @@ def test_a_changed_tokenizer_is_refused_naming_both_paths(tmp_path):
 def test_a_reformatted_identical_tokenizer_is_accepted(tmp_path):
   workdir = str(tmp_path / "run")
   first = _tokenizer(tmp_path / "bpe.json", {"a": 0})
-  identity.check_tokenizer(workdir, first, False)
+  identity.check_tokenizer(workdir, first, False, resuming=False)
   with open(tmp_path / "pretty.json", "w") as f:
     json.dump(json.loads(_read(first)), f, indent=2)
   warnings = identity.check_tokenizer(
@@ -240,7 +259,7 @@ def test_allow_change_accepts_a_changed_tokenizer_and_keeps_the_copy(
     tmp_path):
   workdir = str(tmp_path / "run")
   first = _tokenizer(tmp_path / "bpe-a.json", {"a": 0})
-  identity.check_tokenizer(workdir, first, False)
+  identity.check_tokenizer(workdir, first, False, resuming=False)
   second = _tokenizer(tmp_path / "bpe-b.json", {"b": 0})
   warnings = identity.check_tokenizer(workdir, second, True)
   assert len(warnings) == 1 and second in warnings[0], (
@@ -252,7 +271,8 @@ def test_allow_change_accepts_a_changed_tokenizer_and_keeps_the_copy(
 def test_a_new_run_replaces_a_different_tokenizer_copy(tmp_path):
   workdir = str(tmp_path / "run")
   identity.check_tokenizer(
-      workdir, _tokenizer(tmp_path / "bpe-a.json", {"a": 0}), False)
+      workdir, _tokenizer(tmp_path / "bpe-a.json", {"a": 0}), False,
+      resuming=False)
   second = _tokenizer(tmp_path / "bpe-b.json", {"b": 0})
   identity.check_tokenizer(workdir, second, False, resuming=False)
   assert _read(os.path.join(workdir, "tokenizer.json")) == _read(second), (
