@@ -23,7 +23,6 @@ import time
 import grain
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags
 
 from bitnet_jax.distributed import sharding
@@ -36,13 +35,6 @@ _SAVES = flags.DEFINE_integer("saves", 6, "saves timed per handler")
 _ORDER = flags.DEFINE_list("order", ["orbax", "bitnet_jax"],
                            "the handlers, in the order they are timed (the "
                            "first also pays orbax's first use)")
-
-
-def _orbax_default() -> None:
-  from orbax.checkpoint._src.metadata import array_metadata_store  # pylint: disable=g-import-not-at-top
-  ocp.type_handlers.register_type_handler(
-      jax.Array, ocp.type_handlers.ArrayHandler(
-          array_metadata_store=array_metadata_store.Store()), override=True)
 
 
 def _data_position():
@@ -83,11 +75,9 @@ def main(argv):
            "bitnet_jax": "bitnet_jax (small arrays from one replica)"}
   for key in _ORDER.value:
     name = names[key]
-    if key == "orbax":
-      checkpoint.Checkpointer(tempfile.mkdtemp(), keep=1).close()  # ours...
-      _orbax_default()  # ...then replaced by orbax's default
-    else:
-      checkpoint._small_arrays_from_one_replica.cache_clear()  # pylint: disable=protected-access
+    checkpoint.Checkpointer(tempfile.mkdtemp(), keep=1).close()  # ours, once
+    checkpoint.register_array_handler(  # ... and then the one timed
+        None if key == "orbax" else checkpoint.REPLICA_PARALLEL_MIN_SLICE_BYTES)
     with tempfile.TemporaryDirectory() as directory:
       first, blocking, finished = _time_saves(state,
                                               os.path.join(directory, "c"))

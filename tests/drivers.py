@@ -96,25 +96,21 @@ class Driver:
   """A Python program run in its own process, like `python -c PROGRAM
   ARGS`, but forked from a fork server that has imported bitnet_jax once
   (multiprocessing's "forkserver" start method; JAX is imported there but
-  never initialized, so each process picks its own devices from `env`'s
+  never initialized, so each process picks its own devices from its
   XLA_FLAGS). A real process: its own pid, signals, exit status (128 + N
   after `os._exit`, -N when killed by signal N) and files.
 
   The subset of `subprocess.Popen` the tests use: `pid`, `poll`, `wait`,
   `send_signal`, `kill`, `returncode`, `communicate`; the output (stdout
-  and stderr together) is in the file `log`, read by `output()`. The
+  and stderr together) goes to the file `log` (the test's temporary
+  directory), read by `output()`. The
   environment is this process's without the variables named in `unset`.
   """
 
-  def __init__(self, program: str, args=(), unset=(),
-               log: str | None = None):
+  def __init__(self, program: str, log: str, args=(), unset=()):
     import multiprocessing  # pylint: disable=g-import-not-at-top
-    import tempfile  # pylint: disable=g-import-not-at-top
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(list(_PRELOAD))
-    if log is None:
-      handle, log = tempfile.mkstemp(prefix="driver-", suffix=".log")
-      os.close(handle)
     self.log = log
     self._process = context.Process(
         target=_run_program, args=(program, [str(a) for a in args],

@@ -41,7 +41,10 @@ from jax.experimental import multihost_utils
 
 from bitnet_jax.distributed.multihost import any_process
 from bitnet_jax.model.tree_paths import is_stacked, path_name
-from bitnet_jax.runs.directory import DAMAGED_CHECKPOINTS
+from bitnet_jax.runs.directory import (
+    DAMAGED_CHECKPOINTS,
+    damaged_checkpoint_dir,
+)
 from bitnet_jax.storage import paths
 
 DAMAGED_DIR = DAMAGED_CHECKPOINTS  # its older name, read by a GCS test
@@ -50,17 +53,17 @@ MAX_MISMATCH_LINES = 40  # differing arrays listed before "... and N more"
 # an eager slice op that its device copies to the host. Below this many bytes
 # per slice (norm scales, and every array of a small model) the dispatches
 # cost more than the parallel copy saves, and one replica copies the array
-# whole. Measured: configs/tiny.py, 24 steps on 8 CPU devices with 6 saves,
-# 10.1 s -> 7.2 s (experiments/RESULTS.md, "Test suite time, third pass").
+# whole. Measured (experiments/checkpoint_save.py, configs/tiny.py on 8 CPU
+# devices): first save 5.5 s -> 0.3 s, later saves 0.58 s -> 0.38 s
+# (experiments/RESULTS.md, "Test suite time, third pass").
 REPLICA_PARALLEL_MIN_SLICE_BYTES = 1 << 20
 
 
-@functools.cache
-def _small_arrays_from_one_replica() -> None:
-  """Registers orbax's jax.Array handler (process-wide, once) with its
-  defaults but `min_slice_bytes_for_replica_parallel` set to
-  REPLICA_PARALLEL_MIN_SLICE_BYTES. What is written is unchanged: the same
-  arrays, read back by any orbax."""
+def register_array_handler(min_slice_bytes: int | None) -> None:
+  """Registers orbax's jax.Array handler, process-wide, with its defaults
+  but `min_slice_bytes_for_replica_parallel=min_slice_bytes` (None: orbax's
+  own default, every replicated array replica-parallel). What is written is
+  the same either way: the same arrays, read back by any orbax."""
   try:  # the array metadata store orbax's default handler is built with
     from orbax.checkpoint._src.metadata import array_metadata_store  # pylint: disable=g-import-not-at-top
   except ImportError:  # another orbax layout: keep its default handler
@@ -68,9 +71,15 @@ def _small_arrays_from_one_replica() -> None:
   ocp.type_handlers.register_type_handler(
       jax.Array, ocp.type_handlers.ArrayHandler(
           array_metadata_store=array_metadata_store.Store(),
-          min_slice_bytes_for_replica_parallel=(
-              REPLICA_PARALLEL_MIN_SLICE_BYTES)),
+          min_slice_bytes_for_replica_parallel=min_slice_bytes),
       override=True)
+
+
+@functools.cache
+def _small_arrays_from_one_replica() -> None:
+  """`register_array_handler(REPLICA_PARALLEL_MIN_SLICE_BYTES)`, once per
+  process (at the first Checkpointer)."""
+  register_array_handler(REPLICA_PARALLEL_MIN_SLICE_BYTES)
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -372,8 +381,8 @@ class Checkpointer:
 
   def _move_aside(self, step: int, problem: str) -> None:
     path = paths.join(self.directory, str(step))
-    target = paths.join(paths.parent(self.directory), DAMAGED_CHECKPOINTS,
-                        f"{step}-{int(time.time())}")
+    target = damaged_checkpoint_dir(paths.parent(self.directory), step,
+                                    int(time.time()))
     if jax.process_index() == 0:
       logging.warning(
           "checkpoint %s is damaged: %s. Moved it to %s (kept for "

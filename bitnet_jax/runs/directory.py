@@ -90,6 +90,20 @@ def checkpoint_dir(workdir: str, step: int) -> str:
   return paths.join(workdir, CHECKPOINTS, str(step))
 
 
+def damaged_checkpoint_dir(workdir: str, step: int, unix_time: int) -> str:
+  """`WORKDIR/damaged_checkpoints/<step>-<unix time>`: where a checkpoint
+  that failed to restore is moved (`DAMAGED_CHECKPOINTS`)."""
+  return paths.join(workdir, DAMAGED_CHECKPOINTS, f"{step}-{unix_time}")
+
+
+def damaged_steps(workdir: str) -> list[int]:
+  """The steps of the checkpoints moved to damaged_checkpoints/ (each time
+  one was moved: a step may repeat); [] when there is none."""
+  names = paths.listdir(paths.join(workdir, DAMAGED_CHECKPOINTS))
+  return [int(step) for step, _, unix_time in (n.partition("-") for n in names)
+          if step.isdigit() and unix_time.isdigit()]
+
+
 def damaged_history_dir(workdir: str, unix_time: int) -> str:
   """`WORKDIR/damaged_checkpoints/history-<unix time>` (`DAMAGED_HISTORY`)."""
   return paths.join(workdir, DAMAGED_CHECKPOINTS,

@@ -275,8 +275,7 @@ def _lost_its_checkpoints(workdir: str) -> bool:
   """Whether a run without checkpoints had some, all moved aside as damaged
   (`<step>-<unix time>` in damaged_checkpoints/), and has a history that a
   start from step 0 would overwrite (metric records)."""
-  damaged = paths.listdir(paths.join(workdir, directory.DAMAGED_CHECKPOINTS))
-  return any(name.split("-")[0].isdigit() for name in damaged) and bool(
+  return bool(directory.damaged_steps(workdir)) and bool(
       metrics.read_records(workdir))
 
 

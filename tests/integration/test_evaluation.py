@@ -310,7 +310,8 @@ def test_two_hosts_score_like_one(lm, harness_run, tmp_path):
   out = str(tmp_path / "scores.json")
   program = WORKER.format(port=free_port(), workdir=harness_run, pairs=PAIRS,
                           out=out)
-  workers = [Driver(program, [i], unset=["XLA_FLAGS"]) for i in range(2)]
+  workers = [Driver(program, str(tmp_path / f"worker{i}.log"), [i],
+                   unset=["XLA_FLAGS"]) for i in range(2)]
   logs = [w.communicate(timeout=300)[0] for w in workers]
   for worker, log in zip(workers, logs):
     assert worker.returncode == 0, log[-4000:]

@@ -49,7 +49,9 @@ def _start_workers(overrides: dict, workdir: str,
                    sleep: float = 0.0) -> list[Driver]:
   program = WORKER.format(overrides=overrides, port=free_port(),
                           workdir=workdir, sleep=sleep)
-  return [Driver(program, [i], unset=["XLA_FLAGS"]) for i in range(2)]
+  launch = time.monotonic_ns()
+  return [Driver(program, f"{workdir}-worker{i}-{launch}.log", [i],
+                 unset=["XLA_FLAGS"]) for i in range(2)]
 
 
 def _run_workers(overrides: dict, workdir: str, workers: list | None = None,

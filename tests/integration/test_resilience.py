@@ -51,8 +51,11 @@ def _overrides(data_dir: str, **extra) -> dict:
 
 
 def _start(workdir, overrides, sleep=0.05, file_limit=0) -> drivers.Driver:
-  return drivers.Driver(DRIVER.format(overrides=overrides, workdir=str(workdir),
-                                      sleep=sleep, file_limit=file_limit))
+  """A driver training in `workdir`; its output beside it, one file each."""
+  return drivers.Driver(
+      DRIVER.format(overrides=overrides, workdir=str(workdir), sleep=sleep,
+                    file_limit=file_limit),
+      log=f"{workdir}-driver-{time.monotonic_ns()}.log")
 
 
 def _records(workdir) -> list[dict]:

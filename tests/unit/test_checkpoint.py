@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bitnet_jax.runs import checkpoint
-from bitnet_jax.runs.directory import DAMAGED_CHECKPOINTS
+from bitnet_jax.runs.directory import DAMAGED_CHECKPOINTS, damaged_steps
 
 from drivers import abstract_of, grain_iterator, save_steps, small_state
 
@@ -126,6 +126,7 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_previous_restored(
   moved = os.listdir(tmp_path / DAMAGED_CHECKPOINTS)
   assert len(moved) == 1 and moved[0].startswith("2-"), (
       f"damaged checkpoint not kept aside: {moved}")
+  assert damaged_steps(str(tmp_path)) == [2], moved
   assert reopened.all_steps() == [1]
   reopened.close()
 
