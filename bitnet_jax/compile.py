@@ -11,7 +11,6 @@ Needs libtpu (`pip install 'jax[tpu]'`); no TPU. See `bitnet_jax.aot`.
 
 import json
 import os
-import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -19,7 +18,7 @@ from ml_collections import config_flags
 
 from bitnet_jax.aot import compile_step, find_batch, tpu
 from bitnet_jax.aot.report import format_table
-from bitnet_jax.config import ConfigError, command_line
+from bitnet_jax.config import command_line
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A Python config file, e.g. configs/bitnet_700m.py; "
@@ -43,21 +42,16 @@ def main(argv):
                          f"known: {', '.join(tpu.known_names())}")
   config = _CONFIG.value
   try:
-    try:
-      report = compile_step.compile_report(config, _TOPOLOGY.value,
-                                           _NUM_SLICES.value)
-    except compile_step.OutOfMemoryError as e:
-      if not _FIND_BATCH.value:
-        raise
-      absl_logging.error("CompileError: %s", e)  # then search what fits
-      report = {"topology": _TOPOLOGY.value, "fits": False, "error": str(e)}
-    if _FIND_BATCH.value:
-      report["find_batch"] = find_batch.find_batch(config, _TOPOLOGY.value,
-                                                   _NUM_SLICES.value)
-  except (ConfigError, compile_step.CompileError, ValueError,
-          RuntimeError) as e:
-    absl_logging.error("%s: %s", type(e).__name__, e)
-    sys.exit(1)
+    report = compile_step.compile_report(config, _TOPOLOGY.value,
+                                         _NUM_SLICES.value)
+  except compile_step.OutOfMemoryError as e:
+    if not _FIND_BATCH.value:
+      raise
+    absl_logging.error("CompileError: %s", e)  # then search what fits
+    report = {"topology": _TOPOLOGY.value, "fits": False, "error": str(e)}
+  if _FIND_BATCH.value:
+    report["find_batch"] = find_batch.find_batch(config, _TOPOLOGY.value,
+                                                 _NUM_SLICES.value)
   print(format_table(report) if "error" not in report else
         json.dumps(report["find_batch"], indent=1))
   if _REPORT.value:
@@ -69,4 +63,6 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  command_line.run(main)
+  # ValueError: ConfigError and bad flag values; RuntimeError: libtpu's.
+  command_line.run(main, refusals=(ValueError, compile_step.CompileError,
+                                   RuntimeError))

@@ -20,10 +20,8 @@ checkpoint RUN/checkpoints/0: `python -m bitnet_jax.main
 
 from __future__ import annotations
 
-import sys
 
 from absl import app, flags
-from absl import logging as absl_logging
 
 from bitnet_jax import config as config_lib
 from bitnet_jax.config import command_line
@@ -38,29 +36,24 @@ def main(argv):
   if len(argv) != 2 or argv[1] not in commands:
     raise app.UsageError("usage: python -m bitnet_jax.convert "
                          "import-hf|export-hf --flags (see --help)")
-  try:
-    if not FLAGS.workdir:
-      raise hf.ConversionError("--workdir is required")
-    if argv[1] == "import-hf":
-      if not FLAGS.hf_dir:
-        raise hf.ConversionError("--hf_dir is required")
-      written = importer.import_hf(FLAGS.hf_dir, FLAGS.workdir,
-                                   FLAGS.config,
-                                   quantization=FLAGS.quantization,
-                                   sub_norms=FLAGS.sub_norms)
-      print(f"wrote {written}; fine-tune with: python -m bitnet_jax.main "
-            f"--config={written} --workdir={FLAGS.workdir}")
-    else:
-      if not FLAGS.out:
-        raise hf.ConversionError("--out is required")
-      print(exporter.export_hf(FLAGS.workdir, FLAGS.out, FLAGS.format,
-                               step=FLAGS.step, dtype=FLAGS.dtype,
-                               linear_class=FLAGS.linear_class,
-                               ternary_type=FLAGS.ternary_type))
-  except (config_lib.ConfigError, checkpoint.CheckpointMismatchError,
-          ValueError, OSError) as e:  # OSError: paths, permissions, disk
-    absl_logging.error("%s: %s", type(e).__name__, e)
-    sys.exit(1)
+  if not FLAGS.workdir:
+    raise hf.ConversionError("--workdir is required")
+  if argv[1] == "import-hf":
+    if not FLAGS.hf_dir:
+      raise hf.ConversionError("--hf_dir is required")
+    written = importer.import_hf(FLAGS.hf_dir, FLAGS.workdir,
+                                 FLAGS.config,
+                                 quantization=FLAGS.quantization,
+                                 sub_norms=FLAGS.sub_norms)
+    print(f"wrote {written}; fine-tune with: python -m bitnet_jax.main "
+          f"--config={written} --workdir={FLAGS.workdir}")
+  else:
+    if not FLAGS.out:
+      raise hf.ConversionError("--out is required")
+    print(exporter.export_hf(FLAGS.workdir, FLAGS.out, FLAGS.format,
+                             step=FLAGS.step, dtype=FLAGS.dtype,
+                             linear_class=FLAGS.linear_class,
+                             ternary_type=FLAGS.ternary_type))
 
 
 def _define_flags() -> None:
@@ -94,4 +87,6 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  command_line.run(main)
+  # ValueError: ConfigError, hf.ConversionError and malformed HF files.
+  command_line.run(main, refusals=(ValueError,
+                                   checkpoint.CheckpointMismatchError))

@@ -25,11 +25,9 @@ without a checkpoint ends with one line naming the problem (exit status 1).
 from __future__ import annotations
 
 import json
-import sys
 
 import jax
 from absl import app, flags
-from absl import logging as absl_logging
 
 from bitnet_jax.config import ConfigError, command_line
 from bitnet_jax.runs import checkpoint
@@ -85,13 +83,7 @@ def run() -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from bitnet_jax.evaluation.harness import TaskError  # pylint: disable=g-import-not-at-top
-  try:
-    run()
-  except (ConfigError, TaskError, checkpoint.CheckpointMismatchError,
-          ValueError) as e:
-    absl_logging.error("%s: %s", type(e).__name__, e)
-    sys.exit(1)
+  run()
 
 
 def _define_flags() -> None:
@@ -117,4 +109,6 @@ def _define_flags() -> None:
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flag_as_required("workdir")
-  command_line.run(main)
+  # ValueError: ConfigError, harness.TaskError and bad flag values.
+  command_line.run(main, refusals=(ValueError,
+                                   checkpoint.CheckpointMismatchError))

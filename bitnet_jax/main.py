@@ -6,24 +6,21 @@ r"""Command-line entry point: flags -> `train_and_evaluate(config, workdir)`.
 Running the same command again resumes from the latest checkpoint in workdir.
 """
 
-import logging
 import os
-import sys
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from bitnet_jax.config import ConfigError, command_line
+from bitnet_jax.config import command_line
 from bitnet_jax.distributed import sharding
 from bitnet_jax.runs import checkpoint, lock
 from bitnet_jax.training import loop
 
-# Failures with a message that says what to do: printed without a traceback.
-_EXPLAINED_ERRORS = (ConfigError, lock.WorkdirLockedError,
-                     checkpoint.CheckpointMismatchError,
-                     checkpoint.CheckpointSaveError,
-                     checkpoint.UnrestorableRunError, FloatingPointError)
+# Failures with a message that says what to do: one line, exit status 2
+# (`command_line.run`; ConfigError and OSError are refused by every command).
+REFUSALS = (lock.WorkdirLockedError, checkpoint.CheckpointMismatchError,
+            checkpoint.CheckpointSaveError, checkpoint.UnrestorableRunError,
+            FloatingPointError)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A Python config file with get_config(), e.g. "
@@ -41,28 +38,16 @@ def default_workdir(config_argument: str) -> str:
   return os.path.join("runs", f"{name}_{variant}" if variant else name)
 
 
-class _QuietOrbax(logging.Filter):
-  """Drops orbax's per-save INFO lines; its warnings and errors still show."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  absl_logging.get_absl_handler().addFilter(_QuietOrbax())
   config = _CONFIG.value
   sharding.initialize_distributed(config)
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize()
                                               .split("=", 1)[1])
-  try:
-    loop.train_and_evaluate(config, workdir)
-  except _EXPLAINED_ERRORS as e:
-    absl_logging.error("%s: %s", type(e).__name__, e)
-    sys.exit(1)
+  loop.train_and_evaluate(config, workdir)
 
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  command_line.run(main)
+  command_line.run(main, refusals=REFUSALS)

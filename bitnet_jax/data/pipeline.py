@@ -26,7 +26,9 @@ n_tokens tokens has (n_tokens - 1) // seq_len windows.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import itertools
@@ -200,6 +202,29 @@ def token_cache(split: TextSplit, tokenizer: tokenizers.Tokenizer,
   return bin_path, n_tokens, dtype.name
 
 
+@contextlib.contextmanager
+def _data_dir_errors(config):
+  """Turns a full or read-only `data.data_dir` (an OSError, or TFDS's
+  RuntimeError around one) into a ConfigError naming the key and the fix."""
+  try:
+    yield
+  except (OSError, RuntimeError) as e:
+    full = (getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or
+            "No space left on device" in str(e))
+    read_only = getattr(e, "errno", None) in (errno.EROFS, errno.EACCES,
+                                              errno.EPERM)
+    if not (full or read_only):
+      raise
+    where = config.data.data_dir or "the default cache directory"
+    raise ConfigError(
+        f"config.data.data_dir ({where}, {data_root(config)}): "
+        + ("no space left on its disk" if full else
+           f"cannot be written ({getattr(e, 'strerror', e)})")
+        + " while preparing the data; free space there or set "
+        "--config.data.data_dir=<a writable directory with room for the "
+        "corpus and its token caches> (partial files were not kept)") from e
+
+
 def prepare_tokenizer(config) -> tuple[tokenizers.Tokenizer, str]:
   """The first part of `prepare`: (the tokenizer, the path it was loaded
   from or cached at), trained on the train split and cached when absent.
@@ -210,10 +235,11 @@ def prepare_tokenizer(config) -> tuple[tokenizers.Tokenizer, str]:
   Raises:
     ConfigError: as `prepare`.
   """
-  root = data_root(config)
-  files.remove_stale_temporaries(os.path.join(root, "tokenizers"))
-  train, _ = open_splits(config, root)
-  return tokenizer_lib.get_tokenizer(config, root, train)
+  with _data_dir_errors(config):
+    root = data_root(config)
+    files.remove_stale_temporaries(os.path.join(root, "tokenizers"))
+    train, _ = open_splits(config, root)
+    return tokenizer_lib.get_tokenizer(config, root, train)
 
 
 def prepare(config, tokenizer: tuple[tokenizers.Tokenizer, str] | None = None
@@ -234,8 +260,15 @@ def prepare(config, tokenizer: tuple[tokenizers.Tokenizer, str] | None = None
 
   Raises:
     ConfigError: naming the offending key for a bad `data.dataset`,
-      `data.tokenizer_path`, or a `model.vocab_size` below the tokenizer's.
+      `data.tokenizer_path`, or a `model.vocab_size` below the tokenizer's;
+      for a `data.data_dir` that is full or read-only.
   """
+  with _data_dir_errors(config):
+    return _prepare(config, tokenizer)
+
+
+def _prepare(config, tokenizer: tuple[tokenizers.Tokenizer, str] | None
+             ) -> PreparedData:
   root = data_root(config)
   # not tfds/: TFDS's own; tokenizers/: prepare_tokenizer's
   files.remove_stale_temporaries(os.path.join(root, "tokens"))

@@ -48,7 +48,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from bitnet_jax import data
-from bitnet_jax.config import ConfigError, command_line, validate
+from bitnet_jax.config import command_line, validate
 from bitnet_jax.data.pipeline import TokenWindows, read_tokens
 
 _MAX_LOOKUPS = 1024  # distinct duplicated windows looked up in the token file
@@ -302,37 +302,14 @@ def run(config, batches: int) -> int:
   return report["status"]
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, failing with exit status 2 and the flag's name."""
-  try:
-    return flags.FLAGS(argv)
-  except Exception as e:  # pylint: disable=broad-except
-    print(f"error: the flags {argv[1:]} do not parse ({type(e).__name__}: "
-          f"{e}); usage: --config=configs/NAME.py[:variant] "
-          "[--config.SECTION.FIELD=VALUE] --batches=N", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv):
   config = flags.FLAGS.config
-  try:
-    if len(argv) > 1:
-      raise ValueError(f"unexpected arguments {argv[1:]}: give flags only, "
-                       "e.g. --config=configs/tiny.py --batches=200")
-    if config is None:
-      raise ValueError("--config is required: e.g. --config=configs/tiny.py")
-    try:
-      config.train  # pylint: disable=pointless-statement
-    except OSError as e:
-      raise ValueError(f"--config={flags.FLAGS['config'].config_filename}: "
-                       f"cannot load the config file ({e}); pass a Python "
-                       "file with get_config(), e.g. --config=configs/tiny.py"
-                       ) from e
-    status = run(config, flags.FLAGS.batches)
-  except (ConfigError, ValueError) as e:
-    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-    sys.exit(2)
-  sys.exit(status)
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments {argv[1:]}: give flags only, "
+                     "e.g. --config=configs/tiny.py --batches=200")
+  if config is None:
+    raise ValueError("--config is required: e.g. --config=configs/tiny.py")
+  sys.exit(run(config, flags.FLAGS.batches))
 
 
 def _define_flags() -> None:
@@ -346,4 +323,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  command_line.run(main, flags_parser=_parse_flags)
+  command_line.run(main, refusals=(ValueError,))  # ConfigError included

@@ -19,6 +19,7 @@ Where each concern lives (bitnet_jax.training unless named):
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -27,7 +28,7 @@ from absl import logging
 
 from bitnet_jax import config as config_lib
 from bitnet_jax.distributed import multihost
-from bitnet_jax.runs import gcs_lock
+from bitnet_jax.runs import checkpoint, gcs_lock
 from bitnet_jax.storage import paths
 from bitnet_jax.training.actions import StepDone
 from bitnet_jax.training.setup import Finished, Run, build_run
@@ -55,7 +56,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       `run_identity.RunIdentityError` when a resume would change the run.
     WorkdirLockedError: another live process writes to `workdir`.
     CheckpointMismatchError: the checkpoint's arrays do not fit the config.
-    CheckpointSaveError: a checkpoint cannot be written (path and cause).
+    CheckpointSaveError: a checkpoint cannot be written (path and cause),
+      or `workdir` cannot be (a file, read-only, a full disk).
     FloatingPointError: the loss became NaN/inf (or `DivergenceError`:
       diverged); the newest checkpoint predates it.
     health.HealthAlarmError: a collapse alarm fired with
@@ -63,7 +65,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """
   config_lib.validate(config)
   workdir = paths.resolve(workdir)  # gs://… stays a URL
-  paths.makedirs(workdir)
+  _check_writable(workdir)
   lock = None
   if jax.process_index() == 0:  # one lock per run, held by process 0
     stale = config.train.lock_stale_seconds
@@ -76,6 +78,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   finally:
     if lock is not None:
       lock.release()
+
+
+def _check_writable(workdir: str) -> None:
+  """Creates `workdir` and writes a probe file in it (process 0).
+
+  Raises:
+    CheckpointSaveError: naming `--workdir` and the cause (a regular file in
+      the way, a read-only filesystem, no permission, a full disk).
+  """
+  try:
+    paths.makedirs(workdir)
+    if jax.process_index() == 0:
+      paths.probe_writable(workdir, f".write_probe.{os.getpid()}")
+  except OSError as e:
+    cause = (f"{e.strerror}: {e.filename}" if e.strerror and e.filename
+             else str(e))
+    raise checkpoint.CheckpointSaveError(
+        f"--workdir={workdir} cannot be written ({cause}); choose another "
+        "--workdir, or make this one writable (free disk space); nothing in "
+        "it was changed") from e
 
 
 def train(run: Run) -> dict[str, Any]:
