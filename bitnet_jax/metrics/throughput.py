@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -70,14 +70,23 @@ def peak_flops(devices: list[jax.Device]) -> float | None:
 class Throughput:
   """Wall-clock rates between log lines: steps/s, tokens/s and the ETA.
 
+  Train steps are dispatched asynchronously: when an evaluation starts,
+  several may still be queued on the device. `paused(ready=state)` waits
+  for them before it stops the clock, so their time counts as training and
+  the evaluation's does not (else an evaluated step would report the
+  queue's time as free: absurd tokens/s and ETA).
+
   Args:
     tokens_per_step: global batch x seq_len.
     total_steps: the run's last step, for the ETA.
+    clock: seconds, monotonic (`time.perf_counter`; tests pass their own).
   """
 
-  def __init__(self, tokens_per_step: int, total_steps: int):
+  def __init__(self, tokens_per_step: int, total_steps: int,
+               clock: Callable[[], float] = time.perf_counter):
     self.tokens_per_step = tokens_per_step
     self.total_steps = total_steps
+    self.clock = clock
     self._time, self._step = None, None
     self.timed_seconds, self.timed_steps = 0.0, 0  # summed over the run
     self.first_step_seconds = None  # compilation + the first step and batch
@@ -86,27 +95,34 @@ class Throughput:
   def begin(self) -> None:
     """Marks the dispatch of this start's first step: its time, compilation
     included, is `first_step_seconds` (`first_step_done`)."""
-    self._first_began = time.perf_counter()
+    self._first_began = self.clock()
 
   def first_step_done(self, step: int) -> None:
     """The first step (`step`) has finished: times it, then starts timing
     the rates from it (compilation is not training time)."""
-    self.first_step_seconds = time.perf_counter() - self._first_began
+    self.first_step_seconds = self.clock() - self._first_began
     self.start(step)
 
   def start(self, step: int) -> None:
     """Starts timing at `step` (after compilation, or after an evaluation)."""
-    self._time, self._step = time.perf_counter(), step
+    self._time, self._step = self.clock(), step
 
   @contextlib.contextmanager
-  def paused(self) -> Iterator[None]:
+  def paused(self, ready: Any = None) -> Iterator[None]:
     """Leaves the time spent inside the block (an evaluation) out of the
-    rates: the clock restarts where it stood."""
-    began = time.perf_counter()
+    rates: the clock restarts where it stood.
+
+    Args:
+      ready: the train state (any pytree of arrays) the block reads; the
+        steps still computing it finish, on the clock, before the pause.
+    """
+    if ready is not None:
+      jax.block_until_ready(ready)
+    began = self.clock()
     try:
       yield
     finally:
-      pause = time.perf_counter() - began
+      pause = self.clock() - began
       if self._time is not None:
         self._time += pause
       elif self._first_began is not None:
@@ -114,7 +130,7 @@ class Throughput:
 
   def measure(self, step: int) -> dict[str, float]:
     """Rates since the last call; `{}` if no step has passed."""
-    now = time.perf_counter()
+    now = self.clock()
     if self._time is None or step <= self._step:
       return {}
     seconds = now - self._time

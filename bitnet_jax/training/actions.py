@@ -188,7 +188,7 @@ class Evaluation(PeriodicAction):
     return self.cadence.due(done.step, done.is_last)
 
   def __call__(self, done: StepDone) -> Report:
-    with self.throughput.paused():
+    with self.throughput.paused(ready=done.state):
       evaluation = self.evaluate(done.state.params, done.step)
       self.write_samples(done.step,
                          self.sample(done.state.params, done.step))

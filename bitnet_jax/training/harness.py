@@ -66,7 +66,7 @@ class HarnessEvaluation(actions.PeriodicAction):
     return self.cadence.due(done.step, done.is_last)
 
   def __call__(self, done: actions.StepDone) -> actions.Report:
-    with self.throughput.paused():
+    with self.throughput.paused(ready=done.state):
       if self.lm is None:
         self.lm = BitNetLM(
             self.graphdef, done.state.params, self.tokenizer, mesh=self.mesh,

@@ -176,7 +176,7 @@ def test_final_metrics_merges_every_record_of_the_step(tmp_path):
 
 
 class _Clock:
-  """A `time` stand-in whose perf_counter the test advances by hand."""
+  """A clock the test advances by hand."""
 
   def __init__(self):
     self.now = 100.0
@@ -185,10 +185,23 @@ class _Clock:
     return self.now
 
 
-def test_throughput_measures_rates_and_eta_on_a_known_clock(monkeypatch):
+class _QueuedSteps:
+  """Train steps dispatched but still computing: a state leaf whose
+  `block_until_ready` takes the queue's seconds on the test's clock."""
+
+  def __init__(self, clock: _Clock, seconds: float):
+    self.clock, self.seconds = clock, seconds
+
+  def block_until_ready(self):
+    self.clock.now += self.seconds
+    self.seconds = 0.0
+    return self
+
+
+def test_throughput_measures_rates_and_eta_on_a_known_clock():
   clock = _Clock()
-  monkeypatch.setattr(metrics.throughput, "time", clock)
-  throughput = metrics.Throughput(tokens_per_step=100, total_steps=50)
+  throughput = metrics.Throughput(tokens_per_step=100, total_steps=50,
+                                  clock=clock.perf_counter)
   assert throughput.measure(5) == {}, "a rate before start()"
   throughput.start(0)
   clock.now += 2.0  # steps 1..10 in 2 s
@@ -204,6 +217,38 @@ def test_throughput_measures_rates_and_eta_on_a_known_clock(monkeypatch):
       f"{rates}: the paused minute was counted as training time")
   assert (throughput.timed_steps, throughput.timed_seconds) == (
       20, pytest.approx(3.0)), "the run's timed totals are off"
+
+
+def test_an_evaluated_step_reports_the_train_steps_speed_not_the_queues():
+  """Steps queued on the device when an evaluation starts finish on the
+  training clock; the evaluation's minute is not training time."""
+  from bitnet_jax.training.actions import Evaluation, StepDone  # pylint: disable=g-import-not-at-top
+  clock = _Clock()
+  throughput = metrics.Throughput(tokens_per_step=100, total_steps=100,
+                                  clock=clock.perf_counter)
+  throughput.start(0)
+  clock.now += 1.0  # steps 1..10: 0.1 s each, read at a log step
+  logged = throughput.measure(10)
+
+  def evaluate(params, step):
+    del params, step
+    clock.now += 60.0  # a long evaluation
+    return {"eval_loss": 1.0}
+  evaluation = Evaluation(10, evaluate, lambda params, step: [],
+                          lambda step, samples: None, throughput)
+  clock.now += 0.2  # steps 11, 12 done; 13..20 dispatched, still queued
+  state = _QueuedSteps(clock, seconds=0.8)
+  state.params = None
+  evaluation(StepDone(20, state, metrics={}))
+  evaluated = throughput.measure(20)
+  assert evaluated["step_time_ms"] == pytest.approx(
+      logged["step_time_ms"], rel=1e-6), (
+      f"evaluated step {evaluated}, log step {logged}: the queued steps' "
+      "time went into the evaluation's pause (or the pause into training)")
+  assert evaluated["eta_seconds"] == pytest.approx(8.0), evaluated
+  assert throughput.summary(1.0, None, "cpu").split(": ")[1].startswith(
+      "20 steps on cpu in 2.0 s of training"), throughput.summary(
+          1.0, None, "cpu")
 
 
 def test_flops_per_token_matches_the_compilers_count_of_a_train_step():
