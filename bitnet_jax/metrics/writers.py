@@ -271,31 +271,27 @@ def _plain(value: Any) -> float | int:
   return value if isinstance(value, int) else float(value)
 
 
-# How the console line shows the metrics it knows, in this order; any other
-# metric follows in name order with `_DEFAULT_FORMAT`, so none is invisible.
+# The console line's metrics, in order, with their formats: a short line
+# per log step and evaluation. Every metric of a record (collapse
+# diagnostics, attention statistics, lm-eval scores) is in metrics.jsonl and
+# TensorBoard.
 CONSOLE_FORMATS = {
-    "loss": ".4f", "eval_loss": ".4f", "learning_rate": ".2e",
-    "weight_decay": ".2f", "grad_norm": ".3f", "step_time_ms": ".1f",
-    "tokens_per_sec": ",.0f", "mfu": ".1%", "unique_predictions": "d",
-    "copy_rate": ".3f", "top_token_share": ".3f", "prediction_entropy": ".3f",
+    "loss": ".4f", "eval_loss": ".4f", "unique_predictions": "d",
+    "learning_rate": ".2e", "grad_norm": ".3f", "tokens_per_sec": ",.0f",
+    "mfu": ".1%",
 }
-_DEFAULT_FORMAT = ".4g"
-_NOT_SHOWN = ("eta_seconds", "health_alarms")  # shown as ETA and ALARMS
 
 
 def console_line(step: int, total_steps: int, scalars: Mapping[str, Any]
                  ) -> str:
-  """'step 50/1100 | loss 7.6754 | ... | ETA 32m51s': every metric of a
-  record (`CONSOLE_FORMATS` first), the alarms firing and the ETA."""
+  """'step 50/1100 | loss 7.6754 | ... | ETA 32m51s': the record's
+  `CONSOLE_FORMATS` metrics, the alarms firing and the ETA (one line of
+  about 150 characters whatever the record holds)."""
   parts = [f"step {step}/{total_steps}"]
-  names = [n for n in CONSOLE_FORMATS if n in scalars] + sorted(
-      n for n in scalars if n not in CONSOLE_FORMATS and n not in _NOT_SHOWN
-      and n != "step")
-  for name in names:
-    value = scalars[name]
-    fmt = CONSOLE_FORMATS.get(name, "d" if isinstance(value, int)
-                              else _DEFAULT_FORMAT)
-    parts.append(f"{name} {format(value, fmt)}")
+  for name, fmt in CONSOLE_FORMATS.items():
+    if name in scalars:
+      value = scalars[name]
+      parts.append(f"{name} {format(int(value) if fmt == 'd' else value, fmt)}")
   if scalars.get("health_alarms"):
     parts.append(f"ALARMS {','.join(scalars['health_alarms'])}")
   if "eta_seconds" in scalars:

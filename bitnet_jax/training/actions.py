@@ -234,8 +234,10 @@ class AfterStep:
     if evaluated:
       alarm = self.alarms(done)
       stops += [alarm.stop] if alarm.stop else []
-    saved = self.checkpointing(done, stopping=bool(stops),
-                               eval_loss=reported.get("eval_loss"))
+    with self.metric_log.throughput.paused(
+        ready=done.state if self.checkpointing.due(done) else None):
+      saved = self.checkpointing(done, stopping=bool(stops),
+                                 eval_loss=reported.get("eval_loss"))
     for stop in stops:
       stop(saved)
     return bool(stops)

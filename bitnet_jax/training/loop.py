@@ -30,6 +30,7 @@ from bitnet_jax import config as config_lib
 from bitnet_jax.distributed import multihost
 from bitnet_jax.runs import checkpoint, gcs_lock
 from bitnet_jax.storage import paths
+from bitnet_jax.training import summary
 from bitnet_jax.training.actions import StepDone
 from bitnet_jax.training.setup import Finished, Run, build_run
 
@@ -118,7 +119,12 @@ def train(run: Run) -> dict[str, Any]:
       failing = False
     finally:  # a crash still completes the pending checkpoint saves
       _close_all(reversed(run.after_step.actions), failing=failing)
-  return run.after_step.metric_log.last
+  log = run.after_step.metric_log
+  if jax.process_index() == 0:
+    logging.info(summary.end_of_run(
+        summary.shown_path(run.workdir), run.config.data.dataset,
+        run.total_steps, log.last, log.alarms_seen, log.performance()))
+  return log.last
 
 
 def _close_all(closables: Any, *, failing: bool) -> None:

@@ -9,12 +9,10 @@ collapse alarms of `bitnet_jax.metrics.health`) and asks to stop a run when
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-from absl import logging
 
 from bitnet_jax.distributed import multihost
 from bitnet_jax.metrics import MetricWriter, Throughput, health, log_console
@@ -63,6 +61,7 @@ class MetricLog(PeriodicAction):
     self.checks = list(checks)
     self.unread_metrics: tuple[int, Mapping[str, jax.Array]] | None = None
     self.last: dict[str, Any] = {}  # the latest record written
+    self.alarms_seen: list[str] = []  # alarms fired, in order of first firing
     self._timed_first_step = False
 
   def __call__(self, done: StepDone, reported: Mapping[str, Any] | None,
@@ -107,15 +106,18 @@ class MetricLog(PeriodicAction):
       record.update(check(step, record))
     self.writer.write(step, record)
     log_console(step, self.total_steps, record)
+    self.alarms_seen += [a for a in record.get("health_alarms") or []
+                         if a not in self.alarms_seen]
     self.last = {"step": step, **record}
 
   def end(self) -> None:
     self.flush()
-    if jax.process_index() == 0:
-      logging.info("final metrics: %s", json.dumps(self.last))
-      logging.info(self.throughput.summary(
-          self.flops_per_token, self.peak_flops,
-          f"{jax.device_count()} x {jax.devices()[0].device_kind}"))
+
+  def performance(self) -> str:
+    """The run's one-line speed summary (`Throughput.summary`)."""
+    return self.throughput.summary(
+        self.flops_per_token, self.peak_flops,
+        f"{jax.device_count()} x {jax.devices()[0].device_kind}")
 
   def close(self) -> None:
     self.writer.close()

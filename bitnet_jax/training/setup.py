@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -34,6 +33,7 @@ from bitnet_jax.training import (
   records,
   samples,
   steps,
+  summary,
   train_state,
 )
 from bitnet_jax.training import checkpointing as checkpointing_lib
@@ -115,8 +115,10 @@ def build_run(config: ml_collections.ConfigDict, workdir: str
     if start is Start.FINISHED:
       final = metrics.final_metrics(workdir, latest)
       logging.info("the run in %s is finished: checkpoint %d, train.steps=%d "
-                   "(raise train.steps to train on). Final metrics: %s",
-                   workdir, latest, t.steps, json.dumps(final))
+                   "(raise train.steps to train on).\n%s", workdir, latest,
+                   t.steps, summary.end_of_run(
+                       summary.shown_path(workdir), config.data.dataset,
+                       t.steps, {"step": latest, **final}, [], None))
       checkpointer.close()
       return Finished(step=latest, metrics=final)
     return _build(_checkpoint_layout(config, checkpointer, start), workdir,
