@@ -60,6 +60,9 @@ _LIBRARY_NOISE = (
     ("file_utils", "has no dataset_info.json"),  # TFDS, a corpus being built
     ("dataset_builder", ""), ("dataset_info", ""), ("download_manager", ""),
     ("writer", "Done writing"), ("reader", "Creating a tf.data"),
+    # asyncio reporting orbax's reads of a damaged checkpoint that the
+    # restore already reported and recovered from
+    ("asyncio", "Task exception was never retrieved"),
 )
 
 
@@ -217,11 +220,35 @@ class _LibraryNoise(logging.Filter):
                    for where, what in _LIBRARY_NOISE)
 
 
+def _library_unraisable(unraisable: Any) -> bool:
+  """Whether an exception Python could not raise (`sys.unraisablehook`)
+  comes from a library's abandoned coroutine: orbax's reads of a damaged
+  checkpoint, which the restore has already reported and recovered from."""
+  libraries = ("orbax", "tensorstore", "asyncio")
+  code = getattr(unraisable.object, "cr_code", None)
+  where = [getattr(code, "co_filename", "")]
+  tb = unraisable.exc_traceback
+  while tb is not None:  # TensorStore's callbacks into a closed loop
+    where.append(tb.tb_frame.f_code.co_filename)
+    tb = tb.tb_next
+  return any(lib in w for w in where for lib in libraries)
+
+
 def quiet_logging() -> None:
   """Installs the console's filter (module docstring) and, where only the
   CPU can run JAX, skips the TPU backend's probe (its libtpu start-up
-  messages)."""
+  messages). Abandoned library coroutines' exceptions (orbax reading a
+  damaged checkpoint it has reported) are logged at DEBUG, not printed."""
   absl_logging.get_absl_handler().addFilter(_LibraryNoise())
+  default_hook = sys.unraisablehook
+
+  def hook(unraisable: Any) -> None:
+    if _library_unraisable(unraisable) and not debugging():
+      absl_logging.debug("ignored in %r: %s", unraisable.object,
+                         unraisable.exc_value)
+      return
+    default_hook(unraisable)
+  sys.unraisablehook = hook
   if _only_cpu_here():
     import jax  # pylint: disable=g-import-not-at-top
     try:

@@ -82,6 +82,14 @@ def _small_arrays_from_one_replica() -> None:
   register_array_handler(REPLICA_PARALLEL_MIN_SLICE_BYTES)
 
 
+def _first_line(problem: str, limit: int = 300) -> str:
+  """A restore error's first line, without TensorStore's multi-line spec
+  dump (the spec is orbax's, not the user's to act on)."""
+  line = problem.split("See full TensorStore details")[0].splitlines()
+  line = line[0].strip() if line else problem
+  return line if len(line) <= limit else line[:limit] + "…"
+
+
 class CheckpointMismatchError(RuntimeError):
   """The checkpoint on disk does not fit the configured model or optimizer."""
 
@@ -387,7 +395,7 @@ class Checkpointer:
       logging.warning(
           "checkpoint %s is damaged: %s. Moved it to %s (kept for "
           "inspection) and trying the previous checkpoint.", path,
-          problem[:500], target)
+          _first_line(problem), target)
       paths.move(path, target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"bitnet_jax:moved_aside_{step}")
