@@ -13,14 +13,17 @@ from ml_collections import config_flags
 
 from bitnet_jax.config import command_line
 from bitnet_jax.distributed import sharding
+from bitnet_jax.metrics import RunFileError, health
 from bitnet_jax.runs import checkpoint, lock
 from bitnet_jax.training import loop
 
 # Failures with a message that says what to do: one line, exit status 2
 # (`command_line.run`; ConfigError and OSError are refused by every command).
+# FloatingPointError: the divergence guard; HealthAlarmError: an alarm with
+# health.halt_on_alarm (both after saving what can be resumed).
 REFUSALS = (lock.WorkdirLockedError, checkpoint.CheckpointMismatchError,
             checkpoint.CheckpointSaveError, checkpoint.UnrestorableRunError,
-            FloatingPointError)
+            RunFileError, FloatingPointError, health.HealthAlarmError)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A Python config file with get_config(), e.g. "

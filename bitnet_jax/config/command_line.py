@@ -215,6 +215,8 @@ class _LibraryNoise(logging.Filter):
       return True  # ours: the package, experiments, tests' programs
     if record.levelno < logging.WARNING:
       return False
+    if "orbax" in path and record.exc_info and not debugging():
+      return False  # a failed background save: the Checkpointer raises it
     message = record.getMessage()
     return not any(where in record.pathname and what in message
                    for where, what in _LIBRARY_NOISE)

@@ -21,13 +21,15 @@ from bitnet_jax.metrics.throughput import (
 )
 from bitnet_jax.metrics.writers import (
                                            MetricWriter,
+                                           RunFileError,
                                            console_line,
                                            final_metrics,
                                            log_console,
                                            read_records,
 )
 
-__all__ = ["PEAK_FLOPS_PER_DEVICE", "MetricWriter", "Throughput",
+__all__ = ["PEAK_FLOPS_PER_DEVICE", "MetricWriter", "RunFileError",
+           "Throughput",
            "console_line", "device_peak_flops", "final_metrics",
            "flops_per_token", "log_console", "matmul_params", "peak_flops",
            "prediction_statistics", "read_records", "summarize_eval"]

@@ -46,6 +46,12 @@ def _import_tensorboardx():
   return tensorboardX
 
 
+class RunFileError(ValueError):
+  """A run directory's record file (metrics.jsonl, samples.jsonl) has a
+  malformed line before its last; the message names the file, the line and
+  the fix."""
+
+
 def _parse_lines(text: str, path: str) -> tuple[list[str], list[dict]]:
   """Parses metrics.jsonl `text` (read from `path`): lines and records.
 
@@ -54,8 +60,9 @@ def _parse_lines(text: str, path: str) -> tuple[list[str], list[dict]]:
   naming `path` and its text; the kept lines all end with a newline.
 
   Raises:
-    ValueError: naming `path`, the line number and the fix when a line other
-      than the last is not such a record (the file was damaged or edited).
+    RunFileError: naming `path`, the line number and the fix when a line
+      other than the last is not such a record (the file was damaged or
+      edited).
   """
   numbered = [(n, line) for n, line in
               enumerate(io.StringIO(text), start=1)
@@ -69,7 +76,7 @@ def _parse_lines(text: str, path: str) -> tuple[list[str], list[dict]]:
         logging.warning("Dropping the half-written last line %d of %s "
                         "(cut off by a kill?): %r", number, path, shown)
         break
-      raise ValueError(
+      raise RunFileError(
           f"{path}, line {number}, is not a JSON metrics record: {shown!r}. "
           f"Only a cut-off last line is repaired automatically; fix or delete"
           f" line {number}, or move the file aside to start it afresh.")
