@@ -261,17 +261,49 @@ def rope_theta(hf_config: Mapping) -> float:
   return float(theta)
 
 
+# config.json keys that hold sizes (positive integers) and real numbers, in
+# every architecture we import (BitNet, Llama, Qwen).
+_INTEGER_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "intermediate_size", "vocab_size",
+                 "head_dim", "max_position_embeddings")
+_NUMBER_KEYS = ("rms_norm_eps", "initializer_range", "rope_theta")
+
+
+def check_value_types(hf_config: Mapping, source: str) -> None:
+  """Refuses a config.json whose sizes are not positive integers or whose
+  real-valued settings are not numbers (an edited or damaged file).
+
+  Raises:
+    ConversionError: naming `source`, the key, its value and what it must be.
+  """
+  for key in _INTEGER_KEYS:
+    value = hf_config.get(key)
+    if value is not None and (isinstance(value, bool) or
+                              not isinstance(value, int) or value < 1):
+      raise ConversionError(f"{source}: config.json {key}={value!r} must be "
+                            "a positive integer; fix the file (or download "
+                            "it again)")
+  for key in _NUMBER_KEYS:
+    value = hf_config.get(key)
+    if value is not None and (isinstance(value, bool) or
+                              not isinstance(value, (int, float))):
+      raise ConversionError(f"{source}: config.json {key}={value!r} must be "
+                            "a number; fix the file (or download it again)")
+
+
 def model_fields(hf_config: Mapping, source: str) -> dict[str, Any]:
   """`config.model` fields equivalent to an HF `BitNetConfig` dict.
 
   Raises:
-    ConversionError: naming the HF key of an unsupported setting.
+    ConversionError: naming the HF key of an unsupported setting or of a
+      malformed value (`check_value_types`).
   """
   def need(key):
     if key not in hf_config:
       raise ConversionError(f"{source}: config.json has no {key!r}")
     return hf_config[key]
 
+  check_value_types(hf_config, source)
   if hf_config.get("model_type") != "bitnet":
     raise ConversionError(f"{source}: model_type="
                           f"{hf_config.get('model_type')!r}; only 'bitnet' "

@@ -104,6 +104,7 @@ def family_fields(hf_config: Mapping, source: str) -> dict[str, Any]:
       raise ConversionError(f"{source}: config.json has no {key!r}")
     return hf_config[key]
 
+  hf.check_value_types(hf_config, source)
   model_type = hf_config["model_type"]
   _refuse(hf_config, source, "hidden_act", ("silu", "swish"),
           "the gated FFN is SwiGLU: 'silu'")
