@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import fsspec
 import tensorflow_datasets as tfds
+from absl import logging
 
 from bitnet_jax.config import STREAM_SCHEMES, ConfigError
 from bitnet_jax.data import sources
@@ -156,12 +157,17 @@ def glob_root(pattern: str) -> str:
 
 
 def split_by_path_hash(paths: Iterable[str], pattern: str,
-                       eval_fraction: float,
-                       dataset: str) -> tuple[list[str], list[str]]:
+                       eval_fraction: float, dataset: str, *,
+                       eval_dataset_allowed: bool = True
+                       ) -> tuple[list[str], list[str]]:
   """Splits `paths` into (train, eval) by `is_eval_path`.
 
   Each path is hashed relative to `glob_root(pattern)`, the glob's fixed
   directory, so a corpus keeps its split wherever it is stored.
+
+  Args:
+    eval_dataset_allowed: whether `data.eval_dataset` can give the eval
+      files instead (stream corpora; not `files:`), for the advice.
 
   Raises:
     ConfigError: naming `dataset` and `data.eval_fraction` when one side is
@@ -178,8 +184,9 @@ def split_by_path_hash(paths: Iterable[str], pattern: str,
     if not sides[held_out]:
       raise ConfigError(
           f"{dataset}: the {name} side of the split is empty ({len(paths)} "
-          f"files, config.data.eval_fraction={eval_fraction}); add files, "
-          f"change data.eval_fraction or set data.eval_dataset")
+          f"files, config.data.eval_fraction={eval_fraction}); add files"
+          + (", change data.eval_fraction or set data.eval_dataset"
+             if eval_dataset_allowed else " or change data.eval_fraction"))
   return sides[False], sides[True]
 
 
@@ -203,13 +210,25 @@ def files_splits(pattern: str, eval_fraction: float
   Paths are hashed relative to `glob_root(pattern)`. Split keys include each
   file's size and mtime, so edited files invalidate the caches.
 
+  Empty files (0 bytes) are skipped, with one warning naming how many.
+
   Raises:
-    ConfigError: naming `data.dataset` when nothing matches, one side of the
-      split is empty, or a file is not valid UTF-8.
+    ConfigError: naming `data.dataset` when nothing (or only empty files)
+      matches, one side of the split is empty, or a file is not valid UTF-8.
   """
   dataset = f"config.data.dataset='files:{pattern}'"
   paths = sources.expand("files", pattern, "data.dataset")
-  sides = split_by_path_hash(paths, pattern, eval_fraction, dataset)
+  empty = [p for p, fingerprint in paths.items()
+           if fingerprint.startswith("0:")]
+  if empty:
+    if len(empty) == len(paths):
+      raise ConfigError(f"{dataset}: all {len(paths)} matching files are "
+                        "empty; point the glob at text files")
+    logging.warning("%s: skipping %d empty files of %d (e.g. %s)", dataset,
+                    len(empty), len(paths), empty[0])
+    paths = {p: f for p, f in paths.items() if p not in set(empty)}
+  sides = split_by_path_hash(paths, pattern, eval_fraction, dataset,
+                             eval_dataset_allowed=False)
 
   def read(side: list[str], indices: list[int]) -> list[str]:
     texts = []

@@ -35,6 +35,7 @@ import itertools
 import json
 import operator
 import os
+import re
 
 import grain
 import numpy as np
@@ -209,8 +210,12 @@ def _data_dir_errors(config):
   try:
     yield
   except (OSError, RuntimeError) as e:
-    full = (getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or
-            "No space left on device" in str(e))
+    full = (getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT,
+                                          errno.EFBIG) or
+            any(why in str(e) for why in ("No space left on device",
+                                          "File too large")) or
+            # a short write (io's BufferedWriter): the disk filled up
+            bool(re.fullmatch(r"\d+ requested and \d+ written", str(e))))
     read_only = getattr(e, "errno", None) in (errno.EROFS, errno.EACCES,
                                               errno.EPERM)
     if not (full or read_only):

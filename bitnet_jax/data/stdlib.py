@@ -9,7 +9,9 @@ across rebuilds and machines.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import sys
 import sysconfig
@@ -134,6 +136,9 @@ def prepare_stdlib(tfds_dir: str, eval_fraction: float) -> str:
     logging.info("Building the %s/%s corpus from %s into %s", STDLIB_DATASET,
                  config.name, stdlib_root(), tfds_dir)
     tfds.disable_progress_bar()
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." to
+    # stdout though nothing downloads; the line above says what happens.
+    with contextlib.redirect_stdout(io.StringIO()):
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          try_download_gcs=False))
   return f"{STDLIB_DATASET}/{config.name}"

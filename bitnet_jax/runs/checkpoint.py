@@ -83,11 +83,13 @@ def _small_arrays_from_one_replica() -> None:
 
 
 def _first_line(problem: str, limit: int = 300) -> str:
-  """A restore error's first line, without TensorStore's multi-line spec
-  dump (the spec is orbax's, not the user's to act on)."""
-  line = problem.split("See full TensorStore details")[0].splitlines()
+  """An orbax error's first line, without TensorStore's spec dump (the
+  spec is orbax's, not the user's to act on), cut to `limit` characters."""
+  for dump in ("See full TensorStore details", " [tensorstore_spec="):
+    problem = problem.split(dump)[0]
+  line = problem.splitlines()
   line = line[0].strip() if line else problem
-  return line if len(line) <= limit else line[:limit] + "…"
+  return line if len(line) <= limit else line[:limit] + "..."
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -301,10 +303,13 @@ class Checkpointer:
         raise OSError("the checkpoint was not finalized (see orbax's log)")
     except Exception as e:  # pylint: disable=broad-except
       self._runs.pop(step, None)
+      latest = self.latest_step()
       raise CheckpointSaveError(
-          f"saving checkpoint {path} failed: {e}. Free disk space or fix the "
-          f"directory's permissions, then rerun the same command: it resumes "
-          f"from checkpoint {self.latest_step()}.") from e
+          f"saving checkpoint {path} failed: {_first_line(str(e), 1000)}. Free "
+          "disk space or fix the directory's permissions, then rerun the "
+          "same command: it " + (f"resumes from checkpoint {latest}."
+                                 if latest is not None else
+                                 "starts again from step 0.")) from e
     self._prune()
 
   def _prune(self) -> None:
