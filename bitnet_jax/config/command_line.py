@@ -193,7 +193,7 @@ def _only_cpu_here() -> bool:
     from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
     if hardware_utils.num_available_tpu_chips_and_device_id()[0]:
       return False
-  except Exception:  # pylint: disable=broad-except
+  except Exception:  # noqa: BLE001  (private module: on any failure, skip)
     return False
   spec = importlib.util.find_spec("jax_plugins")
   plugins = list(pkgutil.iter_modules(spec.submodule_search_locations)) if (

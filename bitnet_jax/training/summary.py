@@ -44,10 +44,10 @@ def next_commands(workdir: str, dataset: str) -> list[str]:
   out = shlex.quote(workdir.rstrip("/") + "_hf")
   return [
       f"{python} -m bitnet_jax.generate --workdir={run} --prompt='def '",
-      f"{python} -m bitnet_jax.evaluate --workdir={run} "
-      f"--perplexity={shlex.quote(dataset)}",
-      f"{python} -m bitnet_jax.convert export-hf --workdir={run} "
-      f"--out={out}",
+      (f"{python} -m bitnet_jax.evaluate --workdir={run} "
+      f"--perplexity={shlex.quote(dataset)}"),
+      (f"{python} -m bitnet_jax.convert export-hf --workdir={run} "
+      f"--out={out}"),
       f"tensorboard --logdir={shlex.quote(os.path.join(workdir, directory.TENSORBOARD))}",
   ]
 
@@ -82,9 +82,9 @@ def end_of_run(workdir: str, dataset: str, total_steps: int,
   if performance:
     lines.append("  " + performance)
   lines += [
-      f"  checkpoints: {directory.checkpoints_dir(workdir)}; every metric: "
+      (f"  checkpoints: {directory.checkpoints_dir(workdir)}; every metric: "
       f"{os.path.join(workdir, directory.METRICS)}; samples: "
-      f"{os.path.join(workdir, directory.SAMPLES)}",
+      f"{os.path.join(workdir, directory.SAMPLES)}"),
       "next:",
       *("  " + command for command in next_commands(workdir, dataset)),
   ]

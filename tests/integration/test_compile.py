@@ -58,7 +58,7 @@ def test_cli_unknown_topology_is_one_line_without_traceback():
       [sys.executable, "-m", "bitnet_jax.compile",
        "--config=configs/tiny.py", "--topology=v5p-7"],
       check=False, capture_output=True, text=True, timeout=120)
-  assert result.returncode == 1
+  assert result.returncode == 2
   assert "Traceback" not in result.stderr
   assert "v5p-8" in result.stderr and "--topology" in result.stderr
 

@@ -363,7 +363,7 @@ def test_command_line_perplexity_and_a_run_without_checkpoint(
   (empty / "config.json").write_text(
       open(f"{harness_run}/config.json").read())
   done = _cli(f"--workdir={empty}", "--perplexity=stdlib")
-  assert done.returncode == 1 and "no checkpoint" in done.stderr, (
+  assert done.returncode == 2 and "no checkpoint" in done.stderr, (
       done.stderr[-2000:])
   assert "Traceback" not in done.stderr
 

@@ -151,11 +151,11 @@ def test_command_lines_import_generate_and_export_gguf(gqa_run, hf_latent,
   assert done.stdout.startswith("def "), f"no continuation: {done.stdout!r}"
   text = tmp_path / "long.py"
   text.write_text("def main(argv):\n  return len(argv)\n" * 200)
-  done = _cli("bitnet_jax.generate", f"--workdir={run}", "--debug",
+  done = _cli("bitnet_jax.generate", f"--workdir={run}", "--diagnose",
               f"--text_file={text}")
-  assert done.returncode == 0, f"generate --debug failed:\n{done.stderr}"
+  assert done.returncode == 0, f"generate --diagnose failed:\n{done.stderr}"
   assert "copy rate" in done.stdout and "scored the first" in done.stdout, (
-      f"--debug did not say it cut the long text:\n{done.stdout[-600:]}")
+      f"--diagnose did not say it cut the long text:\n{done.stdout[-600:]}")
   out = str(tmp_path / "gguf")
   done = _cli("bitnet_jax.convert", "export-hf", f"--workdir={gqa_run}",
               f"--out={out}", "--format=gguf")

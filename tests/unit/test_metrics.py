@@ -327,3 +327,16 @@ def test_samples_reach_tensorboard_as_text(tmp_path):
   assert texts and texts[0][0] == 30, f"no text summary at step 30: {texts}"
   assert texts[0][1].startswith("samples/0"), texts
   assert "def f(" in texts[0][2] and "x):" in texts[0][2], texts
+
+
+def test_the_console_line_stays_short_whatever_the_record_holds():
+  record = {"loss": 5.25, "eval_loss": 5.5, "unique_predictions": 241,
+            "learning_rate": 1e-3, "grad_norm": 0.8, "tokens_per_sec": 1e4,
+            "mfu": 0.41, "eta_seconds": 61.0, "health_alarms": ["copying"],
+            **{f"attention_rms/{i}": 0.1 for i in range(24)},
+            **{f"harness/task{i}/acc": 0.5 for i in range(10)}}
+  line = metrics.console_line(50, 1100, record)
+  assert len(line) < 200, f"{len(line)} characters: {line}"
+  for shown in ("step 50/1100", "loss 5.2500", "eval_loss 5.5000",
+                "unique_predictions 241", "ALARMS copying", "ETA 1m01s"):
+    assert shown in line, f"{shown!r} missing from: {line}"
