@@ -20,7 +20,6 @@ checkpoint RUN/checkpoints/0: `python -m bitnet_jax.main
 
 from __future__ import annotations
 
-
 from absl import app, flags
 
 from bitnet_jax import config as config_lib

@@ -23,7 +23,6 @@ copy rate >= accuracy.
 
 from __future__ import annotations
 
-
 from absl import app, flags
 from absl import logging as absl_logging
 

@@ -26,6 +26,8 @@ import pkgutil
 import re
 import sys
 import sysconfig
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +43,7 @@ HELP_FLAGS = frozenset({"--help", "-help", "-?", "--helpshort", "-helpshort",
                         "--helpfull", "-helpfull"})
 REFUSAL_STATUS = 2  # a refused input: what to fix is in the one line
 DEBUG_ENV_VAR = "BITNET_JAX_DEBUG"  # "1": refusals raise with a traceback
+_EXIT_GRACE_SECONDS = 10.0  # for library threads to end after a refusal
 
 _DEBUG = flags.DEFINE_bool(
     "debug", False, "Show the full traceback of a refusal (a bad input "
@@ -99,11 +102,20 @@ def refuse(message: str) -> None:
 
   Anything that libraries print while the process shuts down after it
   (orbax and asyncio threads reporting the interrupted work) is dropped:
-  the one line is the report.
+  the one line is the report. A library thread still stuck after
+  `_EXIT_GRACE_SECONDS` (a request to an object store that never answers)
+  does not keep the process alive.
   """
   print(f"error: {message}", file=sys.stderr, flush=True)
   logging.disable(logging.CRITICAL)
   sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
+  give_up = time.monotonic() + _EXIT_GRACE_SECONDS
+  for thread in threading.enumerate():
+    if thread is not threading.current_thread() and not thread.daemon:
+      thread.join(max(0.0, give_up - time.monotonic()))
+      if thread.is_alive():  # e.g. a library's request to a silent store:
+        sys.stdout.flush()  # exiting normally would wait for it forever
+        os._exit(REFUSAL_STATUS)
   sys.exit(REFUSAL_STATUS)
 
 

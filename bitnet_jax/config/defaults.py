@@ -39,6 +39,7 @@ from bitnet_jax.config.fields import (
   number,
 )
 from bitnet_jax.config.fields import Field as F
+from bitnet_jax.storage import deadline
 
 # F(key, default, allowed values, resume class, doc). A number field's default
 # is a float (ConfigDict then casts an int assigned to it); ranges that depend
@@ -190,6 +191,11 @@ FIELDS = field_table(
       "consecutive losses above that limit before stopping"),
     F("train.lock_stale_seconds", 600.0, number("> 0"), RUNTIME,
       "seconds after which another host's unrefreshed lock is stale"),
+    F("train.storage_timeout_seconds", deadline.DEFAULT_SECONDS,
+      number("> 0"), RUNTIME,
+      "deadline of each object-store (gs://) operation: checkpoint save, "
+      "restore, appends, the lock; past it the run fails naming the path "
+      "and the endpoint"),
     F("train.init_from", "", TEXT,
       RUNTIME,  # read at step 0 only: a resume restores its checkpoint
       "run dir or checkpoint whose params start a new run"),

@@ -45,7 +45,7 @@ from bitnet_jax.runs.directory import (
     DAMAGED_CHECKPOINTS,
     damaged_checkpoint_dir,
 )
-from bitnet_jax.storage import paths
+from bitnet_jax.storage import deadline, paths
 
 DAMAGED_DIR = DAMAGED_CHECKPOINTS  # its older name, read by a GCS test
 MAX_MISMATCH_LINES = 40  # differing arrays listed before "... and N more"
@@ -183,13 +183,14 @@ class Checkpointer:
 
   def _open(self) -> ocp.CheckpointManager:
     _small_arrays_from_one_replica()
-    return ocp.CheckpointManager(
+    return deadline.call(lambda: ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             create=True, cleanup_tmp_directories=True),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": grain.checkpoint.CheckpointHandler(),
-                       "run": ocp.JsonCheckpointHandler()})
+                       "run": ocp.JsonCheckpointHandler()}),
+        "opening the checkpoints in", self.directory)
 
   def _probe_writable(self) -> None:
     """Writes and removes a small file, so a bad directory fails now."""
@@ -205,9 +206,12 @@ class Checkpointer:
 
   def _read_run(self, step: int) -> dict:
     try:
-      restored = self.manager.restore(
-          step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))
+      restored = deadline.call(lambda: self.manager.restore(
+          step, args=ocp.args.Composite(run=ocp.args.JsonRestore())),
+          "reading checkpoint", paths.join(self.directory, str(step)))
       return dict(restored.run or {})
+    except deadline.StorageTimeoutError:
+      raise
     except Exception:  # pylint: disable=broad-except
       return {}  # an old or damaged checkpoint; restore() decides
 
@@ -244,12 +248,14 @@ class Checkpointer:
     self.check(block=True)
     self._probe_writable()
     self._runs[step] = dict(run)
-    self.manager.save(
+    deadline.call(lambda: self.manager.save(
         step, force=True,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
-            run=ocp.args.JsonSave(self._runs[step])))
+            run=ocp.args.JsonSave(self._runs[step]))),
+        "saving checkpoint", paths.join(self.directory, str(step)),
+        tensorstore=True)
     self._pending = step
 
   def save_weights(self, step: int, params: Any, run: dict) -> None:
@@ -298,11 +304,14 @@ class Checkpointer:
     step, self._pending = self._pending, None
     path = paths.join(self.directory, str(step))
     try:
-      self.manager.wait_until_finished()
+      deadline.call(self.manager.wait_until_finished, "saving checkpoint",
+                    path, tensorstore=True)
       if step not in self.manager.all_steps():
         raise OSError("the checkpoint was not finalized (see orbax's log)")
     except Exception as e:  # pylint: disable=broad-except
       self._runs.pop(step, None)
+      if isinstance(e, deadline.StorageTimeoutError):
+        raise CheckpointSaveError(str(e)) from e
       latest = self.latest_step()
       raise CheckpointSaveError(
           f"saving checkpoint {path} failed: {_first_line(str(e), 1000)}. Free "
@@ -347,6 +356,8 @@ class Checkpointer:
       CheckpointMismatchError: when the saved arrays do not fit the config
         (model size or optimizer changed since the checkpoint was written),
         with one line per differing array.
+      StorageTimeoutError: an object store did not answer in time
+        (`storage.deadline`).
     """
     while (step := self.latest_step()) is not None:
       if self.is_weights_only(step):
@@ -354,10 +365,13 @@ class Checkpointer:
       path = paths.join(self.directory, str(step))
       problem = None
       try:
-        saved = self.manager.item_metadata(step)["state"]
+        saved = deadline.call(lambda: self.manager.item_metadata(step)[
+            "state"], "reading checkpoint", path, tensorstore=True)
         if saved is None:
           raise FileNotFoundError(f"{path}/state is missing")
         mismatch = describe_mismatch(saved.tree, abstract_state)
+      except deadline.StorageTimeoutError:
+        raise
       except Exception as e:  # pylint: disable=broad-except
         problem, mismatch = f"its metadata is unreadable ({e})", []
       if mismatch:
@@ -367,9 +381,13 @@ class Checkpointer:
             "a new run with another --workdir.")
       if problem is None:
         try:
-          restored = self.manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state),
-              data=grain.checkpoint.CheckpointRestore(data_iterator)))
+          restored = deadline.call(
+              lambda: self.manager.restore(step, args=ocp.args.Composite(
+                  state=ocp.args.StandardRestore(abstract_state),
+                  data=grain.checkpoint.CheckpointRestore(data_iterator))),
+              "restoring checkpoint", path, tensorstore=True)
+        except deadline.StorageTimeoutError:
+          raise
         except Exception as e:  # pylint: disable=broad-except
           problem = f"it cannot be read ({type(e).__name__}: {e})"
       if not any_process(problem is not None):
@@ -416,7 +434,8 @@ class Checkpointer:
     try:
       self.wait()
     finally:
-      self.manager.close()
+      deadline.call(self.manager.close, "closing the checkpoints in",
+                    self.directory, tensorstore=True)
 
 
 def abstract_with_shardings(state_shapes: Any, shardings: Any) -> Any:

@@ -29,7 +29,7 @@ from google.api_core import exceptions as gcs_errors
 from google.cloud import storage
 
 from bitnet_jax.runs import lock
-from bitnet_jax.storage import paths
+from bitnet_jax.storage import deadline, paths
 
 
 class GcsWorkdirLock(lock.WorkdirLock):
@@ -70,20 +70,24 @@ class GcsWorkdirLock(lock.WorkdirLock):
                          "release() it before acquiring again.")
     token, record = lock.new_record()
     self._data = json.dumps(record).encode()
-    for _ in range(lock._MAX_ATTEMPTS):  # pylint: disable=protected-access
-      if self._create():
-        break
-      self._take_over_if_stale(token)  # raises if the holder is alive
-    else:
-      raise lock.WorkdirLockedError(
-          f"{self.path} stayed contended for {lock._MAX_ATTEMPTS} "  # pylint: disable=protected-access
-          "attempts: other processes keep taking it. Make sure one run uses "
-          "this workdir, or use another --workdir.")
+    deadline.call(lambda: self._take(token), "locking", self.path)
     self._token = token
     self._stop.clear()
     self._thread = threading.Thread(target=self._heartbeat, daemon=True,
                                     name=f"GcsWorkdirLock({self.workdir})")
     self._thread.start()
+
+  def _take(self, token: str) -> None:
+    """Creates the lock object, taking a stale one over; raises
+    WorkdirLockedError for a live holder or endless contention."""
+    for _ in range(lock._MAX_ATTEMPTS):  # pylint: disable=protected-access
+      if self._create():
+        return
+      self._take_over_if_stale(token)  # raises if the holder is alive
+    raise lock.WorkdirLockedError(
+        f"{self.path} stayed contended for {lock._MAX_ATTEMPTS} "  # pylint: disable=protected-access
+        "attempts: other processes keep taking it. Make sure one run uses "
+        "this workdir, or use another --workdir.")
 
   def _create(self) -> bool:
     """Creates the lock object; False if one exists."""
@@ -149,7 +153,8 @@ class GcsWorkdirLock(lock.WorkdirLock):
     if self._stop_heartbeat() is None:
       return
     try:
-      self._blob().delete(if_generation_match=self._generation)
+      deadline.call(lambda: self._blob().delete(
+          if_generation_match=self._generation), "unlocking", self.path)
     except gcs_errors.NotFound:
       pass
     except gcs_errors.PreconditionFailed:

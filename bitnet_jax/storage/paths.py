@@ -7,6 +7,8 @@ already writes its checkpoints with (for gs:// it uses gcsfs, which honours
 imported). Object stores have no atomic directory rename: a "move" is a copy
 followed by a delete, which is what `move` does there.
 
+On object stores every operation has a deadline (`storage.deadline`).
+
 Everything a run writes into or reads from its workdir goes through here
 (checkpoints, metrics.jsonl and samples.jsonl appends, config.json,
 config_history.jsonl, tokenizer.json, the run lock, damaged-checkpoint
@@ -25,6 +27,8 @@ import tempfile
 import time
 
 from etils import epath
+
+from bitnet_jax.storage import deadline
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -87,7 +91,8 @@ def makedirs(path: str) -> None:
   """Creates `path` and its parents (a no-op on object stores, which have
   no directories, beyond what the store's client needs)."""
   if is_url(path):
-    epath.Path(path).mkdir(parents=True, exist_ok=True)
+    deadline.call(lambda: epath.Path(path).mkdir(parents=True, exist_ok=True),
+                  "creating", path)
   else:
     os.makedirs(path, exist_ok=True)
 
@@ -109,9 +114,11 @@ def probe_writable(directory: str, name: str) -> None:
       os.fsync(f.fileno())
     os.remove(probe)
     return
-  try:
+  def write_and_remove():
     epath.Path(probe).write_bytes(b"\0" * 4096)
     epath.Path(probe).unlink()
+  try:
+    deadline.call(write_and_remove, "writing a probe file in", directory)
   except Exception as e:  # pylint: disable=broad-except
     if isinstance(e, OSError):
       raise
@@ -127,6 +134,10 @@ def move(source: str, target: str) -> None:
   if not is_url(source):
     shutil.move(source, target)
     return
+  deadline.call(lambda: _move_objects(source, target), "moving", source)
+
+
+def _move_objects(source: str, target: str) -> None:
   source_path, target_path = epath.Path(source), epath.Path(target)
   if not source_path.is_dir():
     source_path.copy(target_path)
@@ -158,8 +169,10 @@ def read_bytes(path: str) -> bytes:
   Raises:
     FileNotFoundError: `path` does not exist (either kind).
   """
-  with open_file(path, "rb") as f:
-    return f.read()
+  def read():
+    with open_file(path, "rb") as f:
+      return f.read()
+  return deadline.call(read, "reading", path)
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -169,7 +182,8 @@ def write_bytes(path: str, data: bytes) -> None:
   kill must not leave a partial file."""
   makedirs(parent(path))
   if is_url(path):
-    epath.Path(path).write_bytes(data)
+    deadline.call(lambda: epath.Path(path).write_bytes(data), "writing",
+                  path)
     return
   with open(path, "wb") as f:
     f.write(data)
@@ -199,6 +213,11 @@ def append(path: str, data: bytes) -> None:
       old = b""
     write_bytes(path, old + data)
     return
+  deadline.call(lambda: _compose_append(path, data), "appending to", path)
+
+
+def _compose_append(path: str, data: bytes) -> None:
+  """`append` on gs://: upload a piece and compose it onto `path`."""
   from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
   bucket_name, name = split_gcs(path)
   bucket = gcs_bucket(bucket_name)
@@ -220,12 +239,16 @@ def append(path: str, data: bytes) -> None:
 
 def isfile(path: str) -> bool:
   """Whether `path` is a file (an object, on object stores)."""
-  return epath.Path(path).is_file() if is_url(path) else os.path.isfile(path)
+  if is_url(path):
+    return deadline.call(epath.Path(path).is_file, "looking up", path)
+  return os.path.isfile(path)
 
 
 def isdir(path: str) -> bool:
   """Whether `path` is a directory (a non-empty prefix, on object stores)."""
-  return epath.Path(path).is_dir() if is_url(path) else os.path.isdir(path)
+  if is_url(path):
+    return deadline.call(epath.Path(path).is_dir, "looking up", path)
+  return os.path.isdir(path)
 
 
 def listdir(path: str) -> list[str]:
@@ -234,7 +257,9 @@ def listdir(path: str) -> list[str]:
     return []
   if not is_url(path):
     return os.listdir(path)
-  return [child.name for child in epath.Path(path).iterdir()]
+  return deadline.call(
+      lambda: [child.name for child in epath.Path(path).iterdir()],
+      "listing", path)
 
 
 def local_file(path: str) -> str:
@@ -252,5 +277,5 @@ def local_file(path: str) -> str:
   local = os.path.join(tempfile.mkdtemp(prefix="bitnet_jax_gs."),
                        os.path.basename(path))
   with open(local, "wb") as f:
-    f.write(epath.Path(path).read_bytes())
+    f.write(deadline.call(epath.Path(path).read_bytes, "reading", path))
   return local

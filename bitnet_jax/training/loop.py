@@ -29,7 +29,7 @@ from absl import logging
 from bitnet_jax import config as config_lib
 from bitnet_jax.distributed import multihost
 from bitnet_jax.runs import checkpoint, gcs_lock
-from bitnet_jax.storage import paths
+from bitnet_jax.storage import deadline, paths
 from bitnet_jax.training import summary
 from bitnet_jax.training.actions import StepDone
 from bitnet_jax.training.setup import Finished, Run, build_run
@@ -65,6 +65,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       `health.halt_on_alarm` (the evaluated step is checkpointed first).
   """
   config_lib.validate(config)
+  deadline.configure(config.train.storage_timeout_seconds)
   workdir = paths.resolve(workdir)  # gs://… stays a URL
   _check_writable(workdir)
   lock = None
@@ -132,8 +133,10 @@ def _close_all(closables: Any, *, failing: bool) -> None:
   for closable in closables:
     try:
       closable.close()
-    except Exception:  # pylint: disable=broad-except
+    except Exception as e:  # pylint: disable=broad-except
       if not failing:
         raise
-      logging.exception("while stopping after an error, closing %s failed",
-                        type(closable).__name__)
+      # one line: the error already propagating is the report
+      logging.warning("while stopping after an error, closing %s failed "
+                      "too: %s", type(closable).__name__,
+                      str(e).splitlines()[0] if str(e) else repr(e))

@@ -411,3 +411,35 @@ def test_a_gcs_run_killed_resumes_bit_identically_and_exports(
                                    iter(texts)) for w in (url, local)]
   assert figures[0] == figures[1], (
       f"the gs:// run evaluates otherwise than its local twin: {figures}")
+
+
+def test_a_store_that_never_answers_fails_within_the_deadline(
+    gcs, data_dir, tmp_path):
+  """TensorStore (orbax's array writes) pointed at an endpoint that accepts
+  connections and never answers: the run fails with one line naming the
+  checkpoint and the endpoint, within its deadline, instead of hanging."""
+  silent = socket.socket()
+  silent.bind(("127.0.0.1", 0))
+  silent.listen(64)  # the kernel accepts; nothing ever reads or answers
+  endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+  deadline_seconds = 8
+  began = time.monotonic()
+  try:
+    done = subprocess.run(
+        [sys.executable, "-m", "bitnet_jax.main", "--config=configs/tiny.py",
+         f"--workdir={gcs}/silent", f"--config.data.data_dir={data_dir}",
+         "--config.train.steps=10", "--config.train.checkpoint_every=5",
+         "--config.train.eval_every=10", "--config.optimizer.warmup_steps=2",
+         f"--config.train.storage_timeout_seconds={deadline_seconds}"],
+        cwd=REPO, env={**os.environ, "TENSORSTORE_GCS_HTTP_URL": endpoint},
+        capture_output=True, text=True, timeout=240, check=False)
+  finally:
+    silent.close()
+  took = time.monotonic() - began
+  lines = done.stderr.strip().splitlines()
+  assert done.returncode == 2, f"exit {done.returncode}:\n{done.stderr[-3000:]}"
+  assert lines[-1].startswith("error: ") and endpoint in lines[-1] and (
+      f"{gcs}/silent/checkpoints/5" in lines[-1]), lines[-1]
+  assert "Traceback" not in done.stderr, done.stderr[-3000:]
+  # start-up and compilation (~20 s) + one deadline + the exit grace
+  assert took < 120, f"took {took:.0f} s with a {deadline_seconds} s deadline"
