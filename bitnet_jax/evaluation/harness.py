@@ -44,7 +44,8 @@ def task_names(tasks: str | Sequence[str]) -> list[str]:
 
 
 def task_manager(include_path: str = "", include_defaults: bool = True,
-                 names: Sequence[str] = ()) -> TaskManager:
+                 names: Sequence[str] = (), *,
+                 key: str = "--include_path") -> TaskManager:
   """lm-eval's `TaskManager` over its bundled tasks (`include_defaults`;
   indexing their ~14k YAML files takes 6-30 s on 2 cores) and the YAML task
   folders of `include_path` (comma separated). Built once per process and
@@ -56,14 +57,18 @@ def task_manager(include_path: str = "", include_defaults: bool = True,
   naming a bundled task does not), that manager is returned and the bundled
   tasks are never indexed; otherwise the full one is.
 
+  Args:
+    key: where the user gave `include_path`, for the error message
+      (`--include_path`, or `config.eval.harness_include_path` in a run).
+
   Raises:
-    TaskError: naming `--include_path` when a folder does not exist.
+    TaskError: naming `key` when a folder does not exist.
   """
   folders = tuple(task_names(include_path))
   for folder in folders:
     if not paths.isdir(folder):
-      raise TaskError(f"--include_path={folder!r} is not a folder of lm-eval "
-                      "YAML tasks")
+      raise TaskError(f"{key}={folder!r} is not a folder of lm-eval YAML "
+                      "tasks")
   if folders and include_defaults and names:
     local = _indexed(folders, False)
     try:

@@ -49,8 +49,9 @@ class HarnessEvaluation(actions.PeriodicAction):
     self.config = config
     self.cadence = actions.Cadence(e.harness_every)
     self.names = harness.task_names(e.harness_tasks)
-    self.manager = harness.task_manager(e.harness_include_path,
-                                        names=self.names)
+    self.manager = harness.task_manager(
+        e.harness_include_path, names=self.names,
+        key="config.eval.harness_include_path")
     harness.check_tasks(self.names, self.manager)
     self.num_fewshot = None if e.harness_num_fewshot < 0 else (
         e.harness_num_fewshot)
