@@ -215,7 +215,8 @@ def test_training_writes_harness_metrics_and_refuses_tasks_it_cannot_load(
   assert events, "no TensorBoard events"
   bad = {**HARNESS,
          "eval.harness_include_path": str(tmp_path / "no_such_tasks")}
-  with pytest.raises(harness.TaskError, match="config.eval.harness_include_path=.*no_such_tasks"):
+  with pytest.raises(harness.TaskError,
+                     match="config.eval.harness_include_path=.*no_such_tasks"):
     loop.train_and_evaluate(_run_config(data_dir, **bad),
                              str(tmp_path / "bad"))
   saved = os.listdir(tmp_path / "bad" / "checkpoints")

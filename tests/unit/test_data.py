@@ -216,6 +216,29 @@ def test_files_glob_matching_nothing_raises(tmp_path):
     data.prepare(config)
 
 
+def test_empty_corpus_files_are_skipped_with_one_warning(tmp_path, caplog):
+  for i in range(40):
+    (tmp_path / f"doc{i}.txt").write_text(f"text {i}\n")
+  for i in range(3):
+    (tmp_path / f"empty{i}.txt").write_text("")
+  with caplog.at_level("WARNING"):
+    train, held_out = corpus.files_splits(f"{tmp_path}/*.txt", 0.2)
+  assert train.size + held_out.size == 40, (
+      f"{train.size} + {held_out.size} documents: empty files were counted")
+  warnings = [r.getMessage() for r in caplog.records if "empty" in
+              r.getMessage()]
+  assert len(warnings) == 1 and "skipping 3 empty files of 43" in (
+      warnings[0]), warnings
+
+
+def test_the_empty_split_advice_fits_a_files_corpus(tmp_path):
+  (tmp_path / "only.txt").write_text("one file\n")
+  with pytest.raises(ConfigError, match="data.eval_fraction") as error:
+    corpus.files_splits(f"{tmp_path}/*.txt", 0.2)
+  assert "eval_dataset" not in str(error.value), (
+      f"advises data.eval_dataset, which files: corpora refuse: {error.value}")
+
+
 def dead_pid() -> int:
   """The pid of a process that has exited and been reaped."""
   process = subprocess.Popen([sys.executable, "-c", "pass"])
