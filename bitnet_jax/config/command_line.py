@@ -136,7 +136,7 @@ def _unknown_field(error: BaseException, argv: list[str]) -> str | None:
       section = ".".join(parts[:at])
       return (f"{arg}: {section} has no field {name!r}"
               + (f"; did you mean {guess.group(1)!r}?" if guess else "")
-              + " (the fields: docs/config.md)")
+              + " (every field: bitnet_jax/config/defaults.py)")
   return None
 
 

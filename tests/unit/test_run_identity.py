@@ -290,7 +290,8 @@ _RUNTIME = {
     "model.bitlinear_matmul", "train.loss_chunk_size",
     "train.grad_accum_steps", "train.allow_config_change",
     "train.start_over_if_unrestorable",
-    "train.lock_stale_seconds", "train.init_from", "eval.harness_batch_size"}
+    "train.lock_stale_seconds", "train.storage_timeout_seconds",
+    "train.init_from", "eval.harness_batch_size"}
 _SCHEDULE = {
     "train.steps", "train.log_every", "train.eval_every",
     "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
