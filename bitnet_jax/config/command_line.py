@@ -187,7 +187,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     refuse(f"ConfigError: {_culprit(e, argv)}: {reason}")
   for name in flags.FLAGS:
     flag = flags.FLAGS[name]
-    filename = getattr(flag, "config_filename", None)
+    filename = getattr(flag, "config_filename", None)  # with its :variant
+    filename = filename and filename.split(":", 1)[0]
     if flag.present and filename and not os.path.isfile(filename):
       refuse(f"ConfigError: --{name}={flag.serialize().split('=', 1)[-1]}: "
              f"no such config file {filename!r} (from {os.getcwd()}); give "

@@ -69,6 +69,12 @@ def test_a_bad_flag_is_one_line_naming_it(flag, named, tmp_path):
   _assert_refused(_main(f"--workdir={tmp_path / 'run'}", flag), *named)
 
 
+def test_a_variant_of_an_existing_file_gets_past_the_file_check(tmp_path):
+  done = _run("bitnet_jax.main", "--config=configs/d20.py:cpu",
+              f"--workdir={tmp_path / 'run'}", "--config.train.stepz=5")
+  _assert_refused(done, "--config.train.stepz=5", "'steps'")
+
+
 @pytest.mark.parametrize("config, named", [
     ("configs/nope.py", ("--config=configs/nope.py", "no such config file")),
     ("configs/tiny.py:gpu", ("--config=configs/tiny.py:gpu", "no variants")),
@@ -172,3 +178,32 @@ def test_debug_shows_the_traceback(tmp_path):
                "--debug")
   assert done.returncode != 0 and "Traceback" in done.stderr, (
       f"--debug hid the traceback:\n{done.stderr[-2000:]}")
+
+
+def test_a_damaged_checkpoint_is_recovered_in_one_warning_line(
+    trained_run, data_dir, tmp_path):
+  """The recovery (move aside, restore the previous one) prints one
+  WARNING line: none of orbax's, asyncio's or TensorStore's reports of the
+  failed read."""
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_run, workdir)
+  newest = max(int(n) for n in os.listdir(workdir / "checkpoints")
+               if n.isdigit())
+  data_files = [os.path.join(root, name) for root, _, names in os.walk(
+      workdir / "checkpoints" / str(newest) / "state") for name in names
+      if os.sep + "d" + os.sep in os.path.join(root, name) + os.sep]
+  assert data_files, "no array data files to damage"
+  for path in data_files:
+    with open(path, "r+b") as f:
+      f.truncate(100)
+  done = _main(f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+               f"--config.train.steps={newest + 10}")
+  lines = done.stderr.splitlines()
+  assert done.returncode == 0, f"exit {done.returncode}:\n{done.stderr[-3000:]}"
+  damaged = [l for l in lines if "is damaged" in l]
+  assert len(damaged) == 1 and "TensorStore" not in damaged[0], damaged
+  noisy = [l for l in lines if l not in damaged and any(
+      word in l for word in NOISE)]
+  assert not noisy, f"library noise during the recovery: {noisy[:20]}"
+  assert f"run finished: step {newest + 10}/{newest + 10}" in done.stderr, (
+      done.stderr[-2000:])
