@@ -55,14 +55,12 @@ _DEBUG = flags.DEFINE_bool(
 COMMON_REFUSALS: tuple[type[BaseException], ...] = (
     ConfigError, OSError, app.UsageError)
 
-# Third-party log lines that are not news on a path that works: (logger
-# name or module path fragment, message fragment).
+# Third-party WARNING and ERROR lines that are not news on a path that works
+# (their INFO lines are all dropped): (module path fragment, message
+# fragment).
 _LIBRARY_NOISE = (
-    ("xla_bridge", "Unable to initialize backend"),  # probing absent TPUs
     ("type_handler_registry", "overriding"),  # our orbax array handler
     ("file_utils", "has no dataset_info.json"),  # TFDS, a corpus being built
-    ("dataset_builder", ""), ("dataset_info", ""), ("download_manager", ""),
-    ("writer", "Done writing"), ("reader", "Creating a tf.data"),
     # asyncio reporting orbax's reads of a damaged checkpoint that the
     # restore already reported and recovered from
     ("asyncio", "Task exception was never retrieved"),
@@ -273,15 +271,13 @@ def quiet_logging() -> None:
 
 
 def run(main: Callable[[list[str]], Any], *,
-        refusals: tuple[type[BaseException], ...] = (),
-        flags_parser: Callable[[list[str]], list[str]] = parse_flags) -> None:
+        refusals: tuple[type[BaseException], ...] = ()) -> None:
   """`absl.app.run(main)` with one-line refusals and `--help` exiting 0.
 
   Args:
     main: the command's main(argv).
     refusals: the command's own error classes reported in one line, on top
       of `COMMON_REFUSALS`.
-    flags_parser: parses argv (default `parse_flags`).
 
   Raises:
     SystemExit: main's status; `REFUSAL_STATUS` after a refusal's line; 0
@@ -299,7 +295,7 @@ def run(main: Callable[[list[str]], Any], *,
       refuse(one_line(e))
 
   try:
-    app.run(guarded, flags_parser=flags_parser)
+    app.run(guarded, flags_parser=parse_flags)
   except SystemExit as e:
     if e.code == 1 and asks_for_help(sys.argv[1:]):
       sys.exit(0)

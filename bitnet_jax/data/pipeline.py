@@ -220,9 +220,10 @@ def _data_dir_errors(config):
                                               errno.EPERM)
     if not (full or read_only):
       raise
-    where = config.data.data_dir or "the default cache directory"
+    # (not data_root(): it creates the directory, which may be what failed)
+    where = config.data.data_dir or "the default, under $XDG_CACHE_HOME"
     raise ConfigError(
-        f"config.data.data_dir ({where}, {data_root(config)}): "
+        f"config.data.data_dir ({where}): "
         + ("no space left on its disk" if full else
            f"cannot be written ({getattr(e, 'strerror', e)})")
         + " while preparing the data; free space there or set "

@@ -3,8 +3,8 @@ answering fails, naming the path and the endpoint, instead of hanging.
 
 Local paths are never timed. On an object store each operation of a run
 (checkpoint save, restore and close; metric appends; the lock; probes and
-listings) runs in a helper thread that the caller waits for at most
-`seconds()` (`train.storage_timeout_seconds`, set once per run by
+listings) runs in a helper thread that the caller waits for at most the
+deadline (`train.storage_timeout_seconds`, set once per run by
 `configure`). Past it, `StorageTimeoutError` is raised; the stuck request is
 abandoned (its thread is a daemon and does not keep the process alive).
 """
@@ -39,11 +39,6 @@ def configure(seconds: float) -> None:
   _seconds = float(seconds)
 
 
-def seconds() -> float:
-  """The current deadline, seconds."""
-  return _seconds
-
-
 def endpoint(path: str, *, tensorstore: bool = False) -> str:
   """The HTTP endpoint that serves `path`: an emulator's or a private
   endpoint's URL from the environment, else the public one. `tensorstore`:
@@ -60,7 +55,7 @@ def endpoint(path: str, *, tensorstore: bool = False) -> str:
 
 def call(fn: Callable[[], T], what: str, path: str, *,
          tensorstore: bool = False) -> T:
-  """`fn()`, given at most `seconds()` when `path` is on an object store.
+  """`fn()`, given at most the deadline when `path` is on an object store.
 
   Args:
     fn: the operation.
@@ -88,9 +83,10 @@ def call(fn: Callable[[], T], what: str, path: str, *,
   worker.start()
   worker.join(_seconds)
   if worker.is_alive():
+    where = endpoint(path, tensorstore=tensorstore)
     raise StorageTimeoutError(
-        f"{what} {path}: no answer from {endpoint(path, tensorstore=tensorstore)}"
-        f" within {_seconds:.0f} s (config.train.storage_timeout_seconds); "
+        f"{what} {path}: no answer from {where} within {_seconds:.0f} s "
+        "(config.train.storage_timeout_seconds); "
         "check that the endpoint is reachable and the bucket exists, then "
         "rerun the same command (it resumes from the last checkpoint)")
   if "error" in outcome:

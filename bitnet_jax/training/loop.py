@@ -19,7 +19,6 @@ Where each concern lives (bitnet_jax.training unless named):
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -67,13 +66,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   config_lib.validate(config)
   deadline.configure(config.train.storage_timeout_seconds)
   workdir = paths.resolve(workdir)  # gs://… stays a URL
-  _check_writable(workdir)
   lock = None
   if jax.process_index() == 0:  # one lock per run, held by process 0
     stale = config.train.lock_stale_seconds
     lock = gcs_lock.workdir_lock(workdir, stale_seconds=stale,
                                  heartbeat_seconds=min(30.0, stale / 4))
-  multihost.on_process_zero(lambda: lock.acquire(), "lock the workdir")
+  try:  # the first writes into workdir: a file in the way, a read-only disk
+    paths.makedirs(workdir)
+    multihost.on_process_zero(lambda: lock.acquire(), "lock the workdir")
+  except OSError as e:
+    raise _unwritable(workdir, e) from e
   try:
     run = build_run(config, workdir)
     return run.metrics if isinstance(run, Finished) else train(run)
@@ -82,24 +84,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       lock.release()
 
 
-def _check_writable(workdir: str) -> None:
-  """Creates `workdir` and writes a probe file in it (process 0).
-
-  Raises:
-    CheckpointSaveError: naming `--workdir` and the cause (a regular file in
-      the way, a read-only filesystem, no permission, a full disk).
-  """
-  try:
-    paths.makedirs(workdir)
-    if jax.process_index() == 0:
-      paths.probe_writable(workdir, f".write_probe.{os.getpid()}")
-  except OSError as e:
-    cause = (f"{e.strerror}: {e.filename}" if e.strerror and e.filename
-             else str(e))
-    raise checkpoint.CheckpointSaveError(
-        f"--workdir={workdir} cannot be written ({cause}); choose another "
-        "--workdir, or make this one writable (free disk space); nothing in "
-        "it was changed") from e
+def _unwritable(workdir: str, error: OSError) -> checkpoint.CheckpointSaveError:
+  """The error for a workdir that cannot be created or locked (a regular
+  file in the way, a read-only filesystem, no permission, a full disk);
+  a full disk found later is the Checkpointer's probe's to report."""
+  cause = (f"{error.strerror}: {error.filename}"
+           if error.strerror and error.filename else str(error))
+  return checkpoint.CheckpointSaveError(
+      f"--workdir={workdir} cannot be written ({cause}); choose another "
+      "--workdir, or make this one writable (free disk space); nothing in "
+      "it was changed")
 
 
 def train(run: Run) -> dict[str, Any]:

@@ -42,13 +42,14 @@ def next_commands(workdir: str, dataset: str) -> list[str]:
   """
   python, run = python_command(), shlex.quote(workdir)
   out = shlex.quote(workdir.rstrip("/") + "_hf")
+  events = os.path.join(workdir, directory.TENSORBOARD)
   return [
       f"{python} -m bitnet_jax.generate --workdir={run} --prompt='def '",
       (f"{python} -m bitnet_jax.evaluate --workdir={run} "
       f"--perplexity={shlex.quote(dataset)}"),
       (f"{python} -m bitnet_jax.convert export-hf --workdir={run} "
       f"--out={out}"),
-      f"tensorboard --logdir={shlex.quote(os.path.join(workdir, directory.TENSORBOARD))}",
+      f"tensorboard --logdir={shlex.quote(events)}",
   ]
 
 
