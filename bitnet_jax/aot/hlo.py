@@ -41,6 +41,16 @@ _CONSTANT = re.compile(r"=\s*[su](?:32|64)\[\]\S*\s+constant\((-?\d+)\)")
 _FRAME_ID = re.compile(r"stack_frame_id=(\d+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _TABLE_ROW = re.compile(r"^(\d+)\s+(.*)$")
+# XLA's GPU compiler records a while loop's count on the loop and moves the
+# bound of its condition into a fusion
+_KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+# any instruction: name, shape (an array or a tuple), opcode, the rest
+_ANY = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
+_ARRAYS = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
+_CUSTOM_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
+          "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
+          "f64": 8, "s4": 0.5, "u4": 0.5, "c64": 8, "c128": 16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +69,10 @@ class Matmul:
     op_name: JAX's name of the operation ("jit(train_step)/jvp()/...";
       "transpose(" marks the backward pass, "rematted" or "checkpoint" a
       recomputation of the forward).
+    kind: "dot" (a dot, on GPU usually inside a Triton GEMM fusion),
+      "convolution" (the TPU compiler's form of a dot) or "cublas" (a
+      cuBLAS / cuBLASLt custom call, `__cublas$gemm`,
+      `__cublas$lt$matmul`).
   """
   name: str
   lhs_dtype: str
@@ -68,6 +82,7 @@ class Matmul:
   count: int
   source: str
   op_name: str = ""
+  kind: str = "dot"
 
   @property
   def backward(self) -> bool:
@@ -130,7 +145,9 @@ def multiplicities(text: str) -> dict[str, int]:
     for line in lines:
       callees = dict((kind, callee) for kind, callee in
                      _CALLEE.findall(line))
-      trips = (_trip_count(computations.get(callees["condition"], []))
+      known = _KNOWN_TRIPS.search(line)
+      trips = (int(known.group(1)) if known and "body" in callees else
+               _trip_count(computations.get(callees["condition"], []))
                if "body" in callees else 1)
       for kind, callee in callees.items():
         calls[name].append((callee, trips if kind in ("body", "condition")
@@ -238,15 +255,14 @@ def matmuls(text: str) -> list[Matmul]:
   computations, tables = _split(text)
   counts = multiplicities(text)
   sources = _sources(tables)
-  shapes: dict[str, tuple[str, list[int]]] = {}
-  for lines in computations.values():
-    for line in lines:
-      m = _INSTRUCTION.match(line)
-      if m:
-        shapes[m.group(1)] = (m.group(2), _dims(m.group(3)))
+  shapes = _shapes(computations)
   found = []
   for computation, lines in computations.items():
     for line in lines:
+      gemm = _cublas_gemm(line, shapes, counts.get(computation, 0), sources)
+      if gemm:
+        found.append(gemm)
+        continue
       m = _INSTRUCTION.match(line)
       if not m or m.group(4) not in ("dot", "convolution"):
         continue
@@ -269,5 +285,170 @@ def matmuls(text: str) -> list[Matmul]:
           out_dtype=out_dtype, flops=flops,
           count=counts.get(computation, 0),
           source=sources.get(int(frame.group(1)), "") if frame else "",
-          op_name=op_name.group(1) if op_name else ""))
+          op_name=op_name.group(1) if op_name else "", kind=op))
   return found
+
+
+def _operands(rest: str) -> list[str]:
+  """The operand names of an instruction's text after its opcode's "(",
+  up to the closing parenthesis."""
+  depth, end = 1, 0
+  for end, char in enumerate(rest):
+    depth += {"(": 1, ")": -1}.get(char, 0)
+    if depth == 0:
+      break
+  return re.findall(r"%([\w.\-]+)", rest[:end])
+
+
+def _metadata(rest: str, sources: dict[int, str]) -> tuple[str, str]:
+  frame = _FRAME_ID.search(rest)
+  op_name = _OP_NAME.search(rest)
+  return (sources.get(int(frame.group(1)), "") if frame else "",
+          op_name.group(1) if op_name else "")
+
+
+def _cublas_gemm(line: str, shapes: dict[str, tuple[str, list[int]]],
+                 count: int, sources: dict[int, str]) -> Matmul | None:
+  """A cuBLAS GEMM custom call as a `Matmul` (None for any other line).
+  Its result is the first element of the output tuple (the second is the
+  workspace); the contracting dimensions are in `gemm_backend_config`."""
+  target = _CUSTOM_TARGET.search(line)
+  if not target or not target.group(1).startswith("__cublas$"):
+    return None
+  m = _ANY.match(line)
+  if not m or m.group(3) != "custom-call":
+    return None
+  name, shape, _, rest = m.groups()
+  out = _ARRAYS.search(shape)
+  operands = _operands(rest)
+  if not out or len(operands) < 2:
+    return None
+  lhs, rhs = (shapes.get(o, ("?", [])) for o in operands[:2])
+  contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', rest)
+  dims = [int(d) for d in re.findall(r"\d+", contracting.group(1))
+          ] if contracting else []
+  k = math.prod(lhs[1][d] for d in dims if d < len(lhs[1]))
+  source, op_name = _metadata(rest, sources)
+  return Matmul(name=name, lhs_dtype=lhs[0], rhs_dtype=rhs[0],
+                out_dtype=out.group(1),
+                flops=2.0 * math.prod(_dims(out.group(2))) * k, count=count,
+                source=source, op_name=op_name, kind="cublas")
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedAttention:
+  """One cuDNN fused-attention custom call (`__cudnn$fmha...`).
+
+  Attributes:
+    target: the custom-call target ("__cudnn$fmhaSoftmax",
+      "__cudnn$fmhaSoftmaxBackward", "__cudnn$fmhaScaleBiasSoftmax", ...).
+    count: executions per step.
+    flops: the matmul FLOPs of one execution (4 x batch x heads x q_len x
+      kv_len x head_dim forward, 2.5 times that backward: the FLOP
+      convention of FlashAttention, Dao et al. 2022, with no causal
+      halving), from the query's `[batch, seq, heads, head_dim]` operand.
+    op_name: JAX's name of the operation.
+  """
+  target: str
+  count: int
+  flops: float
+  op_name: str
+
+  @property
+  def backward(self) -> bool:
+    return self.target.endswith("Backward")
+
+
+def fused_attention(text: str) -> list[FusedAttention]:
+  """Every cuDNN fused-attention call of the module with its per-step
+  count."""
+  computations, tables = _split(text)
+  counts = multiplicities(text)
+  sources = _sources(tables)
+  shapes = _shapes(computations)
+  found = []
+  for computation, lines in computations.items():
+    for line in lines:
+      target = _CUSTOM_TARGET.search(line)
+      if not target or not target.group(1).startswith("__cudnn$fmha"):
+        continue
+      m = _ANY.match(line)
+      operands = _operands(m.group(4)) if m else []
+      query = shapes.get(operands[0], ("?", []))[1] if operands else []
+      flops = 0.0
+      if len(query) == 4:  # [batch, seq, heads, head_dim]
+        batch, seq, heads, dim = query
+        flops = 4.0 * batch * heads * seq * seq * dim
+        if target.group(1).endswith("Backward"):
+          flops *= 2.5
+      found.append(FusedAttention(target.group(1), counts.get(computation, 0),
+                                  flops, _metadata(line, sources)[1]))
+  return found
+
+
+def _shapes(computations: dict[str, list[str]]
+            ) -> dict[str, tuple[str, list[int]]]:
+  """instruction name -> (element type, dims) of every array-shaped one."""
+  shapes = {}
+  for lines in computations.values():
+    for line in lines:
+      m = _INSTRUCTION.match(line)
+      if m:
+        shapes[m.group(1)] = (m.group(2), _dims(m.group(3)))
+  return shapes
+
+
+def _shape_bytes(shape: str) -> float:
+  """Bytes of an HLO shape (an array or a tuple of arrays)."""
+  return sum(_BYTES.get(dtype, 4) * math.prod(_dims(dims))
+             for dtype, dims in _ARRAYS.findall(shape))
+
+
+# instructions that move no data of their own
+_FREE = frozenset((
+    "parameter", "get-tuple-element", "tuple", "constant", "bitcast",
+    "while", "conditional", "call", "after-all", "partition-id",
+    "replica-id", "opt-barrier", "add-dependency", "domain",
+    "async-done", "all-reduce-done", "all-gather-done",
+    "collective-permute-done", "copy-done", "send-done", "recv-done"))
+
+
+def kernel_bytes(text: str) -> float:
+  """Device-memory bytes one step moves, an estimate: every kernel (each
+  instruction of the entry computation, loop bodies and branches: fusions,
+  custom calls, copies, collectives) reads its operands and writes its
+  result once, times how often the step runs it. Fusion internals stay in
+  registers and shared memory; instructions that move nothing (`_FREE`)
+  count nothing. The roofline's memory side."""
+  computations, _ = _split(text)
+  counts = multiplicities(text)
+  fused = set()
+  for lines in computations.values():
+    for line in lines:
+      m = _ANY.match(line)
+      if not m:
+        continue
+      called = dict(_CALLEE.findall(line))
+      if m.group(3) == "fusion" and "calls" in called:
+        fused.add(called["calls"])
+      if "to_apply" in called:
+        fused.add(called["to_apply"])
+  sizes: dict[str, float] = {}
+  parsed = []
+  for computation, lines in computations.items():
+    for line in lines:
+      m = _ANY.match(line)
+      if m:
+        shape = m.group(2)
+        if "__cublas$" in line:  # (result, workspace): the result only
+          shape = _ARRAYS.search(shape).group(0)
+        sizes[m.group(1)] = _shape_bytes(shape)
+        parsed.append((computation, m))
+  total = 0.0
+  for computation, m in parsed:
+    if computation in fused or m.group(3) in _FREE:
+      continue
+    moved = sizes[m.group(1)] + sum(sizes.get(o, 0.0)
+                                    for o in _operands(m.group(4)))
+    total += moved * counts.get(computation, 0)
+  return total

@@ -8,8 +8,10 @@ per chip); for v5e (`v5litepod-N`) and v6e it counts chips (a v5litepod-8 is
 ("System architecture" and "Configurations" sections). A topology string
 ("v5p:2x2x2") is accepted as well.
 
-Per chip (same pages): v4 32 GiB HBM and 275 TFLOP/s dense bf16; v5e 16 GiB
-and 197 TFLOP/s; v5p 95 GiB and 459 TFLOP/s; v6e 32 GiB and 918 TFLOP/s.
+Per chip (same pages): v4 32 GiB HBM at 1,200 GB/s and 275 TFLOP/s dense
+bf16 (and int8); v5e 16 GiB, 819 GB/s, 197 TFLOP/s bf16 and 394 TOP/s int8;
+v5p 95 GiB, 2,765 GB/s, 459 TFLOP/s and 918 TOP/s; v6e 32 GiB, 1,640 GB/s,
+918 TFLOP/s and 1,836 TOP/s.
 """
 
 from __future__ import annotations
@@ -34,19 +36,27 @@ class Chip:
     megacore: the chip's two TensorCores form one JAX device (v4, v5p).
     cores_in_name: the accelerator-type number counts TensorCores (2 per
       chip) rather than chips.
+    memory_bandwidth: HBM bandwidth, bytes/s.
+    peak_int8_ops: dense int8 OP/s per chip.
   """
   generation: str
   hbm_bytes: int
   peak_flops: float
   megacore: bool
   cores_in_name: bool
+  memory_bandwidth: float
+  peak_int8_ops: float
 
 
 CHIPS = {
-    "v4": Chip("v4", 32 * GIB, 275e12, megacore=True, cores_in_name=True),
-    "v5e": Chip("v5e", 16 * GIB, 197e12, megacore=False, cores_in_name=False),
-    "v5p": Chip("v5p", 95 * GIB, 459e12, megacore=True, cores_in_name=True),
-    "v6e": Chip("v6e", 32 * GIB, 918e12, megacore=False, cores_in_name=False),
+    "v4": Chip("v4", 32 * GIB, 275e12, megacore=True, cores_in_name=True,
+               memory_bandwidth=1200e9, peak_int8_ops=275e12),
+    "v5e": Chip("v5e", 16 * GIB, 197e12, megacore=False, cores_in_name=False,
+                memory_bandwidth=819e9, peak_int8_ops=394e12),
+    "v5p": Chip("v5p", 95 * GIB, 459e12, megacore=True, cores_in_name=True,
+                memory_bandwidth=2765e9, peak_int8_ops=918e12),
+    "v6e": Chip("v6e", 32 * GIB, 918e12, megacore=False, cores_in_name=False,
+                memory_bandwidth=1640e9, peak_int8_ops=1836e12),
 }
 # accelerator-type prefixes -> generation
 _PREFIXES = {"v4": "v4", "v5p": "v5p", "v5litepod": "v5e", "v5e": "v5e",

@@ -235,6 +235,9 @@ FIELDS = field_table(
     F("optimizer.b1", 0.9, number("[0, 1)"), IDENTITY, "Adam beta1"),
     F("optimizer.b2", 0.95, number("[0, 1)"), IDENTITY, "Adam beta2"),
     F("optimizer.eps", 1e-8, number(">= 0"), IDENTITY, "Adam epsilon"),
+    F("optimizer.mu_dtype", Dtype.FLOAT32.value, choice(Dtype), IDENTITY,
+      "dtype of Adam's first moment (optax mu_dtype); bfloat16 saves 2 "
+      "bytes per parameter"),
     F("optimizer.grad_clip_norm", 1.0, number(">= 0"), IDENTITY,
       "global-norm gradient clipping; 0 disables"),
 

@@ -116,6 +116,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def platform(mesh: Mesh) -> str:
+  """The platform of the mesh's devices ("gpu", "tpu", "cpu"): what a step
+  built for it is compiled for, whatever the host's default backend."""
+  return mesh.devices.flat[0].platform
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   """A fully replicated sharding (scalars, metrics)."""
   return NamedSharding(mesh, P())

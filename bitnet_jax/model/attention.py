@@ -25,6 +25,9 @@ and decoding (`attention_implementation`).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -34,6 +37,7 @@ from absl import logging
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from bitnet_jax.config import ConfigError
 from bitnet_jax.config.choices import AttentionImplementation
 from bitnet_jax.model.layers import (
   BitLinear,
@@ -48,6 +52,30 @@ from bitnet_jax.model.layers import (
 )
 
 _LOGGED: set[str] = set()  # attention choices already logged
+# The platform ("gpu", "tpu", "cpu") of the devices a step is traced for;
+# None: the host's default backend (`target_platform`).
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "bitnet_jax_target_platform", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str) -> Iterator[None]:
+  """Traces inside this context resolve backend-dependent choices for
+  `platform` (a `jax.Device.platform`: "gpu", "tpu", "cpu"), not for the
+  host's default backend: a step built for a mesh of H100s on a CPU host
+  (`bitnet_jax.aot`) takes cuDNN attention as it would on the GPUs.
+  `training.steps` enters it with its mesh's platform."""
+  token = _TARGET_PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _TARGET_PLATFORM.reset(token)
+
+
+def target_platform() -> str:
+  """The platform being traced for: `compiling_for`'s, else
+  `jax.default_backend()`."""
+  return _TARGET_PLATFORM.get() or jax.default_backend()
 
 
 def _log_once(level: int, message: str) -> None:
@@ -64,9 +92,9 @@ def cudnn_unsupported(dtype: jnp.dtype, head_dim: int, seq_len: int,
   (`check_layout`, `check_is_flash_attention`): a GPU, bf16/fp16 inputs, a
   head dim that is a multiple of 8 and at most 128 (256 from Hopper on; 128
   is checked), an even sequence length when a mask (a bias to cuDNN) is
-  given. `backend` defaults to `jax.default_backend()`.
+  given. `backend` defaults to `target_platform()`.
   """
-  backend = backend or jax.default_backend()
+  backend = backend or target_platform()
   if backend != "gpu":
     return f"no GPU (backend {backend})"
   if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
@@ -81,35 +109,79 @@ def cudnn_unsupported(dtype: jnp.dtype, head_dim: int, seq_len: int,
 
 def attention_implementation(requested: str, dtype: jnp.dtype, head_dim: int,
                              seq_len: int, masked: bool) -> str:
-  """Resolves `model.attention_implementation` for one attention call.
+  """Resolves `model.attention_implementation` for one attention call, on
+  the platform being traced for (`target_platform`).
 
-  "auto" is cuDNN on a GPU in bfloat16 and XLA elsewhere; "cudnn" (asked
-  for, or chosen by "auto") falls back to XLA with a WARNING when
-  `cudnn_unsupported` names a reason. The choice is logged once (INFO).
+  "auto" is cuDNN on a GPU when `cudnn_unsupported` names no reason, and
+  XLA elsewhere (a WARNING names the reason on a GPU). An explicit "cudnn"
+  that cannot run is refused on a GPU (`check_cudnn`, called when a step is
+  built, raises it first as a `ConfigError`) and falls back to XLA with a
+  WARNING elsewhere (a GPU run's config evaluated on a CPU). The choice is
+  logged once (INFO).
 
   Returns:
     "xla" or "cudnn", `jax.nn.dot_product_attention`'s `implementation`.
 
   Raises:
     ValueError: `requested` is not an `AttentionImplementation` (the enum's
-      lookup; `config.validate` names the key).
+      lookup; `config.validate` names the key), or "cudnn" was asked for
+      on a GPU with shapes cuDNN cannot run (the reason).
   """
   choice = AttentionImplementation(requested)
+  reason = cudnn_unsupported(dtype, head_dim, seq_len, masked)
   if choice is AttentionImplementation.AUTO:
-    on_gpu = jax.default_backend() == "gpu"
-    choice = (AttentionImplementation.CUDNN
-              if on_gpu and dtype == jnp.bfloat16
-              else AttentionImplementation.XLA)
-  if choice is AttentionImplementation.CUDNN:
-    reason = cudnn_unsupported(dtype, head_dim, seq_len, masked)
-    if reason:
+    on_gpu = target_platform() == "gpu"
+    if on_gpu and reason:
       _log_once(logging.WARNING, f"attention: cuDNN cannot run this model "
                 f"({reason}); using the XLA implementation")
-      choice = AttentionImplementation.XLA
+    choice = (AttentionImplementation.CUDNN if on_gpu and not reason
+              else AttentionImplementation.XLA)
+  elif choice is AttentionImplementation.CUDNN and reason:
+    if target_platform() == "gpu":
+      raise ValueError(cudnn_refusal(reason))
+    _log_once(logging.WARNING, f"attention: cuDNN cannot run here "
+              f"({reason}); using the XLA implementation")
+    choice = AttentionImplementation.XLA
   _log_once(logging.INFO, f"attention implementation: {choice} "
             f"({jnp.dtype(dtype).name}, head dim {head_dim}, seq {seq_len}"
             f"{', document mask' if masked else ''})")
   return choice.value
+
+
+def cudnn_refusal(reason: str) -> str:
+  """The one-line refusal of an explicit cuDNN request that cannot run."""
+  return (f"config.model.attention_implementation=cudnn cannot run: "
+          f"{reason}; use auto (cuDNN where it can run) or xla")
+
+
+def check_cudnn(model_config: ml_collections.ConfigDict, seq_len: int,
+                masked: bool, platform: str) -> None:
+  """Refuses, before compiling, an explicit cuDNN request that would
+  compile XLA attention on `platform`.
+
+  Args:
+    model_config: `config.model`.
+    seq_len: the training window (`train.seq_len`).
+    masked: document masks are applied (`data.packing="document"`).
+    platform: the platform of the step's devices ("gpu", "tpu", "cpu").
+
+  Raises:
+    ConfigError: naming `model.attention_implementation` and the reason
+      (dtype, head dim, mask, platform) where the step is for a GPU, or for
+      a TPU (cuDNN does not exist there).
+  """
+  if model_config.attention_implementation != AttentionImplementation.CUDNN:
+    return
+  if platform == "tpu":
+    raise ConfigError(
+        "config.model.attention_implementation=cudnn is NVIDIA's fused "
+        "kernel and does not exist on TPU; use auto or xla")
+  if platform != "gpu":
+    return  # falls back to XLA with a warning (a GPU config on a CPU)
+  reason = cudnn_unsupported(jnp.dtype(model_config.dtype),
+                             head_dim(model_config), seq_len, masked, platform)
+  if reason:
+    raise ConfigError(cudnn_refusal(reason))
 
 
 def document_mask(segment_ids: jax.Array) -> jax.Array:

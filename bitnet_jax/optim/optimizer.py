@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -101,6 +102,9 @@ def make_optimizer(config: ml_collections.ConfigDict
                    ) -> optax.GradientTransformation:
   """clip_by_global_norm -> AdamW with scheduled learning rate and decay.
 
+  Adam's first moment is kept in `optimizer.mu_dtype` (optax's `mu_dtype`;
+  bfloat16 halves its memory), the second in float32.
+
   The AdamW hyperparameters are injected (`optax.inject_hyperparams`), so the
   optimizer state holds the learning rate and weight decay of the latest step
   (`current_hyperparams` reads them by name for the metrics).
@@ -108,7 +112,7 @@ def make_optimizer(config: ml_collections.ConfigDict
   o = config.optimizer
   adamw = optax.inject_hyperparams(optax.adamw, static_args="mask")(
       learning_rate=learning_rate_schedule(config),
-      b1=o.b1, b2=o.b2, eps=o.eps,
+      b1=o.b1, b2=o.b2, eps=o.eps, mu_dtype=jnp.dtype(o.mu_dtype),
       weight_decay=weight_decay_schedule(config),
       mask=lambda params: weight_decay_mask(params, o.decay_embeddings))
   clip = (optax.clip_by_global_norm(o.grad_clip_norm) if o.grad_clip_norm

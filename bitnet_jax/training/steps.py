@@ -26,7 +26,7 @@ from bitnet_jax.config import ConfigError
 from bitnet_jax.data.batch import Batch
 from bitnet_jax.distributed import sharding
 from bitnet_jax.metrics import statistics
-from bitnet_jax.model import diagnostics
+from bitnet_jax.model import attention, diagnostics
 from bitnet_jax.model.transformer import bind
 from bitnet_jax.optim import optimizer as optimizer_lib
 from bitnet_jax.training.objectives import NextToken, Objective
@@ -119,18 +119,31 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   third, undonated argument of the jitted function in their own shardings,
   bound by `TrainStep`.
 
+  Backend-dependent choices (attention's "auto") follow the mesh's
+  devices (`attention.compiling_for`), so a step built for GPUs on a CPU
+  host is the step the GPUs would run.
+
   Raises:
-    ConfigError: see `check_micro_batch`.
+    ConfigError: see `check_micro_batch`; `attention.check_cudnn` (cuDNN
+      asked for where it would compile XLA attention).
   """
   t = config.train
   if t.grad_accum_steps > 1:
     check_micro_batch(config, mesh)
+  target = sharding.platform(mesh)
+  attention.check_cudnn(config.model, t.seq_len,
+                        config.data.packing == "document", target)
 
   # its own stream: not the parameter init's key(seed)
   dropout_seed = jax.random.fold_in(jax.random.key(config.seed), 0x64726F70)
 
   def train_step(state: TrainState, batch: Batch, frozen: Any
                  ) -> tuple[TrainState, dict]:
+    with attention.compiling_for(target):
+      return traced_train_step(state, batch, frozen)
+
+  def traced_train_step(state: TrainState, batch: Batch, frozen: Any
+                        ) -> tuple[TrainState, dict]:
     params = state.params
     step_key = jax.random.fold_in(dropout_seed, state.step)
 
@@ -210,9 +223,10 @@ def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     return stats
 
   def eval_step(params: Any, batch: Batch, step: jax.Array) -> dict:
-    return sum_over_micro_batches(
-        lambda b, _: batch_statistics(params, b, step), batch,
-        t.grad_accum_steps, mesh)
+    with attention.compiling_for(sharding.platform(mesh)):
+      return sum_over_micro_batches(
+          lambda b, _: batch_statistics(params, b, step), batch,
+          t.grad_accum_steps, mesh)
 
   return jax.jit(eval_step,
                  in_shardings=(param_shardings, sharding.batch_sharding(mesh),
