@@ -41,6 +41,7 @@ os.environ.setdefault(
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
+import bitnet_jax  # noqa: E402,F401  (first: imports JAX quietly on a CPU host with the CUDA plugin)
 import jax  # noqa: E402  (after XLA_FLAGS)
 
 jax.config.update("jax_numpy_rank_promotion", "raise")  # if imported earlier

@@ -425,6 +425,23 @@ def lock_token(path: str) -> str:
     return json.load(f)["token"]
 
 
+def needs_cuda_plugin(test):
+  """Skips `test` (a function or a module's `pytestmark` list entry when
+  called with None) without JAX's CUDA plugin and cuDNN (`pip install -e
+  '.[gpu_compile]'`, in the test extra), which compile for NVIDIA GPUs on
+  this CPU host."""
+  # pylint: disable-next=g-import-not-at-top
+  import importlib.util
+
+  import pytest
+  mark = pytest.mark.skipif(
+      importlib.util.find_spec("jax_cuda12_plugin") is None
+      or importlib.util.find_spec("nvidia.cudnn") is None,
+      reason="JAX's CUDA plugin and cuDNN are not installed "
+             "(pip install -e '.[gpu_compile]')")
+  return mark if test is None else mark(test)
+
+
 def needs_libtpu(test):
   """Skips `test` without libtpu (`pip install 'jax[tpu]'`), which compiles
   for TPU on this CPU host."""

@@ -137,9 +137,9 @@ def find_batch(config: ml_collections.ConfigDict, topology: str,
   if not fitting:
     raise compile_step.CompileError(
         f"one sequence of {config.train.seq_len} tokens per data-parallel "
-        f"device does not fit {topology} under any remat policy "
-        f"({', '.join(policies)}; full included where searched); shard the "
-        "parameters over more devices (config.mesh.fsdp=-1, "
+        f"device does not fit {topology} under any remat policy searched "
+        f"({', '.join(policies)}; config.model.remat_policy=full keeps the "
+        "least); shard the parameters over more devices (config.mesh.fsdp=-1, "
         "config.mesh.data=1), lower config.train.seq_len, or use a larger "
         "slice")
   policy, best = max(

@@ -413,13 +413,69 @@ _FREE = frozenset((
     "collective-permute-done", "copy-done", "send-done", "recv-done"))
 
 
+_SLICING = frozenset(("dynamic-slice", "slice", "gather"))
+
+
+def _fusion_bytes(lines: list[str], operand_bytes: list[float],
+                  output_bytes: float) -> float:
+  """Bytes a fusion kernel moves: each operand read whole, except one only
+  sliced inside (`dynamic-slice`, `slice`, `gather`: the slices are read)
+  or updated in place (`dynamic-update-slice`'s buffer: nothing read); its
+  result written whole, except an in-place update (the update is
+  written)."""
+  parsed = [m for m in map(_ANY.match, lines) if m]
+  size = {m.group(1): _shape_bytes(m.group(2)) for m in parsed}
+  users: dict[str, list[tuple[str, str, int]]] = collections.defaultdict(list)
+  params: dict[str, int] = {}
+  root = None
+  for m, line in zip(parsed, [line for line in lines if _ANY.match(line)]):
+    name, _, op, rest = m.groups()
+    if op == "parameter":
+      index = re.match(r"(\d+)\)", rest)
+      params[name] = int(index.group(1)) if index else -1
+    for position, operand in enumerate(_operands(rest)):
+      users[operand].append((name, op, position))
+    if line.lstrip().startswith("ROOT"):
+      root = m
+  def through_bitcasts(name: str) -> list[tuple[str, str, int]]:
+    found = []
+    for user in users.get(name, []):
+      found.extend(through_bitcasts(user[0]) if user[1] == "bitcast"
+                   else [user])
+    return found
+
+  moved = 0.0
+  for name, index in params.items():
+    uses = through_bitcasts(name)
+    if uses and all(op in _SLICING and position == 0
+                    for _, op, position in uses):
+      moved += sum(size[user] for user, _, _ in uses)
+    elif uses and all(op == "dynamic-update-slice" and position == 0
+                      for _, op, position in uses):
+      continue
+    elif 0 <= index < len(operand_bytes):
+      moved += operand_bytes[index]
+
+  def written(m) -> float:
+    if m.group(3) == "dynamic-update-slice":
+      operands = _operands(m.group(4))
+      return size.get(operands[1], 0.0) if len(operands) > 1 else 0.0
+    if m.group(3) == "tuple":
+      by_name = {p.group(1): p for p in parsed}
+      return sum(written(by_name[o]) if o in by_name else 0.0
+                 for o in _operands(m.group(4)))
+    return size[m.group(1)]
+  return moved + (written(root) if root else output_bytes)
+
+
 def kernel_bytes(text: str) -> float:
   """Device-memory bytes one step moves, an estimate: every kernel (each
   instruction of the entry computation, loop bodies and branches: fusions,
   custom calls, copies, collectives) reads its operands and writes its
-  result once, times how often the step runs it. Fusion internals stay in
-  registers and shared memory; instructions that move nothing (`_FREE`)
-  count nothing. The roofline's memory side."""
+  result once, times how often the step runs it; slices read only the
+  slice and in-place updates write only the update (`_fusion_bytes`).
+  Fusion internals stay in registers and shared memory; instructions that
+  move nothing (`_FREE`) count nothing. The roofline's memory side."""
   computations, _ = _split(text)
   counts = multiplicities(text)
   fused = set()
@@ -448,7 +504,17 @@ def kernel_bytes(text: str) -> float:
   for computation, m in parsed:
     if computation in fused or m.group(3) in _FREE:
       continue
-    moved = sizes[m.group(1)] + sum(sizes.get(o, 0.0)
-                                    for o in _operands(m.group(4)))
+    name, _, op, rest = m.groups()
+    operands = [sizes.get(o, 0.0) for o in _operands(rest)]
+    called = dict(_CALLEE.findall(rest))
+    if op == "fusion" and called.get("calls") in computations:
+      moved = _fusion_bytes(computations[called["calls"]], operands,
+                            sizes[name])
+    elif op in _SLICING:
+      moved = 2 * sizes[name]
+    elif op == "dynamic-update-slice":
+      moved = 2 * (operands[1] if len(operands) > 1 else 0.0)
+    else:
+      moved = sizes[name] + sum(operands)
     total += moved * counts.get(computation, 0)
   return total
