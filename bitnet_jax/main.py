@@ -6,11 +6,13 @@ r"""Command-line entry point: flags -> `train_and_evaluate(config, workdir)`.
 Running the same command again resumes from the latest checkpoint in workdir.
 """
 
+import functools
 import os
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from bitnet_jax.aot import compile_step
 from bitnet_jax.config import command_line
 from bitnet_jax.distributed import sharding
 from bitnet_jax.metrics import RunFileError, health
@@ -48,7 +50,8 @@ def main(argv):
   sharding.initialize_distributed(config)
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize()
                                               .split("=", 1)[1])
-  loop.train_and_evaluate(config, workdir)
+  loop.train_and_evaluate(config, workdir, describe_step=functools.partial(
+      compile_step.describe_compiled, config=config))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ from absl import app, flags, logging
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = ("stage2_weight_decay", "learning_rate", "tied_embeddings",
-               "loss_regularizers", "residual", "quantization", "scaling")
+               "loss_regularizers", "residual", "quantization", "scaling",
+               "memory_lean")
 
 # preset: (config file[:variant], its overrides); experiments apply theirs on
 # top. Costs are for two CPU cores (d20:cpu: ~1.5 s/step at batch 16).

@@ -275,6 +275,14 @@ def kernel_report(compiled_text: str, config: ml_collections.ConfigDict,
   return report
 
 
+def describe_compiled(compiled_text: str,
+                      config: ml_collections.ConfigDict) -> str:
+  """`kernels_summary` of a compiled train step's optimized HLO text on
+  this host's devices (what `main` logs at start on a GPU or TPU)."""
+  return kernels_summary(kernel_report(compiled_text, config,
+                                       jax.default_backend()))
+
+
 def roofline(flops: float, int8_ops: float, moved_bytes: float,
              target: targets.Target) -> dict:
   """A roofline estimate of one step per device (Williams et al., CACM

@@ -19,6 +19,8 @@ Where each concern lives (bitnet_jax.training unless named):
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -34,8 +36,13 @@ from bitnet_jax.training.actions import StepDone
 from bitnet_jax.training.setup import Finished, Run, build_run
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, Any]:
+# where a run logs which kernels its compiled train step holds (`train`)
+DESCRIBED_PLATFORMS = ("gpu", "tpu")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       describe_step: Callable[[str], str] | None = None
+                       ) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint.
 
   Writes the run directory's files (`bitnet_jax.runs.directory` names each:
@@ -46,6 +53,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   goes through `bitnet_jax.storage.paths`, the lock through GCS preconditions).
   SIGTERM or SIGINT ends the run after the step in flight, with a checkpoint
   of that step; a finished run started again returns its final metrics.
+
+  Args:
+    config: the run config.
+    workdir: the run directory (local path or gs:// URL).
+    describe_step: on a GPU or TPU host, maps the compiled train step's
+      optimized HLO text to one line naming its kernels (cuDNN or XLA
+      attention, int8 GEMMs or not; `bitnet_jax.aot.compile_step`'s), which
+      is logged before the first step; the step is compiled once more for
+      it (`TrainStep.lower`).
 
   Returns:
     The last metric record, `step` included (train and eval scalars of the
@@ -78,7 +94,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     raise _unwritable(workdir, e) from e
   try:
     run = build_run(config, workdir)
-    return run.metrics if isinstance(run, Finished) else train(run)
+    return run.metrics if isinstance(run, Finished) else train(run,
+                                                               describe_step)
   finally:
     if lock is not None:
       lock.release()
@@ -96,17 +113,33 @@ def _unwritable(workdir: str, error: OSError) -> checkpoint.CheckpointSaveError:
       "it was changed")
 
 
-def train(run: Run) -> dict[str, Any]:
+def _describe(run: Run, batch: Any,
+              describe_step: Callable[[str], str] | None) -> None:
+  """Logs `describe_step`'s line for the compiled train step (GPU, TPU)."""
+  if describe_step is None or jax.default_backend() not in DESCRIBED_PLATFORMS:
+    return
+  text = run.train_step.lower(run.state, batch).compile().as_text()
+  logging.info("compiled train step on %s: %s", jax.devices()[0].device_kind,
+               describe_step(text))
+
+
+def train(run: Run, describe_step: Callable[[str], str] | None = None
+          ) -> dict[str, Any]:
   """Trains from `run.start_step` to `train.steps`, or until an action stops
-  the run; returns the last metric record."""
+  the run; returns the last metric record. `describe_step`: see
+  `train_and_evaluate`."""
   failing = True
   with run.preemption:
     try:
       if run.start_step == 0:  # the collapse diagnostics' reference point
         run.after_step(StepDone(0, run.state, metrics=None))
+      first = next(run.batches) if run.start_step < run.total_steps else None
+      if first is not None:
+        _describe(run, first, describe_step)
+      batches = itertools.chain([first], run.batches)
       run.throughput.begin()
       for step in range(run.start_step + 1, run.total_steps + 1):
-        run.state, step_metrics = run.train_step(run.state, next(run.batches))
+        run.state, step_metrics = run.train_step(run.state, next(batches))
         if run.after_step(StepDone(step, run.state, step_metrics,
                                    is_last=step == run.total_steps)):
           break

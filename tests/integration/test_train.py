@@ -200,3 +200,33 @@ def test_non_finite_loss_stops_the_run_before_a_bad_checkpoint(
     loop.train_and_evaluate(config, str(tmp_path))
   saved = sorted(os.listdir(tmp_path / "checkpoints"))
   assert saved == ["4"], f"checkpoints {saved}: a NaN step was saved"
+
+
+@pytest.mark.slow
+def test_a_gpu_or_tpu_run_logs_the_kernels_of_its_compiled_step(
+    tiny_config, tmp_path, monkeypatch, caplog):
+  """`main` passes `compile_step.describe_compiled`; on a GPU or TPU host
+  the loop logs its line for the compiled train step before the first step
+  (the CPU stands in for one here), and the run trains as without it."""
+  from bitnet_jax.aot import compile_step
+  config = tiny_config
+  config.train.steps, config.train.log_every = 2, 1
+  config.train.eval_every = config.train.checkpoint_every = 2
+  config.train.sample_prompts, config.optimizer.warmup_steps = 0, 0
+  monkeypatch.setattr(loop, "DESCRIBED_PLATFORMS", ("cpu",))
+  described = []
+
+  def describe(text):
+    described.append(compile_step.describe_compiled(text, config))
+    return described[-1]
+
+  with caplog.at_level(logging.INFO):
+    loop.train_and_evaluate(config, str(tmp_path / "run"),
+                            describe_step=describe)
+  assert len(described) == 1, described
+  assert "XLA attention" in described[0] and (
+      "BitLinear fake_quant" in described[0]), described
+  assert any("compiled train step on" in r.getMessage()
+             and described[0] in r.getMessage() for r in caplog.records)
+  assert [r["step"] for r in _records(tmp_path / "run") if "loss" in r] == [
+      1, 2], "the peeked batch must still train step 1"
