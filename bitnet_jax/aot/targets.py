@@ -9,6 +9,7 @@ device and the peaks the roofline estimate divides by.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from bitnet_jax.aot import gpu, tpu
 
@@ -23,7 +24,7 @@ class Target:
     description: the topology in words ("v5p:2x2x1, 1 slice(s)",
       "2 host(s) x 8 GPU(s), CUDA topology 1x2x8").
     devices: compile-only `jax.Device`s.
-    hosts: processes the job runs as (TPU: chips / 4, at least 1).
+    hosts: processes (hosts) the job runs as.
     memory_bytes: device memory (HBM), bytes per device.
     memory_limit_bytes: what a step may use per device: HBM on TPU; on GPU
       the fraction JAX preallocates (`gpu.memory_fraction`).
@@ -86,7 +87,8 @@ def resolve(name: str, num_slices: int = 1) -> Target:
       name=name, platform="tpu",
       description=f"{tpu_slice.topology_name}, {num_slices} slice(s)",
       devices=tpu.devices(tpu_slice, num_slices),
-      hosts=max(1, tpu_slice.chips * num_slices // 4),
+      hosts=num_slices * max(1, tpu_slice.chips // math.prod(
+          tpu_slice.topology_kwargs()["chips_per_host_bounds"])),
       memory_bytes=chip.hbm_bytes, memory_limit_bytes=chip.hbm_bytes,
       memory_limit_why="the chip's HBM",
       peak_flops=chip.peak_flops, peak_int8_ops=chip.peak_int8_ops,

@@ -60,8 +60,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     describe_step: on a GPU or TPU host, maps the compiled train step's
       optimized HLO text to one line naming its kernels (cuDNN or XLA
       attention, int8 GEMMs or not; `bitnet_jax.aot.compile_step`'s), which
-      is logged before the first step; the step is compiled once more for
-      it (`TrainStep.lower`).
+      is logged before the first step. The step is compiled for it on the
+      first batch (`TrainStep.lower(...).compile()`), and the first step
+      reuses that executable: no second compile.
 
   Returns:
     The last metric record, `step` included (train and eval scalars of the

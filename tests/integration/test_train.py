@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from bitnet_jax.training import loop, steps
@@ -220,10 +221,15 @@ def test_a_gpu_or_tpu_run_logs_the_kernels_of_its_compiled_step(
     described.append(compile_step.describe_compiled(text, config))
     return described[-1]
 
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO), jax.log_compiles():
     loop.train_and_evaluate(config, str(tmp_path / "run"),
                             describe_step=describe)
   assert len(described) == 1, described
+  compiles = [r for r in caplog.records
+              if r.getMessage().startswith("Compiling jit(train_step)")]
+  assert len(compiles) == 1, (
+      "the described step must be the one that runs (JAX reuses the "
+      f"executable), not a second compile: {len(compiles)} compiles")
   assert "XLA attention" in described[0] and (
       "BitLinear fake_quant" in described[0]), described
   assert any("compiled train step on" in r.getMessage()
