@@ -6,7 +6,8 @@ plugin, XLA's GPU specs; no GPU), the parameters FSDP-sharded over all GPUs
 (`mesh.data=1, mesh.fsdp=-1`), bf16 compute, the configs' own remat policy
 and loss chunking. The batch is 8 sequences per GPU at the config's
 seq_len, except tiny and d20 (their own batch) and the 2B-4T fine-tune (its
-own 8 x 2048, the defaults the README gives). With --find_batch the int8
+own 8 x 2048, the defaults the README gives); each at least one sequence per
+GPU. With --find_batch the int8
 rows of h100-1 and h100-8 also search, per remat policy, the largest batch
 toward the config's own `train.batch_size` and the best (policy, batch) by
 estimated tokens/s. Each report is saved as JSON under
@@ -56,7 +57,7 @@ def job_config(size: str, variant: str, gpus: int | None):
     if gpus and size not in ("tiny", "d20", "2b4t"):
       config.train.batch_size = PER_GPU_BATCH * gpus
       config.train.grad_accum_steps = 1
-    if gpus and size in ("tiny", "d20"):  # a multiple of the GPUs
+    if gpus and size in ("tiny", "d20", "2b4t"):  # a multiple of the GPUs
       config.train.batch_size = max(config.train.batch_size, gpus)
   return config
 

@@ -38,7 +38,9 @@ def format_table(report: dict) -> str:
                                    f"{gib('hbm_bytes')})"),
       ("headroom", f"{100 * report['headroom']:.1f}% of usable"),
       ("fits", "FITS" if report["fits"] else "DOES NOT FIT"),
-      ("compile", f"{report['compile_seconds']:.1f} s"),
+      ("compile", f"{report['compile_seconds']:.1f} s"
+                  + (f" ({report['compile_note']})"
+                     if report.get("compile_note") else "")),
       ("kernels", report["kernels"]),
       ("dots: int8 / bf16 / other", f"{report['int8_dots']} / "
                                     f"{report['bf16_dots']} / "

@@ -52,24 +52,46 @@ from bitnet_jax.model.layers import (
 )
 
 _LOGGED: set[str] = set()  # attention choices already logged
-# The platform ("gpu", "tpu", "cpu") of the devices a step is traced for;
-# None: the host's default backend (`target_platform`).
+# The platform ("gpu", "tpu", "cpu") of the devices a step is traced for
+# (None: the host's default backend, `target_platform`) and the sharding of
+# its batch rows (None: not constrained).
 _TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "bitnet_jax_target_platform", default=None)
+_BATCH_SHARDING: contextvars.ContextVar[jax.sharding.NamedSharding | None] = (
+    contextvars.ContextVar("bitnet_jax_batch_sharding", default=None))
 
 
 @contextlib.contextmanager
-def compiling_for(platform: str) -> Iterator[None]:
+def compiling_for(platform: str,
+                  batch_sharding: jax.sharding.NamedSharding | None = None
+                  ) -> Iterator[None]:
   """Traces inside this context resolve backend-dependent choices for
   `platform` (a `jax.Device.platform`: "gpu", "tpu", "cpu"), not for the
   host's default backend: a step built for a mesh of H100s on a CPU host
   (`bitnet_jax.aot`) takes cuDNN attention as it would on the GPUs.
-  `training.steps` enters it with its mesh's platform."""
-  token = _TARGET_PLATFORM.set(platform)
+  `batch_sharding` (a `[batch, ...]` array's sharding over the step's mesh)
+  pins cuDNN attention's queries, keys and values to one sharding, which
+  its partitioner requires ("Query, key and value should have same
+  sharding": with FSDP, XLA may shard q by heads and k by batch).
+  `training.steps` enters it with its mesh's platform and batch sharding."""
+  tokens = (_TARGET_PLATFORM.set(platform),
+            _BATCH_SHARDING.set(batch_sharding))
   try:
     yield
   finally:
-    _TARGET_PLATFORM.reset(token)
+    _TARGET_PLATFORM.reset(tokens[0])
+    _BATCH_SHARDING.reset(tokens[1])
+
+
+def _one_sharding(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+  """`arrays` constrained to `compiling_for`'s batch sharding (rows over
+  the data-parallel devices, the rest replicated), where one is set on a
+  mesh of several devices."""
+  batch_sharding = _BATCH_SHARDING.get()
+  if batch_sharding is None or batch_sharding.mesh.size == 1:
+    return arrays
+  return tuple(jax.lax.with_sharding_constraint(x, batch_sharding)
+               for x in arrays)
 
 
 def target_platform() -> str:
@@ -339,6 +361,9 @@ class Attention(nnx.Module):
       implementation = attention_implementation(
           self.requested_implementation, q_BxLxHxD.dtype, head_dim, seq,
           mask is not None)
+      if implementation == AttentionImplementation.CUDNN:
+        q_BxLxHxD, k_BxLxKxD, v_BxLxKxD = _one_sharding(
+            q_BxLxHxD, k_BxLxKxD, v_BxLxKxD)
       out_BxLxHxD = jax.nn.dot_product_attention(
           q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, mask=mask, is_causal=True,
           implementation=implementation)

@@ -139,7 +139,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
 
   def train_step(state: TrainState, batch: Batch, frozen: Any
                  ) -> tuple[TrainState, dict]:
-    with attention.compiling_for(target):
+    with attention.compiling_for(target, sharding.batch_sharding(mesh)):
       return traced_train_step(state, batch, frozen)
 
   def traced_train_step(state: TrainState, batch: Batch, frozen: Any
@@ -223,7 +223,8 @@ def make_eval_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     return stats
 
   def eval_step(params: Any, batch: Batch, step: jax.Array) -> dict:
-    with attention.compiling_for(sharding.platform(mesh)):
+    with attention.compiling_for(sharding.platform(mesh),
+                                 sharding.batch_sharding(mesh)):
       return sum_over_micro_batches(
           lambda b, _: batch_statistics(params, b, step), batch,
           t.grad_accum_steps, mesh)

@@ -138,3 +138,17 @@ def test_cli_prints_the_kernels_and_refuses_an_unknown_gpu_in_one_line():
   lines = bad.stderr.strip().splitlines()
   assert bad.returncode == 2 and len(lines) == 1, bad.stderr
   assert "h100" in lines[0] and "--topology" in lines[0], lines
+
+
+def test_fsdp_over_eight_gpus_gives_cudnn_one_qkv_sharding():
+  """With FSDP, XLA may shard the queries by heads and the keys by batch;
+  cuDNN's partitioner refuses that ("Query, key and value should have same
+  sharding", which failed the 1.3B config on 8 GPUs), so the step pins
+  them to the batch sharding (`attention.compiling_for`)."""
+  # 8 heads over 8 GPUs, and an FFN width that 8 does not divide (the 1.3B
+  # config's 5460): FSDP shards those weights on d_model instead
+  config = _tiny(8, n_heads=8, ffn_dim=132)
+  config.mesh.data, config.mesh.fsdp = 1, -1
+  report = compile_step.compile_report(config, "h100-8", eval_step=False)
+  assert report["mesh"] == {"data": 1, "fsdp": 8}, report["mesh"]
+  assert report["attention_kernel"] == "cudnn", report["kernels"]

@@ -211,3 +211,32 @@ def test_auto_attention_follows_the_platform_being_traced_for():
       attention.attention_implementation("cudnn", jnp.float32, 64, 128,
                                          False)
   assert attention.target_platform() == "cpu"
+
+
+class _Lowered:
+  """A lowered step whose first compile fails as XLA's deviceless Triton
+  tiling does for some GEMM shapes."""
+
+  def __init__(self):
+    self.options = []
+
+  def compile(self, compiler_options=None):
+    self.options.append(compiler_options)
+    if compiler_options is None:
+      raise RuntimeError("INTERNAL: Couldn't find output tile sizes that "
+                         "satisfy hlo: %dot.85 = bf16[16384,3200]{1,0} dot()")
+    return "compiled"
+
+
+def test_a_failed_triton_tiling_compiles_again_with_cublas_and_says_so():
+  from types import SimpleNamespace
+
+  from bitnet_jax.aot import compile_step
+  lowered = _Lowered()
+  gpus = SimpleNamespace(platform="gpu", name="h100-1", devices=[])
+  compiled, note = compile_step._compile(lowered, "train", gpus)
+  assert compiled == "compiled" and note == compile_step.NO_TRITON_NOTE
+  assert lowered.options == [None, {"xla_gpu_enable_triton_gemm": False}]
+  tpus = SimpleNamespace(platform="tpu", name="v5p-8", devices=[])
+  with pytest.raises(compile_step.CompileError, match="output tile sizes"):
+    compile_step._compile(_Lowered(), "train", tpus)

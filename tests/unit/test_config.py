@@ -242,6 +242,7 @@ _CHOICE_ENUMS = {
     "model.quantization": choices.Quantization,
     "model.rope_scaling": choices.RopeScaling,
     "model.dtype": choices.Dtype,
+    "optimizer.mu_dtype": choices.Dtype,
     "model.attention_implementation": choices.AttentionImplementation,
     "model.remat_policy": choices.RematPolicy,
     "model.bitlinear_matmul": choices.BitLinearMatmul,
