@@ -43,14 +43,14 @@ def _import_jax_quietly() -> None:
 
   with stderr_held_back():
     import jax  # pylint: disable=g-import-not-at-top
-  try:  # private modules: on any failure JAX only prints more
+  try:  # private modules: on any failure JAX only prints more at start
     from jax._src import hardware_utils, xla_bridge  # pylint: disable=g-import-not-at-top
     if os.environ.get("JAX_PLATFORMS") is None:
       tpu_chips = hardware_utils.num_available_tpu_chips_and_device_id()[0]
       jax.config.update("jax_platforms", "tpu,cpu" if tpu_chips else "cpu")
     with stderr_held_back():  # the plugin's initialize(): no backend yet
       xla_bridge._discover_and_register_pjrt_plugins()  # pylint: disable=protected-access
-  except Exception:  # noqa: BLE001
+  except Exception:  # noqa: BLE001,S110
     pass
 
 

@@ -13,15 +13,17 @@ e.g. microsoft/bitnet-b1.58-2B-4T-bf16):
       --workdir=runs/2b4t_ft --config.data.dataset='files:/data/*.txt'
 
 Memory: float32 parameters, gradients and Adam's second moment take 4 bytes
-per parameter each, the first moment 2 (optimizer.mu_dtype bfloat16): ~34 GB
-before activations. With full rematerialization (model.remat_policy) and the
-loss's logits made 1024 positions at a time (train.loss_chunk_size: the
-float32 logits of 8 x 2048 x 128256 alone are 8.4 GB) the step at batch 8 x
-2048 fits one H100 80GB inside the 75% of its memory JAX preallocates, and
-a v5p-8 (data-parallel over its 4 chips); `python -m bitnet_jax.compile
---config=configs/bitnet_2b4t.py --topology=h100-1` (or v5p-8) checks it and
-experiments/RESULTS.md ("Compiled for GPU") has the figures. Tokens per step
-= batch_size x seq_len (16k here).
+per parameter each, the first moment 2 (optimizer.mu_dtype bfloat16). The
+compiled step at batch 8 x 2048 on one H100 80GB (`python -m
+bitnet_jax.compile --config=configs/bitnet_2b4t.py --topology=h100-1`)
+needs 174.6 GiB without rematerialization; full rematerialization
+(model.remat_policy) brings it to 47.6 GiB and the bf16 first moment to
+43.2 GiB, inside the 59.3 GiB (75%) JAX preallocates. The loss's logits made
+1024 positions at a time (train.loss_chunk_size) change nothing at batch 8
+but let batch 16 fit (50.0 instead of 63.8 GiB). A v5p-8 runs it at 39.0
+GiB per chip (data-parallel over its 4 chips). Figures and commands:
+experiments/RESULTS.md ("Compiled for GPU"). Tokens per step = batch_size x
+seq_len (16k here).
 """
 
 from bitnet_jax.config import apply_fine_tuning, base_config

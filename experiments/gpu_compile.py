@@ -88,7 +88,8 @@ def run_job(size: str, target: str, variant: str, search: bool) -> None:
 def table() -> str:
   rows = ["| model | GPUs | variant | batch x seq | per GPU (GiB, of usable) "
           "| fits | best (remat, batch) | cuDNN attention | int8 GEMMs "
-          "(dots, executions) | step (s, est.) | MFU (est.) | compile (s) |",
+          "(dots, executions) | step >= (s, roofline) | MFU <= (roofline) "
+          "| compile (s) |",
           "|" + "---|" * 12]
   order = {s: i for i, s in enumerate(SIZES)}
   targets = {t: i for i, t in enumerate(TARGETS)}
@@ -121,7 +122,7 @@ def table() -> str:
         f"{r['memory_limit_bytes'] / 2**30:.1f} | "
         f"{'yes' if r['fits'] else 'no'} | {best_text} | {cudnn} | {int8} | "
         f"{r['estimated_step_seconds']:.3f} | {100 * r['mfu']:.1f}% | "
-        f"{r['compile_seconds']:.0f} |")
+        f"{r['compile_seconds']:.0f}{' (cuBLAS)' if r.get('compile_note') else ''} |")
   return "\n".join(rows)
 
 

@@ -59,7 +59,7 @@ from bitnet_jax.model.layers import head_dim
 from bitnet_jax.optim import optimizer
 from bitnet_jax.training import objectives, steps, train_state
 
-HEADROOM = 0.10  # `find_batch` keeps this fraction of HBM free
+HEADROOM = 0.10  # `find_batch` keeps this fraction of usable memory free
 
 
 class CompileError(RuntimeError):
@@ -68,7 +68,8 @@ class CompileError(RuntimeError):
 
 
 class OutOfMemoryError(CompileError):
-  """The step does not fit in the chip's HBM (XLA's RESOURCE_EXHAUSTED)."""
+  """The step does not fit in a TPU chip's HBM (XLA's RESOURCE_EXHAUSTED;
+  XLA's GPU compiler compiles an over-size step, `fits` says so)."""
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices: list,
@@ -340,6 +341,7 @@ def compile_report(config: ml_collections.ConfigDict, topology: str,
     alias / temp / code, per_chip_bytes), hbm_bytes (device memory),
     memory_limit_bytes and memory_limit_why (what a step may use),
     headroom (fraction of the limit left), fits, compile_seconds,
+    compile_note ("" or `NO_TRITON_NOTE`),
     `kernel_report`'s entries (int8 dots in both forms, cuDNN attention
     forward / backward, bytes_per_chip, kernels), flops_per_chip (matmul
     and fused-attention FLOP per device per step, loops x trip count),

@@ -35,7 +35,6 @@ from bitnet_jax.training import summary
 from bitnet_jax.training.actions import StepDone
 from bitnet_jax.training.setup import Finished, Run, build_run
 
-
 # where a run logs which kernels its compiled train step holds (`train`)
 DESCRIBED_PLATFORMS = ("gpu", "tpu")
 
