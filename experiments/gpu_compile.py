@@ -77,8 +77,11 @@ def run_job(size: str, target: str, variant: str, search: bool) -> None:
     except compile_step.CompileError as e:
       report = {"topology": target, "error": str(e), "fits": False}
   if search and "error" not in report:
-    report["find_batch"] = find_batch.find_batch(
-        job_config(size, variant, None), target)
+    try:
+      report["find_batch"] = find_batch.find_batch(
+          job_config(size, variant, None), target)
+    except compile_step.CompileError as e:  # nothing fits one GPU
+      report["find_batch"] = {"error": str(e)}
   os.makedirs(OUT, exist_ok=True)
   with open(path, "w") as f:
     json.dump(report, f, indent=1)
@@ -107,8 +110,8 @@ def table() -> str:
                   f"{r['error'][:80]} | no | | | | | | |")
       continue
     best = r.get("find_batch")
-    best_text = (f"{best['remat_policy']}, {best['largest_batch_size']}"
-                 if best else "")
+    best_text = ("" if not best else "none fits" if "error" in best else
+                 f"{best['remat_policy']}, {best['largest_batch_size']}")
     cudnn = ("yes (fwd x{}, bwd x{})".format(r["cudnn_attention_forward"],
                                              r["cudnn_attention_backward"])
              if r["attention_kernel"] == "cudnn" else

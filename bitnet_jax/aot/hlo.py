@@ -250,12 +250,19 @@ def _convolution_flops(rest: str, lhs_dims: list[int], out_dims: list[int],
   return 2.0 * batch * features * inputs * pairs
 
 
+def _module(text: str) -> tuple[dict[str, list[str]], dict[str, int],
+                                dict[int, str],
+                                dict[str, tuple[str, list[int]]]]:
+  """(computation -> lines, computation -> runs per step, stack frame ->
+  source, instruction -> (element type, dims)) of an HLO module's text."""
+  computations, tables = _split(text)
+  return (computations, multiplicities(text), _sources(tables),
+          _shapes(computations))
+
+
 def matmuls(text: str) -> list[Matmul]:
   """Every dot and convolution of the module, with its per-step count."""
-  computations, tables = _split(text)
-  counts = multiplicities(text)
-  sources = _sources(tables)
-  shapes = _shapes(computations)
+  computations, counts, sources, shapes = _module(text)
   found = []
   for computation, lines in computations.items():
     for line in lines:
@@ -362,10 +369,7 @@ class FusedAttention:
 def fused_attention(text: str) -> list[FusedAttention]:
   """Every cuDNN fused-attention call of the module with its per-step
   count."""
-  computations, tables = _split(text)
-  counts = multiplicities(text)
-  sources = _sources(tables)
-  shapes = _shapes(computations)
+  computations, counts, sources, shapes = _module(text)
   found = []
   for computation, lines in computations.items():
     for line in lines:
