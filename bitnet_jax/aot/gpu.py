@@ -215,7 +215,7 @@ def devices(target: GpuTarget) -> list:
     topology = topologies.get_topology_desc(
         platform="cuda", topology_name="", topology=target.topology,
         target_config=target.gpu.spec)
-  except Exception as e:  # JaxRuntimeError, NotImplementedError
+  except (RuntimeError, NotImplementedError) as e:  # JaxRuntimeError is one
     jaxlib = importlib.metadata.version("jaxlib")
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
     if "parse" in text.lower():

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import re
 
@@ -100,6 +101,9 @@ def _dims(text: str) -> list[int]:
   return [int(d) for d in text.split(",") if d]
 
 
+# A report reads one module several times (matmuls, fused attention, bytes):
+# the parse and the counts are made once per text. Callers only read them.
+@functools.lru_cache(maxsize=2)
 def _split(text: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
   """(computation name -> its instruction lines, table name -> its rows)."""
   computations: dict[str, list[str]] = {}
@@ -137,6 +141,7 @@ def _trip_count(condition: list[str]) -> int:
   return max(bounds) if bounds and max(bounds) > 0 else 1
 
 
+@functools.lru_cache(maxsize=2)
 def multiplicities(text: str) -> dict[str, int]:
   """How many times one execution of the module runs each computation."""
   computations, _ = _split(text)
